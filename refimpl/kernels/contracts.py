@@ -1,0 +1,244 @@
+"""Kernel contracts: argument checks every backend shares, and the error
+bounds every backend is tested against.
+
+Argument rules (all backends)
+-----------------------------
+* wrong dtype -> TypeError naming the argument; wrong rank or shape ->
+  ValueError naming the argument and the sizes.
+* inputs that are not C-contiguous (or not aligned) are copied to a
+  C-contiguous array first; the result is always a new C-contiguous array.
+
+Error bounds (elementwise, absolute, computed in float64)
+---------------------------------------------------------
+u = unit roundoff of the kernel's dtype (2^-24 float32, 2^-53 float64),
+gamma(n) = n u / (1 - n u)  (Higham, Accuracy and Stability, sec. 3.1).
+
+* matmul, inner size K:   |C^ - C| <= c gamma(K+1) (|A| |B|)            c = 2
+  (holds for every summation order and with or without FMA; +1 for the
+  final rounding to the output dtype).
+* softmax over n entries: |p^ - p| <= p ((n+3) u + 2u max|x - max x|
+  + EXP_ULPS u) + 2 tiny  (sum of n exponentials: Blanchard, Higham &
+  Higham 2021; `tiny` = smallest normal, for flushed underflow).
+* attention: the matmul bound for S = q k^T scale, the softmax bound with the
+  perturbation 2 max_j |dS_ij| added, an online-softmax rescale term of
+  (EXP_ULPS + 2) u per K/V block, then the matmul bound for P V with |P| |V|.
+* elementwise (gelu_tanh, silu): an ulp budget on the result plus the
+  cancellation term of each formula (see each function).
+* layer_norm / rms_norm / rope: first-order error analysis of the formula
+  as written in refimpl.oracle.layers (see each function), factor c = 2.
+
+EXP_ULPS is the ulp budget allowed for a vector exp / tanh: 4 ulp.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+EXP_ULPS = 4.0
+C_SAFETY = 2.0
+
+# --------------------------------------------------------------------------
+# argument checks
+# --------------------------------------------------------------------------
+
+
+def check_array(name: str, x, dtypes=(np.float32, np.float64), ndim: int | None = None) -> np.ndarray:
+    """Validate `x` (argument `name`): ndarray, allowed dtype, rank; return it C-contiguous.
+
+    Non-contiguous or misaligned inputs are copied (documented contract).
+    """
+    if not isinstance(x, np.ndarray):
+        raise TypeError(f"argument {name!r} must be a numpy.ndarray, got {type(x).__name__}")
+    if x.dtype.type not in tuple(np.dtype(d).type for d in dtypes):
+        allowed = ", ".join(np.dtype(d).name for d in dtypes)
+        raise TypeError(f"argument {name!r} has dtype {x.dtype}, expected {allowed}")
+    if ndim is not None and x.ndim != ndim:
+        raise ValueError(f"argument {name!r} must be {ndim}-D, got shape {x.shape}")
+    if not (x.flags.c_contiguous and x.flags.aligned):
+        x = np.ascontiguousarray(x)
+    return x
+
+
+def check_same_dtype(**arrays) -> np.dtype:
+    """All arrays share one dtype; TypeError naming the odd one out otherwise."""
+    items = list(arrays.items())
+    d0 = items[0][1].dtype
+    for name, a in items[1:]:
+        if a.dtype != d0:
+            raise TypeError(f"argument {name!r} has dtype {a.dtype} but {items[0][0]!r} has {d0}")
+    return d0
+
+
+def check_matmul_args(a, b):
+    """a (M,K), b (K,N)."""
+    a = check_array("a", a, ndim=2)
+    b = check_array("b", b, ndim=2)
+    check_same_dtype(a=a, b=b)
+    if a.shape[1] != b.shape[0]:
+        raise ValueError(f"matmul: a is {a.shape} and b is {b.shape}: inner sizes {a.shape[1]} != {b.shape[0]}")
+    return a, b
+
+
+def check_attention_args(q, k, v, causal=False):
+    """q (H,Lq,D), k (Hkv,Lk,D), v (Hkv,Lk,D), H % Hkv == 0, causal needs Lq <= Lk."""
+    q = check_array("q", q, ndim=3)
+    k = check_array("k", k, ndim=3)
+    v = check_array("v", v, ndim=3)
+    check_same_dtype(q=q, k=k, v=v)
+    H, Lq, D = q.shape
+    Hkv, Lk, Dk = k.shape
+    if Dk != D:
+        raise ValueError(f"attention: k head width {Dk} != q head width {D}")
+    if v.shape != k.shape:
+        raise ValueError(f"attention: v has shape {v.shape}, expected the shape of k {k.shape}")
+    if Hkv == 0 or H % Hkv:
+        raise ValueError(f"attention: query heads H={H} must be a multiple of key/value heads Hkv={Hkv}")
+    if causal and Lq > Lk:
+        raise ValueError(f"attention: causal needs Lq <= Lk, got Lq={Lq}, Lk={Lk}")
+    return q, k, v
+
+
+# --------------------------------------------------------------------------
+# error bounds
+# --------------------------------------------------------------------------
+
+
+def unit_roundoff(dtype) -> float:
+    """u = 2^-p: 2^-24 for float32, 2^-53 for float64."""
+    return float(np.finfo(dtype).eps) / 2.0
+
+
+def gamma(n, u: float) -> float:
+    """gamma_n = n u / (1 - n u)."""
+    nu = n * u
+    if nu >= 1:
+        return math.inf
+    return nu / (1.0 - nu)
+
+
+def _f64(x):
+    return np.asarray(x, dtype=np.float64)
+
+
+def matmul_bound(a, b, dtype, c: float = C_SAFETY):  # [M,K],[K,N] -> [M,N]
+    """c gamma(K+1) (|A| |B|) + K tiny: elementwise absolute bound of a float `dtype` matmul."""
+    u = unit_roundoff(dtype)
+    K = a.shape[-1]
+    tiny = float(np.finfo(dtype).tiny)
+    return c * gamma(K + 1, u) * (np.abs(_f64(a)) @ np.abs(_f64(b))) + K * tiny
+
+
+def softmax_rel_bound(x, dtype, exp_ulps: float = EXP_ULPS):  # [..., n] -> [..., 1]
+    """Relative bound per row: (n+3) u + 2u max|x - max x| + exp_ulps u (finite entries only)."""
+    u = unit_roundoff(dtype)
+    x = _f64(x)
+    n = x.shape[-1]
+    finite = np.isfinite(x)
+    m = np.where(finite, x, -np.inf).max(axis=-1, keepdims=True)
+    spread = np.where(finite, np.abs(x - np.where(np.isfinite(m), m, 0)), 0).max(axis=-1, keepdims=True)
+    return (n + 3) * u + 2 * u * spread + exp_ulps * u
+
+
+def softmax_bound(x, p, dtype, exp_ulps: float = EXP_ULPS):  # [..., n], [..., n] -> [..., n]
+    """|p^ - p| <= p * softmax_rel_bound(x) + 2 tiny, with p the float64 reference."""
+    tiny = float(np.finfo(dtype).tiny)
+    return np.abs(_f64(p)) * softmax_rel_bound(x, dtype, exp_ulps) + 2 * tiny
+
+
+def attention_bound(q, k, v, causal=False, scale=None, dtype=np.float32, block: int = 16,
+                    c: float = C_SAFETY, exp_ulps: float = EXP_ULPS):  # -> [H,Lq,D]
+    """Composed bound for attention(q, k, v): QK^T, softmax, online rescales, PV.
+
+    `block` is the K/V tile size of an online-softmax kernel (one rescale per
+    block); 16 covers every tile size >= 16.  Computed per head in float64.
+    """
+    from refimpl.oracle import layers as L
+    u = unit_roundoff(dtype)
+    tiny = float(np.finfo(dtype).tiny)
+    q, k, v = _f64(q), _f64(k), _f64(v)
+    H, Lq, D = q.shape
+    Hkv, Lk, _ = k.shape
+    if scale is None:
+        scale = 1.0 / math.sqrt(D)
+    mask = L.causal_mask(Lq, Lk) if causal else np.ones((Lq, Lk), dtype=bool)
+    n_blocks = max(1, math.ceil(Lk / block))
+    out = np.empty((H, Lq, v.shape[2]))
+    for h in range(H):
+        g = L.kv_head_of(h, H, Hkv)
+        S = q[h] @ k[g].T * scale                                           # [Lq,Lk]
+        dS = c * gamma(D + 1, u) * (np.abs(q[h]) @ np.abs(k[g]).T) * abs(scale) + u * np.abs(S)
+        Sm = np.where(mask, S, -np.inf)
+        P = L.softmax(Sm, axis=-1)
+        pert = 2 * np.where(mask, dS, 0).max(axis=-1, keepdims=True)       # [Lq,1]
+        rel = softmax_rel_bound(Sm, dtype, exp_ulps) + pert + n_blocks * (exp_ulps + 2) * u
+        dP = P * rel + 2 * tiny
+        absV = np.abs(v[g])
+        out[h] = dP @ absV + c * gamma(Lk + 1, u) * (P @ absV) + Lk * tiny
+    return out
+
+
+def gelu_tanh_bound(x, ref, dtype, ulps: float = EXP_ULPS + 4):
+    """ulps u (|ref| + |x|): 1 + tanh(y) cancels for x << 0, so the error scales with |x|."""
+    u = unit_roundoff(dtype)
+    return ulps * u * (np.abs(_f64(ref)) + np.abs(_f64(x))) + float(np.finfo(dtype).tiny)
+
+
+def silu_bound(x, ref, dtype, ulps: float = EXP_ULPS + 3):
+    """ulps u |ref|: x * sigmoid(x) is well conditioned except for exp's own error."""
+    u = unit_roundoff(dtype)
+    return ulps * u * np.abs(_f64(ref)) + float(np.finfo(dtype).tiny)
+
+
+def layer_norm_bound(x, w, b, eps, dtype, c: float = C_SAFETY):  # [..., D] -> [..., D]
+    """First-order bound for (x - mean)/sqrt(var + eps) * w + b.
+
+    d_mean <= gamma(D) mean|x|;  d(x_i - mean) <= u|x_i - mean| + d_mean;
+    rel d_sigma <= (gamma(D+2) + 2 d_mean mean|x - mean| / (var + eps)) / 2 + 2u;
+    |dn_i| <= d(x_i - mean)/sigma + |n_i| rel d_sigma;
+    |dy_i| <= |dn_i||w_i| + 2u (|n_i w_i| + |y_i|).
+    """
+    u = unit_roundoff(dtype)
+    x, w, b = _f64(x), _f64(w), _f64(b)
+    D = x.shape[-1]
+    mean = x.mean(-1, keepdims=True)
+    xc = x - mean
+    var = (xc ** 2).mean(-1, keepdims=True)
+    sigma = np.sqrt(var + eps)
+    n = xc / sigma
+    y = n * w + b
+    dmean = gamma(D, u) * np.abs(x).mean(-1, keepdims=True)
+    dxc = u * np.abs(xc) + dmean
+    rel_sigma = (gamma(D + 2, u) + 2 * dmean * np.abs(xc).mean(-1, keepdims=True) / (var + eps)) / 2 + 2 * u
+    dn = dxc / sigma + np.abs(n) * rel_sigma
+    return c * (dn * np.abs(w) + 2 * u * (np.abs(n * w) + np.abs(y))) + float(np.finfo(dtype).tiny)
+
+
+def rms_norm_bound(x, w, eps, dtype, c: float = C_SAFETY):  # [..., D] -> [..., D]
+    """|dy_i| <= |y_i| (gamma(D+1)/2 + 4u): mean of squares, rsqrt, two products."""
+    u = unit_roundoff(dtype)
+    x, w = _f64(x), _f64(w)
+    D = x.shape[-1]
+    y = x / np.sqrt((x * x).mean(-1, keepdims=True) + eps) * w
+    return c * np.abs(y) * (gamma(D + 1, u) / 2 + 4 * u) + float(np.finfo(dtype).tiny)
+
+
+def rope_bound(x, positions, theta, dtype, c: float = C_SAFETY, ulps: float = EXP_ULPS):  # [..., T, D]
+    """(|x1| + |x2|) (ulps + |angle|) u per output of a rotated pair.
+
+    The |angle| u term allows the angle p theta^(-2i/D) to be formed in the
+    kernel's dtype (its rounding moves cos/sin by up to u |angle|).
+    """
+    from refimpl.oracle import layers as L
+    u = unit_roundoff(dtype)
+    x = _f64(x)
+    D = x.shape[-1]
+    ang = np.abs(L.rope_angles(np.asarray(positions), D, theta))           # [T, D/2]
+    # pair magnitudes in either convention are bounded by the row's two halves' max
+    mag = np.abs(x)
+    pair = np.maximum(mag[..., : D // 2], mag[..., D // 2:]) + np.maximum(mag[..., 0::2], mag[..., 1::2])
+    per_pair = c * 2 * pair * (ulps + 2 + ang) * u                         # [..., T, D/2]
+    bound = np.concatenate([per_pair, per_pair], axis=-1)
+    # the two conventions place pairs differently: take the max over both layouts
+    inter = np.repeat(per_pair, 2, axis=-1)
+    return np.maximum(bound, inter) + float(np.finfo(dtype).tiny)

@@ -1,0 +1,1 @@
+"""The oracle: a readable, dtype-generic NumPy Transformer. It imports only numpy."""

@@ -1,0 +1,81 @@
+"""Compare a result with the oracle under an elementwise error bound.
+
+    stats = error_stats(got, want, bound)     # numbers for a report
+    assert_within(got, want, bound, what)     # raises AssertionError with the worst element
+
+Non-finite values must match exactly: where the reference is NaN the result
+must be NaN, where it is +-inf the result must be the same infinity.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+
+@dataclass
+class ErrorStats:
+    max_abs: float          # max |got - want| over finite reference entries
+    max_rel: float          # max |got - want| / |want| over nonzero finite entries
+    max_ulp: float          # max distance in units of the result dtype's spacing at |want|
+    bound_ratio: float      # max |got - want| / bound: <= 1 passes ("% of the error budget")
+    nmse: float             # sum (got - want)^2 / sum want^2 (llama.cpp test-backend-ops)
+    worst_index: tuple      # where the bound ratio is largest
+    worst_got: float
+    worst_want: float
+    worst_bound: float
+    nonfinite_mismatches: int
+
+    def as_dict(self):
+        return asdict(self)
+
+
+def error_stats(got, want, bound) -> ErrorStats:
+    got = np.asarray(got)
+    want64 = np.asarray(want, dtype=np.float64)
+    got64 = got.astype(np.float64)
+    bound = np.broadcast_to(np.asarray(bound, dtype=np.float64), want64.shape)
+    if got64.shape != want64.shape:
+        raise AssertionError(f"shape mismatch: got {got64.shape}, expected {want64.shape}")
+    fin = np.isfinite(want64)
+    nan_bad = np.isnan(want64) & ~np.isnan(got64)
+    inf_bad = np.isinf(want64) & (got64 != want64)
+    fin_bad = fin & ~np.isfinite(got64)
+    nonfinite = int(nan_bad.sum() + inf_bad.sum() + fin_bad.sum())
+    err = np.where(fin & np.isfinite(got64), np.abs(got64 - want64), 0.0)
+    err = np.where(fin_bad, np.inf, err)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        ratio = np.where(fin, err / np.where(bound > 0, bound, np.finfo(np.float64).tiny), 0.0)
+        rel = np.where(fin & (want64 != 0), err / np.abs(want64), 0.0)
+        dt = got.dtype if got.dtype.kind == "f" else np.float64
+        ulp = np.where(fin, err / np.spacing(np.abs(want64).astype(dt)).astype(np.float64), 0.0)
+        num = float((err[fin] ** 2).sum())
+        den = float((want64[fin] ** 2).sum())
+    nmse = num / den if den > 0 else (0.0 if num == 0 else np.inf)
+    if ratio.size:
+        wi = np.unravel_index(int(np.argmax(ratio)), ratio.shape)
+    else:
+        wi = ()
+    pick = lambda a: float(a[wi]) if ratio.size else 0.0  # noqa: E731
+    return ErrorStats(
+        max_abs=float(err.max()) if err.size else 0.0,
+        max_rel=float(rel.max()) if rel.size else 0.0,
+        max_ulp=float(ulp.max()) if ulp.size else 0.0,
+        bound_ratio=float(ratio.max()) if ratio.size else 0.0,
+        nmse=nmse,
+        worst_index=tuple(int(i) for i in wi),
+        worst_got=pick(got64), worst_want=pick(want64), worst_bound=pick(bound),
+        nonfinite_mismatches=nonfinite,
+    )
+
+
+def assert_within(got, want, bound, what: str = "result") -> ErrorStats:
+    """Raise AssertionError naming the worst element, its bound and the ratio."""
+    s = error_stats(got, want, bound)
+    if s.nonfinite_mismatches or not s.bound_ratio <= 1.0:
+        raise AssertionError(
+            f"{what}: error exceeds its bound: worst element {s.worst_index}: got {s.worst_got!r}, "
+            f"oracle {s.worst_want!r}, |error| {abs(s.worst_got - s.worst_want):.3e} > bound "
+            f"{s.worst_bound:.3e} (ratio {s.bound_ratio:.3g}); nonfinite mismatches: "
+            f"{s.nonfinite_mismatches}; max ulp {s.max_ulp:.3g}; nmse {s.nmse:.3e}")
+    return s
