@@ -156,7 +156,8 @@ def softmax(x, axis=-1):  # [..., N] -> [..., N]
     """
     m = x.max(axis=axis, keepdims=True)
     m = np.where(np.isneginf(m), 0, m)                # fully masked row: keep exp(-inf) = 0
-    e = np.exp(x - m)
+    with np.errstate(over="ignore"):                   # x - m may round to -inf: exp gives 0, as it should
+        e = np.exp(x - m)
     s = e.sum(axis=axis, keepdims=True)
     return e / np.where(s == 0, 1, s)
 

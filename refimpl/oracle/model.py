@@ -1,0 +1,443 @@
+"""The oracle's models: GPT-2, Llama, BERT and the classic (Vaswani) decoder.
+
+Dimension letters: T (tokens in this call), S (tokens in the KV cache after
+this call), D, H, Hkv, Dh, F, V as in refimpl.oracle.layers.
+
+Each architecture's forward pass is written out once, as the equations of its
+paper/checkpoint, over `self.ops` (the kernels of the chosen backend: the
+oracle's own NumPy functions for backend="numpy", C or Numba kernels
+otherwise).  Parameters keep their checkpoint keys (see config.expected_shapes).
+
+Trace points: `trace(name, array)` is called right after each named
+intermediate, in forward order:
+    embed,
+    layers.{i}.attn_norm, layers.{i}.q, layers.{i}.k, layers.{i}.v  (after RoPE: [H|Hkv, T, Dh]),
+    layers.{i}.attn_probs [H, T, S] (numpy backend only), layers.{i}.attn_out [T, D],
+    layers.{i}.resid_attn, layers.{i}.ffn_norm, layers.{i}.ffn_hidden [T, F],
+    layers.{i}.ffn_out, layers.{i}.resid_ffn,
+    final_norm, logits
+For post-norm models (BERT, classic) `attn_norm` is the block input and
+`ffn_norm` the normalised residual after attention; `resid_*` are the
+normalised residual streams.
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from types import SimpleNamespace
+from typing import Callable, Iterable
+
+import numpy as np
+
+from refimpl.oracle import layers as L
+from refimpl.oracle.config import Config, expected_shapes
+from refimpl.oracle.sampling import XorShift64Star, random_seed, sample
+
+DTYPES = {"float32": np.float32, "float64": np.float64}
+Trace = Callable[[str, np.ndarray], None]
+
+
+def _no_trace(name, x):
+    pass
+
+
+# --------------------------------------------------------------------------
+# the KV cache
+# --------------------------------------------------------------------------
+
+
+class KVCache:
+    """Keys and values of every past position, per layer: [Hkv, max_seq_len, Dh]."""
+
+    def __init__(self, cfg: Config, dtype):
+        shape = (cfg.n_kv_heads, cfg.max_seq_len, cfg.head_dim)
+        self.k = [np.zeros(shape, dtype) for _ in range(cfg.n_layers)]
+        self.v = [np.zeros(shape, dtype) for _ in range(cfg.n_layers)]
+        self.length = 0                                   # positions filled so far
+
+    def append(self, layer, k, v):  # [Hkv,T,Dh] x2 -> keys, values [Hkv,S,Dh]
+        """Store this call's k, v after the cached ones and return all of them."""
+        T = k.shape[1]
+        s0 = self.length
+        self.k[layer][:, s0:s0 + T] = k
+        self.v[layer][:, s0:s0 + T] = v
+        return self.k[layer][:, : s0 + T], self.v[layer][:, : s0 + T]
+
+
+# --------------------------------------------------------------------------
+# the model
+# --------------------------------------------------------------------------
+
+
+def _kernel_ops(backend: str) -> SimpleNamespace:
+    """The kernels the forward pass calls, for one backend."""
+    if backend == "numpy":
+        # the oracle itself: plain NumPy, the equations as written in layers.py
+        return SimpleNamespace(
+            matmul=lambda a, b: a @ b,
+            attention=None,                 # the oracle path computes probabilities explicitly
+            layer_norm=L.layer_norm, rms_norm=L.rms_norm,
+            gelu_tanh=L.gelu_tanh, silu=L.silu,
+            rope=lambda x, pos, theta, interleaved: L.rope(x, pos, theta, interleaved))
+    from refimpl import kernels
+    return SimpleNamespace(**{op: kernels.get(op, backend) for op in
+                              ("matmul", "attention", "layer_norm", "rms_norm", "gelu_tanh", "silu", "rope")})
+
+
+@dataclass
+class Generation:
+    """What `Model.generate` returns."""
+    tokens: list[int]                          # the new token ids (prompt excluded)
+    logits: list[np.ndarray] = field(default_factory=list)  # [V] per new token (when asked)
+    stopped: str = "max_new_tokens"            # "max_new_tokens" | "stop" | "context"
+    prefill_seconds: float = 0.0
+    decode_seconds: float = 0.0
+
+    @property
+    def tokens_per_second(self) -> float:
+        n = max(len(self.tokens) - 1, 0)
+        return n / self.decode_seconds if self.decode_seconds > 0 else float("nan")
+
+
+class Model:
+    """A Transformer with its weights, runnable on any kernel backend.
+
+    Model(config, params, dtype="float64", backend="numpy")
+      params: {checkpoint key: array} exactly as config.expected_shapes(config) lists.
+      dtype:  the dtype every weight and activation is computed in.
+      backend: "numpy" (the oracle), "c" or "numba" (fast kernels, float32).
+    """
+
+    def __init__(self, config: Config, params: dict, dtype="float64", backend="numpy"):
+        if isinstance(dtype, str):
+            if dtype not in DTYPES:
+                raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+            dtype = DTYPES[dtype]
+        self.dtype = np.dtype(dtype)
+        if backend != "numpy" and self.dtype != np.float32:
+            raise ValueError(f"backend {backend!r} runs float32 models; got dtype {self.dtype} "
+                             "(use backend='numpy' for the float64 oracle)")
+        self.config = config
+        self.backend = backend
+        check_params(config, params)
+        self.params = {k: np.ascontiguousarray(np.asarray(v), dtype=self.dtype) for k, v in params.items()}
+        self.ops = _kernel_ops(backend)
+        self._w_io = {}                                  # linear weights as contiguous (in, out)
+
+    # -- small helpers: each is one line of math ----------------------------
+    def p(self, name):
+        return self.params[name]
+
+    def _w(self, name, layout):
+        """Weight `name` as a contiguous (in, out) matrix; layout "out_in" (Linear) or "in_out" (Conv1D)."""
+        w = self._w_io.get(name)
+        if w is None:
+            w = self.params[name]
+            w = np.ascontiguousarray(w.T) if layout == "out_in" else w
+            self._w_io[name] = w
+        return w
+
+    def linear(self, x, name, bias=None, layout="out_in"):  # [T,In] -> [T,Out]
+        """y = x W + b, W as (in, out)."""
+        y = self.ops.matmul(np.ascontiguousarray(x), self._w(name, layout))
+        return y if bias is None else y + self.p(bias)
+
+    def norm(self, x, prefix):  # [T,D] -> [T,D]
+        c = self.config
+        if c.norm == "rmsnorm":
+            return self.ops.rms_norm(x, self.p(prefix + ".weight"), c.norm_eps)
+        return self.ops.layer_norm(x, self.p(prefix + ".weight"), self.p(prefix + ".bias"), c.norm_eps)
+
+    def attend(self, q, k, v, mask_kind, attention_mask, name, trace):  # [H,T,Dh],[Hkv,S,Dh]x2 -> [T,H*Dh]
+        """Multi-head attention: softmax(q k^T / sqrt(Dh) + mask) v, heads merged."""
+        H, T, Dh = q.shape
+        S = k.shape[1]
+        scale = 1.0 / math.sqrt(Dh)
+        if self.ops.attention is not None and attention_mask is None:
+            o = self.ops.attention(q, k, v, causal=(mask_kind == "causal"), scale=scale)
+            return L.merge_heads(o)
+        mask = L.causal_mask(T, S) if mask_kind == "causal" else np.ones((T, S), bool)
+        if attention_mask is not None:
+            mask = mask & L.padding_mask(attention_mask, T)
+        Hkv = k.shape[0]
+        probs = np.stack([L.attention_probs(q[h], k[L.kv_head_of(h, H, Hkv)], mask, scale)
+                          for h in range(H)])                              # [H,T,S]
+        trace(name + ".attn_probs", probs)
+        o = np.stack([probs[h] @ v[L.kv_head_of(h, H, Hkv)] for h in range(H)])  # [H,T,Dh]
+        return L.merge_heads(o)
+
+    # -- input checks -------------------------------------------------------
+    def _check_ids(self, ids, cache, what="ids"):
+        ids = np.asarray(ids)
+        if ids.ndim != 1 or ids.shape[0] == 0:
+            raise ValueError(f"{what} must be a non-empty 1-D sequence of token ids, got shape {ids.shape}")
+        if not np.issubdtype(ids.dtype, np.integer):
+            raise TypeError(f"{what} must be integers, got dtype {ids.dtype}")
+        V = self.config.vocab_size
+        bad = (ids < 0) | (ids >= V)
+        if bad.any():
+            i = int(np.argmax(bad))
+            raise ValueError(f"{what}[{i}] = {int(ids[i])} is out of range: vocab_size is {V} (ids 0..{V - 1})")
+        start = cache.length if cache is not None else 0
+        if start + ids.shape[0] > self.config.max_seq_len:
+            raise ValueError(f"{what}: {start} cached + {ids.shape[0]} new tokens exceed the context limit "
+                             f"max_seq_len = {self.config.max_seq_len}")
+        return ids.astype(np.int64)
+
+    def new_cache(self) -> KVCache:
+        return KVCache(self.config, self.dtype)
+
+    # -- forward ------------------------------------------------------------
+    def forward(self, ids, cache: KVCache | None = None, trace: Trace | None = None,
+                token_type_ids=None, attention_mask=None):
+        """ids [T] -> logits [T,V] (decoders) or last hidden state [T,D] (BERT).
+
+        With a cache, the T new tokens follow the cache.length cached ones and
+        the cache is extended.  BERT takes token_type_ids [T] and
+        attention_mask [T] (1 = real token, 0 = padding).
+        """
+        ids = self._check_ids(ids, cache)
+        trace = trace or _no_trace
+        arch = self.config.arch
+        if arch == "bert":
+            if cache is not None:
+                raise ValueError("BERT is an encoder: it has no KV cache")
+            return self._bert(ids, token_type_ids, attention_mask, trace)
+        if attention_mask is not None or token_type_ids is not None:
+            raise ValueError(f"attention_mask/token_type_ids are BERT inputs; {arch} is a causal decoder")
+        start = cache.length if cache is not None else 0
+        out = {"gpt2": self._gpt2, "llama": self._llama, "classic": self._classic}[arch](ids, start, cache, trace)
+        if cache is not None:
+            cache.length += ids.shape[0]
+        return out
+
+    __call__ = forward
+
+    def _lm_head(self, x, table_key, trace):  # [T,D] -> [T,V]
+        """Logits = x E^T (tied) or x W_lm^T (untied)."""
+        key = table_key if self.config.tie_embeddings else "lm_head.weight"
+        logits = self.linear(x, key)
+        trace("logits", logits)
+        return logits
+
+    def _gpt2(self, ids, start, cache, trace):
+        c = self.config
+        pos = np.arange(start, start + ids.shape[0])
+        # x_0 = token embedding + learned position embedding
+        x = L.embedding(self.p("wte.weight"), ids) + L.learned_positions(self.p("wpe.weight"), pos)
+        trace("embed", x)
+        for i in range(c.n_layers):
+            h, n = f"h.{i}.", f"layers.{i}"
+            # pre-norm attention: x = x + W_o Attn(LN_1(x))
+            a = self.norm(x, h + "ln_1"); trace(n + ".attn_norm", a)
+            qkv = self.linear(a, h + "attn.c_attn.weight", h + "attn.c_attn.bias", layout="in_out")
+            q, k, v = (L.split_heads(t, c.n_heads) for t in np.split(qkv, 3, axis=-1))
+            trace(n + ".q", q); trace(n + ".k", k); trace(n + ".v", v)
+            if cache is not None:
+                k, v = cache.append(i, k, v)
+            o = self.attend(q, k, v, "causal", None, n, trace)
+            o = self.linear(o, h + "attn.c_proj.weight", h + "attn.c_proj.bias", layout="in_out")
+            trace(n + ".attn_out", o)
+            x = x + o; trace(n + ".resid_attn", x)
+            # pre-norm MLP: x = x + W_2 gelu_tanh(W_1 LN_2(x))
+            m = self.norm(x, h + "ln_2"); trace(n + ".ffn_norm", m)
+            f = self.ops.gelu_tanh(self.linear(m, h + "mlp.c_fc.weight", h + "mlp.c_fc.bias", layout="in_out"))
+            trace(n + ".ffn_hidden", f)
+            f = self.linear(f, h + "mlp.c_proj.weight", h + "mlp.c_proj.bias", layout="in_out")
+            trace(n + ".ffn_out", f)
+            x = x + f; trace(n + ".resid_ffn", x)
+        x = self.norm(x, "ln_f"); trace("final_norm", x)
+        return self._lm_head(x, "wte.weight", trace)
+
+    def _llama(self, ids, start, cache, trace):
+        c = self.config
+        pos = np.arange(start, start + ids.shape[0])
+        x = L.embedding(self.p("embed_tokens.weight"), ids)
+        trace("embed", x)
+        for i in range(c.n_layers):
+            h, n = f"layers.{i}.", f"layers.{i}"
+            # x = x + W_o Attn(RoPE(W_q a), RoPE(W_k a), W_v a),  a = RMSNorm(x)
+            a = self.norm(x, h + "input_layernorm"); trace(n + ".attn_norm", a)
+            q = L.split_heads(self.linear(a, h + "self_attn.q_proj.weight"), c.n_heads)
+            k = L.split_heads(self.linear(a, h + "self_attn.k_proj.weight"), c.n_kv_heads)
+            v = L.split_heads(self.linear(a, h + "self_attn.v_proj.weight"), c.n_kv_heads)
+            q = self.ops.rope(np.ascontiguousarray(q), pos, c.rope_theta, c.rope_interleaved)
+            k = self.ops.rope(np.ascontiguousarray(k), pos, c.rope_theta, c.rope_interleaved)
+            trace(n + ".q", q); trace(n + ".k", k); trace(n + ".v", v)
+            if cache is not None:
+                k, v = cache.append(i, k, v)
+            o = self.linear(self.attend(q, k, v, "causal", None, n, trace), h + "self_attn.o_proj.weight")
+            trace(n + ".attn_out", o)
+            x = x + o; trace(n + ".resid_attn", x)
+            # x = x + W_down (silu(W_gate m) * W_up m),  m = RMSNorm(x)
+            m = self.norm(x, h + "post_attention_layernorm"); trace(n + ".ffn_norm", m)
+            f = self.ops.silu(self.linear(m, h + "mlp.gate_proj.weight")) * self.linear(m, h + "mlp.up_proj.weight")
+            trace(n + ".ffn_hidden", f)
+            f = self.linear(f, h + "mlp.down_proj.weight"); trace(n + ".ffn_out", f)
+            x = x + f; trace(n + ".resid_ffn", x)
+        x = self.norm(x, "norm"); trace("final_norm", x)
+        return self._lm_head(x, "embed_tokens.weight", trace)
+
+    def _classic(self, ids, start, cache, trace):
+        c = self.config
+        D = c.d_model
+        # x_0 = sqrt(D) E[ids] + PE (Vaswani et al. 2017, sec. 3.4 and 3.5)
+        x = L.embedding(self.p("wte.weight"), ids) * self.dtype.type(math.sqrt(D)) \
+            + L.sinusoidal_positions(ids.shape[0], D, dtype=self.dtype, offset=start)
+        trace("embed", x)
+        for i in range(c.n_layers):
+            h, n = f"h.{i}.", f"layers.{i}"
+            trace(n + ".attn_norm", x)             # post-norm: the block input is not normalised
+            qkv = self.linear(x, h + "attn.c_attn.weight", h + "attn.c_attn.bias", layout="in_out")
+            q, k, v = (L.split_heads(t, c.n_heads) for t in np.split(qkv, 3, axis=-1))
+            trace(n + ".q", q); trace(n + ".k", k); trace(n + ".v", v)
+            if cache is not None:
+                k, v = cache.append(i, k, v)
+            o = self.attend(q, k, v, "causal", None, n, trace)
+            o = self.linear(o, h + "attn.c_proj.weight", h + "attn.c_proj.bias", layout="in_out")
+            trace(n + ".attn_out", o)
+            # post-norm: x = LN_1(x + Attn(x))
+            x = self.norm(x + o, h + "ln_1"); trace(n + ".resid_attn", x)
+            trace(n + ".ffn_norm", x)
+            # x = LN_2(x + W_2 relu(W_1 x + b_1) + b_2)
+            f = L.relu(self.linear(x, h + "mlp.c_fc.weight", h + "mlp.c_fc.bias", layout="in_out"))
+            trace(n + ".ffn_hidden", f)
+            f = self.linear(f, h + "mlp.c_proj.weight", h + "mlp.c_proj.bias", layout="in_out")
+            trace(n + ".ffn_out", f)
+            x = self.norm(x + f, h + "ln_2"); trace(n + ".resid_ffn", x)
+        trace("final_norm", x)
+        return self._lm_head(x, "wte.weight", trace)
+
+    def _bert(self, ids, token_type_ids, attention_mask, trace):
+        c = self.config
+        T = ids.shape[0]
+        tt = np.zeros(T, np.int64) if token_type_ids is None else np.asarray(token_type_ids, np.int64)
+        if tt.shape != (T,) or (tt < 0).any() or (tt >= c.type_vocab_size).any():
+            raise ValueError(f"token_type_ids must be {T} ids in 0..{c.type_vocab_size - 1}")
+        if attention_mask is not None:
+            attention_mask = np.asarray(attention_mask)
+            if attention_mask.shape != (T,):
+                raise ValueError(f"attention_mask must have shape ({T},), got {attention_mask.shape}")
+            if not attention_mask.any():
+                raise ValueError("attention_mask masks every token")
+        e = "embeddings."
+        # x_0 = LN(word + position + token type)
+        x = L.embedding(self.p(e + "word_embeddings.weight"), ids) \
+            + L.learned_positions(self.p(e + "position_embeddings.weight"), np.arange(T)) \
+            + L.embedding(self.p(e + "token_type_embeddings.weight"), tt)
+        x = self.norm(x, e + "LayerNorm"); trace("embed", x)
+        for i in range(c.n_layers):
+            h, n = f"encoder.layer.{i}.", f"layers.{i}"
+            trace(n + ".attn_norm", x)
+            s = h + "attention.self."
+            q = L.split_heads(self.linear(x, s + "query.weight", s + "query.bias"), c.n_heads)
+            k = L.split_heads(self.linear(x, s + "key.weight", s + "key.bias"), c.n_heads)
+            v = L.split_heads(self.linear(x, s + "value.weight", s + "value.bias"), c.n_heads)
+            trace(n + ".q", q); trace(n + ".k", k); trace(n + ".v", v)
+            o = self.attend(q, k, v, "full", attention_mask, n, trace)
+            o = self.linear(o, h + "attention.output.dense.weight", h + "attention.output.dense.bias")
+            trace(n + ".attn_out", o)
+            # post-norm: x = LN(x + Attn(x))
+            x = self.norm(x + o, h + "attention.output.LayerNorm"); trace(n + ".resid_attn", x)
+            trace(n + ".ffn_norm", x)
+            f = L.gelu_erf(self.linear(x, h + "intermediate.dense.weight", h + "intermediate.dense.bias"))
+            trace(n + ".ffn_hidden", f)
+            f = self.linear(f, h + "output.dense.weight", h + "output.dense.bias"); trace(n + ".ffn_out", f)
+            x = self.norm(x + f, h + "output.LayerNorm"); trace(n + ".resid_ffn", x)
+        trace("final_norm", x)
+        return x
+
+    # -- autoregressive decoding --------------------------------------------
+    def generate(self, ids, max_new_tokens: int, temperature: float = 0.0, top_k: int | None = None,
+                 top_p: float | None = None, seed: int | None = None, stop: Iterable[int] | int | None = None,
+                 return_logits: bool = False) -> Generation:
+        """Prefill the prompt once, then decode one token at a time with the KV cache.
+
+        Sampling follows refimpl.oracle.sampling (greedy at temperature 0;
+        top-k, top-p and temperature compose; the portable xorshift64* RNG is
+        seeded with `seed`).  Stops after max_new_tokens, after a token in
+        `stop` (included in the output), or when the context is full.
+        """
+        if self.config.arch == "bert":
+            raise ValueError("BERT is an encoder: it does not generate")
+        if int(max_new_tokens) < 0:
+            raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+        ids = self._check_ids(ids, None, "prompt")
+        stop_set = {int(stop)} if isinstance(stop, (int, np.integer)) else set(int(s) for s in (stop or ()))
+        rng = XorShift64Star(random_seed() if seed is None else seed) if temperature else None
+        cache = self.new_cache()
+        out = Generation(tokens=[])
+        t0 = time.perf_counter()
+        logits = self.forward(ids, cache)[-1]
+        out.prefill_seconds = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        for n in range(int(max_new_tokens)):
+            if return_logits:
+                out.logits.append(np.array(logits))
+            tok = sample(logits, temperature, top_k, top_p, rng)
+            out.tokens.append(tok)
+            if tok in stop_set:
+                out.stopped = "stop"
+                break
+            if n + 1 == int(max_new_tokens):
+                break
+            if cache.length >= self.config.max_seq_len:
+                out.stopped = "context"
+                break
+            logits = self.forward(np.array([tok]), cache)[-1]
+        out.decode_seconds = time.perf_counter() - t0
+        return out
+
+
+# --------------------------------------------------------------------------
+# parameter checks and tiny random models
+# --------------------------------------------------------------------------
+
+
+def check_params(cfg: Config, params: dict, source: str = "params") -> None:
+    """Every expected tensor present with its shape, nothing extra: ValueError naming the tensor."""
+    want = expected_shapes(cfg)
+    missing = sorted(set(want) - set(params))
+    extra = sorted(set(params) - set(want))
+    if missing:
+        raise ValueError(f"{source}: missing tensor(s) {missing[:5]}{' ...' if len(missing) > 5 else ''} "
+                         f"({len(missing)} missing) for a {cfg.arch} model with {cfg.n_layers} layers")
+    if extra:
+        raise ValueError(f"{source}: unexpected tensor(s) {extra[:5]}{' ...' if len(extra) > 5 else ''} "
+                         f"({len(extra)} extra) for a {cfg.arch} model with {cfg.n_layers} layers")
+    for k, shape in want.items():
+        got = tuple(np.shape(params[k]))
+        if got != shape:
+            raise ValueError(f"{source}: tensor {k!r} has shape {got}, config says {shape}")
+
+
+def tiny_config(arch: str = "llama", **overrides) -> Config:
+    """A small config of each architecture (V=97, D=32, 2 layers, 4 heads; Llama with GQA Hkv=2)."""
+    base = dict(arch=arch, vocab_size=97, d_model=32, n_layers=2, n_heads=4, d_ff=64, max_seq_len=64)
+    if arch == "llama":
+        base.update(n_kv_heads=2, d_ff=48, norm_eps=1e-6, tie_embeddings=False)
+    base.update(overrides)
+    return Config(**base)
+
+
+def random_params(cfg: Config, seed: int = 0) -> dict[str, np.ndarray]:
+    """Seeded float64 weights: matrices ~ N(0, 1/fan_in), norm gains 1 + N(0, 0.1^2), biases N(0, 0.1^2)."""
+    rng = np.random.default_rng(seed)
+    out = {}
+    for k, shape in expected_shapes(cfg).items():
+        if len(shape) == 1:
+            is_gain = "norm" in k.lower() or k.split(".")[-2].startswith("ln") or "LayerNorm" in k
+            out[k] = (1.0 if is_gain and k.endswith("weight") else 0.0) + 0.1 * rng.standard_normal(shape)
+        elif "embed" in k or k.startswith(("wte", "wpe")):
+            out[k] = rng.standard_normal(shape) * 0.5
+        else:
+            fan_in = shape[1] if not k.startswith("h.") else shape[0]   # Conv1D is (in, out)
+            out[k] = rng.standard_normal(shape) / math.sqrt(fan_in)
+    return out
+
+
+def tiny_model(arch: str = "llama", seed: int = 0, dtype="float64", backend="numpy", **overrides) -> Model:
+    """A built-in tiny random model: for examples, profiling and tests (no files needed)."""
+    cfg = tiny_config(arch, **overrides)
+    return Model(cfg, random_params(cfg, seed), dtype=dtype, backend=backend)

@@ -1,0 +1,114 @@
+"""Output decoding: from logits to a token id, reproducibly.
+
+Every step is specified precisely enough that a C or Rust port with the same
+seed produces the same token stream.
+
+The RNG: xorshift64* (Marsaglia 2003; Vigna 2016), as in llama2.c
+-------------------------------------------------------------------
+    state: uint64, initialised to `seed`, or to 0x853C49E6748FEA9B when seed == 0
+           (xorshift has no zero state)
+    next_u32():  state ^= state >> 12
+                 state ^= state << 25      (mod 2^64)
+                 state ^= state >> 27
+                 return (state * 0x2545F4914F6CDD1D mod 2^64) >> 32
+    next_f64():  (next_u32() >> 8) / 2^24          # exactly representable, in [0, 1)
+
+The sampling rule, for logits z (float, length V)
+--------------------------------------------------
+1. temperature == 0: greedy. Return argmax z; ties go to the lowest token id.
+   No random number is drawn.
+2. Otherwise, in float64: p = softmax(z / temperature) (max-shifted; see
+   oracle.layers.softmax).
+3. Order tokens by (p descending, id ascending).  This order is used below.
+4. top_k (if given, k >= 1): keep the first k tokens of that order.
+5. top_p (if given, 0 < p <= 1): renormalise the kept probabilities to sum 1,
+   then keep the shortest prefix of the order whose cumulative sum (float64,
+   summed in that order) is >= top_p.  Tokens tied in probability with the
+   last kept one are *not* added: ties are broken by id, like everything else.
+6. Draw r = next_f64().  Renormalise the kept probabilities q (divide by
+   their float64 sum, summed in the order).  Walk the kept tokens in the order
+   accumulating q; return the first token whose cumulative sum exceeds r;
+   if rounding leaves none, return the last kept token.
+Exactly one random number is drawn per sampled (non-greedy) token.
+"""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+from refimpl.oracle.layers import softmax
+
+_MASK64 = (1 << 64) - 1
+_MULT = 0x2545F4914F6CDD1D
+_ZERO_SEED_STATE = 0x853C49E6748FEA9B
+
+
+class XorShift64Star:
+    """The portable RNG (see module docstring). Pure Python ints: exact on every platform."""
+
+    def __init__(self, seed: int):
+        seed = int(seed) & _MASK64
+        self.state = seed if seed != 0 else _ZERO_SEED_STATE
+
+    def next_u32(self) -> int:
+        s = self.state
+        s ^= s >> 12
+        s ^= (s << 25) & _MASK64
+        s ^= s >> 27
+        self.state = s
+        return ((s * _MULT) & _MASK64) >> 32
+
+    def next_f64(self) -> float:
+        return (self.next_u32() >> 8) / 16777216.0
+
+
+def random_seed() -> int:
+    """A fresh nonzero seed from the OS (used when the caller gives none)."""
+    return int.from_bytes(os.urandom(8), "little") or 1
+
+
+def greedy(logits) -> int:  # [V] -> id
+    """argmax; numpy's argmax returns the first (lowest) index of a tie."""
+    return int(np.argmax(logits))
+
+
+def sampling_order(p) -> np.ndarray:  # [V] -> [V] ids
+    """Token ids sorted by probability descending, then id ascending."""
+    ids = np.arange(p.shape[0])
+    return np.lexsort((ids, -p))
+
+
+def kept_tokens(p, top_k=None, top_p=None) -> np.ndarray:  # [V] -> [n] ids, in sampling order
+    """The candidate set after top-k then top-p (steps 3-5 of the rule)."""
+    order = sampling_order(p)
+    if top_k is not None:
+        if int(top_k) < 1:
+            raise ValueError(f"top_k must be >= 1, got {top_k}")
+        order = order[: int(top_k)]
+    if top_p is not None:
+        if not 0.0 < float(top_p) <= 1.0:
+            raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+        q = p[order] / p[order].sum()
+        cum = np.cumsum(q)
+        n = int(np.searchsorted(cum, float(top_p), side="left")) + 1   # first index with cum >= top_p
+        order = order[: min(n, order.shape[0])]
+    return order
+
+
+def sample(logits, temperature=0.0, top_k=None, top_p=None, rng: XorShift64Star | None = None) -> int:
+    """One token id from `logits` [V] by the documented rule."""
+    z = np.asarray(logits, dtype=np.float64)
+    if temperature is None or temperature == 0:
+        return greedy(z)
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0, got {temperature}")
+    if rng is None:
+        raise ValueError("sampling with temperature > 0 needs an rng (pass seed= to generate)")
+    p = softmax(z / float(temperature))
+    kept = kept_tokens(p, top_k, top_p)
+    q = p[kept] / p[kept].sum()
+    r = rng.next_f64()
+    cum = np.cumsum(q)
+    i = int(np.searchsorted(cum, r, side="right"))                  # first index with cum > r
+    return int(kept[min(i, kept.shape[0] - 1)])

@@ -1,0 +1,118 @@
+"""Sampling: the portable RNG against independent implementations (NumPy
+uint64 arithmetic and a C program), and the kept sets of top-k / top-p against
+their definitions, with exact (dyadic) probabilities at the boundaries."""
+import shutil
+import subprocess
+from fractions import Fraction
+
+import numpy as np
+import pytest
+from hypothesis import example, given, strategies as st
+
+from refimpl.oracle import sampling as S
+
+
+def _xorshift_numpy(seed, n):
+    """The same spec, written again with numpy uint64 wrap-around arithmetic."""
+    s = np.uint64(seed if seed else 0x853C49E6748FEA9B)
+    out = []
+    with np.errstate(over="ignore"):
+        for _ in range(n):
+            s ^= s >> np.uint64(12)
+            s ^= s << np.uint64(25)
+            s ^= s >> np.uint64(27)
+            out.append(int((s * np.uint64(0x2545F4914F6CDD1D)) >> np.uint64(32)))
+    return out
+
+
+@given(st.integers(0, 2 ** 64 - 1))
+@example(0)
+@example(1)
+def test_rng_matches_an_independent_numpy_implementation(seed):
+    r = S.XorShift64Star(seed)
+    assert [r.next_u32() for _ in range(20)] == _xorshift_numpy(seed, 20)
+
+
+@pytest.mark.skipif(shutil.which("gcc") is None, reason="needs a C compiler")
+def test_rng_matches_a_c_port(tmp_path):
+    src = tmp_path / "rng.c"
+    src.write_text(r"""
+#include <stdio.h>
+#include <stdint.h>
+static uint32_t next(uint64_t *s) { *s ^= *s >> 12; *s ^= *s << 25; *s ^= *s >> 27;
+  return (uint32_t)((*s * 0x2545F4914F6CDD1Dull) >> 32); }
+int main(void) { uint64_t s = 42; for (int i = 0; i < 8; i++) { uint32_t u = next(&s);
+  double f = (double)(next(&s) >> 8) / 16777216.0; printf("%u %.17g\n", u, f); } return 0; }
+""")
+    exe = tmp_path / "rng"
+    subprocess.run(["gcc", "-O2", str(src), "-o", str(exe)], check=True)
+    lines = subprocess.run([str(exe)], check=True, capture_output=True, text=True).stdout.split("\n")
+    r = S.XorShift64Star(42)
+    for line in filter(None, lines):
+        u, f = line.split()
+        assert r.next_u32() == int(u)
+        assert r.next_f64() == float(f)
+
+
+def test_greedy_ties_pick_the_lowest_id():
+    assert S.sample(np.array([0.0, 3.0, 1.0, 3.0])) == 1
+    assert S.sample(np.array([1.0, 1.0])) == 0
+
+
+def _expected_kept(p, top_k, top_p):
+    """The definition, in exact rational arithmetic."""
+    order = sorted(range(len(p)), key=lambda i: (-p[i], i))
+    if top_k is not None:
+        order = order[:top_k]
+    if top_p is not None:
+        total = sum(Fraction(p[i]) for i in order)
+        cum, kept = Fraction(0), []
+        for i in order:
+            kept.append(i)
+            cum += Fraction(p[i]) / total
+            if cum >= Fraction(top_p):
+                break
+        order = kept
+    return order
+
+
+@st.composite
+def dyadic_probs(draw):
+    """Probabilities that are multiples of 1/64 summing to 1: every sum is exact in float64."""
+    n = draw(st.integers(1, 10))
+    cuts = sorted(draw(st.lists(st.integers(0, 64), min_size=n - 1, max_size=n - 1)))
+    counts = np.diff([0, *cuts, 64])
+    return counts / 64.0
+
+
+@given(dyadic_probs(), st.one_of(st.none(), st.integers(1, 12)),
+       st.one_of(st.none(), st.sampled_from([1 / 64, 0.25, 0.5, 0.75, 0.875, 1.0])))
+@example(np.array([0.5, 0.25, 0.25]), None, 0.75)          # boundary: cumulative mass exactly p
+@example(np.array([0.25, 0.25, 0.25, 0.25]), 2, None)     # ties broken by id
+@example(np.array([0.25, 0.25, 0.25, 0.25]), None, 0.5)
+def test_top_k_top_p_keep_exactly_the_documented_set(p, top_k, top_p):
+    got = S.kept_tokens(p, top_k, top_p).tolist()
+    assert got == _expected_kept(p.tolist(), top_k, top_p)
+
+
+def test_sampling_draws_only_from_the_kept_set_and_follows_the_cdf():
+    logits = np.log(np.array([0.5, 0.25, 0.125, 0.125]))
+    rng = S.XorShift64Star(7)
+    draws = [S.sample(logits, 1.0, top_p=0.75, rng=rng) for _ in range(4000)]
+    assert set(draws) <= {0, 1}
+    frac0 = draws.count(0) / len(draws)
+    assert abs(frac0 - 2 / 3) < 0.03          # kept {0: 0.5, 1: 0.25} renormalised: 2/3, 1/3
+    # the walk: r < 2/3 -> token 0; compare the stream with its definition
+    rng1, rng2 = S.XorShift64Star(11), S.XorShift64Star(11)
+    for _ in range(200):
+        expect = 0 if rng2.next_f64() < 2 / 3 else 1
+        assert S.sample(logits, 1.0, top_p=0.75, rng=rng1) == expect
+
+
+def test_bad_sampling_arguments():
+    with pytest.raises(ValueError, match="top_k"):
+        S.kept_tokens(np.array([0.5, 0.5]), 0, None)
+    with pytest.raises(ValueError, match="top_p"):
+        S.kept_tokens(np.array([0.5, 0.5]), None, 1.5)
+    with pytest.raises(ValueError, match="temperature"):
+        S.sample(np.zeros(3), -1.0, rng=S.XorShift64Star(1))
