@@ -1,0 +1,39 @@
+"""`refimpl.load(path)`: a checkpoint on disk -> a runnable `Model`.
+
+    path is a directory          -> Hugging Face layout (config.json + safetensors), see refimpl.io.hf
+    path ends in .bin            -> llama2.c checkpoint (v0 or v1), see refimpl.io.llama2c
+    path is a .safetensors file  -> the HF directory that holds it
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from refimpl.oracle.config import Config
+
+
+def load_params(path) -> tuple[Config, dict[str, np.ndarray]]:
+    """Read a checkpoint: (Config, params keyed as config.expected_shapes)."""
+    p = Path(path)
+    if p.is_dir():
+        from refimpl.io.hf import load_hf
+        return load_hf(p)
+    if not p.exists():
+        raise FileNotFoundError(f"checkpoint {p} does not exist")
+    if p.name.startswith("pytorch_model") and p.suffix == ".bin":
+        raise ValueError(f"checkpoint {p} is a torch pickle; refimpl never unpickles: convert it to safetensors")
+    if p.suffix == ".bin":
+        from refimpl.io.llama2c import load_llama2c
+        return load_llama2c(p)
+    if p.suffix == ".safetensors" or p.name == "model.safetensors.index.json":
+        from refimpl.io.hf import load_hf
+        return load_hf(p.parent)
+    raise ValueError(f"checkpoint {p}: not a model directory, a llama2.c .bin or a .safetensors file")
+
+
+def load(path, dtype: str = "float32", backend: str = "numpy"):
+    """Load a checkpoint into `refimpl.oracle.model.Model(config, params, dtype, backend)`."""
+    from refimpl.oracle.model import Model
+    cfg, params = load_params(path)
+    return Model(cfg, params, dtype=dtype, backend=backend)

@@ -1,0 +1,234 @@
+"""Tokenizers: built-in bytes, llama2.c `tokenizer.bin`, and HF `tokenizer.json`.
+
+Every tokenizer has `encode(text, bos=...) -> list[int]`, `decode(ids) -> str`,
+`vocab_size`, `bos_id`, `eos_id` (None when the vocabulary has none).
+
+* `ByteTokenizer`: id = the byte's value (0..255) of the UTF-8 text; no
+  special tokens; decoding joins the bytes and replaces invalid UTF-8 with
+  U+FFFD.  Works with any model whose vocabulary has >= 256 entries (or, for
+  ASCII text, >= 128).
+* `Llama2cTokenizer`: llama2.c's `tokenizer.bin`: int32 max_token_length, then
+  per token: float32 score, int32 byte length, the bytes.  The vocabulary size
+  is not stored: it is every record up to the end of the file.  Encoding is
+  run.c's `encode`: optional BOS (id 1), a dummy-prefix " " token when the
+  text is not empty, one token per UTF-8 code point when the code point is in
+  the vocabulary, else byte fallback (byte b -> id b + 3, the `<0xXX>` tokens
+  at ids 3..258), then repeatedly merge the adjacent pair whose concatenation
+  is in the vocabulary with the highest score (leftmost on ties), optional EOS
+  (id 2).  Decoding is run.c's `decode`: `<0xXX>` pieces become that byte, and
+  the leading space of the piece right after BOS is dropped.
+* `HFTokenizer`: `tokenizer.json` (or GPT-2's vocab.json + merges.txt) through
+  the `tokenizers` package (optional dependency).
+"""
+from __future__ import annotations
+
+import re
+import struct
+from pathlib import Path
+
+_BYTE_PIECE = re.compile(rb"<0x([0-9A-Fa-f]{2})>")
+
+
+class ByteTokenizer:
+    """id = byte value of the UTF-8 encoding (vocab 256, no special tokens)."""
+
+    vocab_size = 256
+    bos_id = None
+    eos_id = None
+    name = "bytes"
+
+    def encode(self, text: str, bos: bool = False, eos: bool = False) -> list[int]:
+        return list(text.encode("utf-8"))
+
+    def decode(self, ids) -> str:
+        ids = [int(i) for i in ids]
+        bad = [i for i in ids if not 0 <= i < 256]
+        if bad:
+            raise ValueError(f"byte tokenizer: token id {bad[0]} is out of range 0..255")
+        return bytes(ids).decode("utf-8", errors="replace")
+
+
+class Llama2cTokenizer:
+    """llama2.c `tokenizer.bin` with run.c's BPE merge-by-score encoder."""
+
+    name = "llama2c"
+
+    def __init__(self, vocab: list[bytes], scores: list[float], max_token_length: int, source: str = "<memory>"):
+        if len(vocab) != len(scores):
+            raise ValueError(f"tokenizer {source}: {len(vocab)} pieces but {len(scores)} scores")
+        self.vocab, self.scores, self.max_token_length = list(vocab), list(scores), max_token_length
+        self.source = source
+        self.lookup: dict[bytes, int] = {}
+        for i, piece in enumerate(self.vocab):           # a repeated piece maps to its lowest id
+            self.lookup.setdefault(piece, i)
+        self.bos_id = 1 if len(vocab) > 1 else None
+        self.eos_id = 2 if len(vocab) > 2 else None
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self.vocab)
+
+    # -- file format --------------------------------------------------------
+    @classmethod
+    def from_file(cls, path, vocab_size: int | None = None) -> "Llama2cTokenizer":
+        p = Path(path)
+        data = p.read_bytes()
+        if len(data) < 4:
+            raise ValueError(f"tokenizer {p}: {len(data)} bytes, too short for max_token_length")
+        (max_len,) = struct.unpack_from("<i", data, 0)
+        if max_len <= 0:
+            raise ValueError(f"tokenizer {p}: max_token_length = {max_len} must be positive")
+        vocab, scores, off = [], [], 4
+        while off < len(data):
+            if off + 8 > len(data):
+                raise ValueError(f"tokenizer {p}: token {len(vocab)} record header truncated at byte {off}")
+            score, n = struct.unpack_from("<fi", data, off)
+            off += 8
+            if n < 0 or n > max_len:
+                raise ValueError(f"tokenizer {p}: token {len(vocab)} has length {n}, outside 0..max_token_length="
+                                 f"{max_len}")
+            if off + n > len(data):
+                raise ValueError(f"tokenizer {p}: token {len(vocab)} bytes truncated at byte {off}")
+            vocab.append(bytes(data[off:off + n]))
+            scores.append(score)
+            off += n
+        if vocab_size is not None and len(vocab) != vocab_size:
+            raise ValueError(f"tokenizer {p}: holds {len(vocab)} tokens but the model's vocab_size is {vocab_size}")
+        return cls(vocab, scores, max_len, str(p))
+
+    def save(self, path) -> None:
+        """Write llama2.c's tokenizer.bin format."""
+        parts = [struct.pack("<i", self.max_token_length)]
+        for piece, score in zip(self.vocab, self.scores):
+            parts.append(struct.pack("<fi", score, len(piece)) + piece)
+        Path(path).write_bytes(b"".join(parts))
+
+    # -- run.c encode / decode ---------------------------------------------
+    def encode(self, text: str, bos: bool = True, eos: bool = False) -> list[int]:
+        tokens: list[int] = []
+        if bos:
+            tokens.append(1)
+        raw = text.encode("utf-8")
+        if raw:                                           # sentencepiece's add_dummy_prefix
+            tokens.extend(self._piece_or_bytes(b" "))
+        i = 0
+        while i < len(raw):                               # one UTF-8 code point (<= 4 bytes) at a time
+            j = i + 1
+            while j < len(raw) and (raw[j] & 0xC0) == 0x80 and j - i < 4:
+                j += 1
+            tokens.extend(self._piece_or_bytes(raw[i:j]))
+            i = j
+        body = tokens                                     # run.c merges over BOS too
+        while True:                                       # merge the best-scoring adjacent pair
+            best, best_id, best_idx = -1e10, -1, -1
+            for k in range(len(body) - 1):
+                tid = self.lookup.get(self.vocab[body[k]] + self.vocab[body[k + 1]], -1)
+                if tid != -1 and self.scores[tid] > best:
+                    best, best_id, best_idx = self.scores[tid], tid, k
+            if best_idx == -1:
+                break
+            body[best_idx:best_idx + 2] = [best_id]
+        if eos:
+            tokens.append(2)
+        return tokens
+
+    def _piece_or_bytes(self, s: bytes) -> list[int]:
+        tid = self.lookup.get(s)
+        if tid is not None:
+            return [tid]
+        out = [b + 3 for b in s]                          # byte fallback: <0xXX> at id byte + 3
+        if out and max(out) >= self.vocab_size:
+            raise ValueError(f"tokenizer {self.source}: byte fallback for {s!r} needs id {max(out)} but the "
+                             f"vocabulary has {self.vocab_size} tokens (no <0xXX> byte tokens)")
+        return out
+
+    def piece_bytes(self, token: int, prev: int | None = None) -> bytes:
+        """The bytes token `token` stands for, after `prev` (run.c `decode`)."""
+        if not 0 <= token < self.vocab_size:
+            raise ValueError(f"tokenizer {self.source}: token id {token} is out of range 0..{self.vocab_size - 1}")
+        piece = self.vocab[token]
+        if prev == 1 and piece.startswith(b" "):
+            piece = piece[1:]
+        m = _BYTE_PIECE.fullmatch(piece)
+        return bytes([int(m.group(1), 16)]) if m else piece
+
+    def decode(self, ids, prev: int | None = None) -> str:
+        out = []
+        for t in ids:
+            t = int(t)
+            if t == 1 and self.bos_id == 1:               # BOS prints nothing
+                prev = t
+                continue
+            out.append(self.piece_bytes(t, prev))
+            prev = t
+        return b"".join(out).decode("utf-8", errors="replace")
+
+
+def _tokenizers_package(path):
+    try:
+        import tokenizers
+    except ImportError as e:
+        raise ImportError(f"reading {path} needs the optional 'tokenizers' package "
+                          "(pip install refimpl[crosscheck])") from e
+    return tokenizers
+
+
+class HFTokenizer:
+    """`tokenizer.json` through the `tokenizers` package (or GPT-2's vocab.json + merges.txt)."""
+
+    name = "hf"
+
+    def __init__(self, path, tok=None):
+        self.source = str(path)
+        self.tok = tok if tok is not None else _tokenizers_package(path).Tokenizer.from_file(str(path))
+        self.vocab_size = self.tok.get_vocab_size(with_added_tokens=True)
+        self.bos_id = self.eos_id = None
+        for attr, names in (("bos_id", ("<s>", "<|begin_of_text|>", "[CLS]")),
+                            ("eos_id", ("</s>", "<|endoftext|>", "<|end_of_text|>", "[SEP]"))):
+            for n in names:
+                tid = self.tok.token_to_id(n)
+                if tid is not None:
+                    setattr(self, attr, tid)
+                    break
+
+    @classmethod
+    def from_vocab_merges(cls, vocab, merges) -> "HFTokenizer":
+        """GPT-2's byte-level BPE from vocab.json + merges.txt (no BOS added, as GPT-2)."""
+        tk = _tokenizers_package(vocab)
+        bpe = tk.ByteLevelBPETokenizer(str(vocab), str(merges))
+        return cls(vocab, bpe._tokenizer)
+
+    def encode(self, text: str, bos: bool = True, eos: bool = False) -> list[int]:
+        ids = list(self.tok.encode(text, add_special_tokens=bos).ids)
+        if eos and self.eos_id is not None and (not ids or ids[-1] != self.eos_id):
+            ids.append(self.eos_id)
+        return ids
+
+    def decode(self, ids) -> str:
+        return self.tok.decode([int(i) for i in ids], skip_special_tokens=True)
+
+
+def load_tokenizer(path, vocab_size: int | None = None, default: str | None = "bytes"):
+    """Pick a tokenizer for a checkpoint path.
+
+    `path` may be a tokenizer file (tokenizer.json / *.bin tokenizer), a model
+    directory (looks for tokenizer.json, then vocab.json + merges.txt, then
+    tokenizer.bin), or a llama2.c model .bin (looks next to it in the same
+    order).  When nothing is found,
+    `default="bytes"` returns the ByteTokenizer; `default=None` raises.
+    """
+    p = Path(path)
+    if p.is_file() and p.name == "tokenizer.json":
+        return HFTokenizer(p)
+    if p.is_file() and p.name.startswith("tokenizer") and p.suffix == ".bin":
+        return Llama2cTokenizer.from_file(p, vocab_size)
+    d = p if p.is_dir() else p.parent
+    if (d / "tokenizer.json").is_file():
+        return HFTokenizer(d / "tokenizer.json")
+    if (d / "vocab.json").is_file() and (d / "merges.txt").is_file():
+        return HFTokenizer.from_vocab_merges(d / "vocab.json", d / "merges.txt")
+    if (d / "tokenizer.bin").is_file():
+        return Llama2cTokenizer.from_file(d / "tokenizer.bin", vocab_size)
+    if default == "bytes":
+        return ByteTokenizer()
+    raise FileNotFoundError(f"no tokenizer.json, vocab.json + merges.txt or tokenizer.bin for {p}")

@@ -1,0 +1,107 @@
+"""`refimpl generate` and the loaded model's input checks (token ids out of
+range, prompt longer than the context)."""
+
+import numpy as np
+import pytest
+
+import refimpl.io.load as rload
+from refimpl.cli import main
+from refimpl.io.llama2c import save_llama2c
+from refimpl.io.tokenizers import ByteTokenizer, Llama2cTokenizer
+from refimpl.oracle.model import random_params, tiny_config
+from test_io_hf import GPT2_JSON, write_dir
+from test_io_tokenizers import write_tokenizer_bin
+
+GPT2_128 = dict(GPT2_JSON, vocab_size=128)              # ASCII prompts fit the byte tokenizer
+
+
+@pytest.fixture
+def gpt2_dir(tmp_path):
+    write_dir(tmp_path / "gpt2", GPT2_128)
+    return tmp_path / "gpt2"
+
+
+def test_generate_greedy_prints_the_models_tokens(gpt2_dir, capsys):
+    rc = main(["generate", str(gpt2_dir), "--prompt", "hi!", "--max-new-tokens", "5"])
+    out, err = capsys.readouterr()
+    assert rc == 0, err
+    prompt = ByteTokenizer().encode("hi!")
+    gen = rload.load(gpt2_dir).generate(prompt, 5)                     # float32, greedy, as the CLI defaults
+    assert out == ByteTokenizer().decode(prompt + gen.tokens) + "\n"
+    assert "tokens/s" in err and "3 prompt tokens" in err and "5 new tokens" in err
+
+
+def test_generate_sampling_is_seeded(gpt2_dir, capsys):
+    args = ["generate", str(gpt2_dir), "--prompt", "ab", "--max-new-tokens", "6", "--temperature", "0.9",
+            "--top-k", "20", "--top-p", "0.9", "--seed", "7", "--dtype", "float64"]
+    assert main(args) == 0
+    first = capsys.readouterr().out
+    assert main(args) == 0
+    assert capsys.readouterr().out == first
+
+
+def test_prompt_longer_than_context_exits_2(gpt2_dir, capsys):
+    rc = main(["generate", str(gpt2_dir), "--prompt", "x" * 17])
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert "17 tokens" in err and "max_seq_len = 16" in err
+
+
+def test_prompt_outside_vocabulary_exits_2(tmp_path, capsys):
+    write_dir(tmp_path / "m", GPT2_JSON)                                # vocab 64: 'z' = 122 does not fit
+    rc = main(["generate", str(tmp_path / "m"), "--prompt", "z"])
+    assert rc == 2
+    assert "token id 122" in capsys.readouterr().err
+
+
+def test_broken_checkpoint_exits_2(tmp_path, capsys):
+    write_dir(tmp_path / "m", GPT2_JSON, mutate=lambda t: t.pop("transformer.ln_f.bias"))
+    assert main(["generate", str(tmp_path / "m"), "--prompt", "a"]) == 2
+    assert "missing tensor 'ln_f.bias'" in capsys.readouterr().err
+
+
+def test_generate_llama2c_with_its_tokenizer(tmp_path, capsys):
+    n = write_tokenizer_bin(tmp_path / "tokenizer.bin")
+    cfg = tiny_config("llama", vocab_size=n, norm_eps=1e-5, rope_interleaved=True, max_seq_len=16)
+    save_llama2c(tmp_path / "model.bin", cfg, {k: v.astype(np.float32) for k, v in random_params(cfg).items()})
+    rc = main(["generate", str(tmp_path / "model.bin"), "--prompt", "abc", "--max-new-tokens", "3"])
+    out, err = capsys.readouterr()
+    assert rc == 0, err
+    tok = Llama2cTokenizer.from_file(tmp_path / "tokenizer.bin")
+    prompt = tok.encode("abc")
+    assert prompt == [1, 259, 267]
+    gen = rload.load(tmp_path / "model.bin").generate(prompt, 3, stop=[1, 2])
+    assert out == tok.decode(prompt + gen.tokens) + "\n"
+    assert "no tokenizer found" not in err
+
+
+def test_loaded_model_rejects_token_ids_out_of_range(gpt2_dir):
+    m = rload.load(gpt2_dir)
+    with pytest.raises(ValueError, match=r"ids\[2\] = 128 is out of range: vocab_size is 128"):
+        m.forward(np.array([1, 2, 128]))
+    with pytest.raises(ValueError, match="out of range"):
+        m.forward(np.array([-1]))
+    with pytest.raises(ValueError, match=r"prompt\[0\] = 500 is out of range"):
+        m.generate([500], 2)
+
+
+def test_loaded_model_rejects_prompt_longer_than_context(gpt2_dir):
+    m = rload.load(gpt2_dir)
+    with pytest.raises(ValueError, match="17 new tokens exceed the context limit max_seq_len = 16"):
+        m.forward(np.arange(17))
+    with pytest.raises(ValueError, match="context limit max_seq_len = 16"):
+        m.generate(np.arange(17), 1)
+    gen = m.generate(np.arange(14), 10)                                 # fits, then stops at the context
+    assert gen.stopped == "context" and len(gen.tokens) == 3
+
+
+def test_bert_does_not_generate(tmp_path, capsys):
+    from test_io_hf import BERT_JSON
+    write_dir(tmp_path / "b", BERT_JSON)
+    assert main(["generate", str(tmp_path / "b"), "--prompt", "a"]) == 2
+    assert "BERT" in capsys.readouterr().err
+
+
+def test_unknown_checkpoint_path_exits_2(tmp_path, capsys):
+    assert main(["generate", str(tmp_path / "nothere"), "--prompt", "a"]) == 2
+    assert "nothere" in capsys.readouterr().err
