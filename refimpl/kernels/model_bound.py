@@ -22,7 +22,8 @@ is LAMBDA * sigma with LAMBDA = 6.  Propagation (first order):
               P = softmax(S):    s_P,ij^2 = P_ij^2 (s_S,ij^2 + sum_l P_il^2 s_S,il^2)
               O = P V:           s_O^2 = s_P^2 V^2 + P^2 s_V^2, plus contracts.attention_bound
 The ops' own bounds from contracts.py are worst-case and enter as they are
-(conservative).  Supported: GPT-2 and Llama (the architectures the fast path runs).
+(conservative).  Supported: GPT-2, Llama and the BERT encoder (post-norm, padding mask, erf GELU:
+|d gelu_erf| <= 0.5|x| u + 2u|y| for a float32 erf, doubled).
 """
 from __future__ import annotations
 
@@ -34,6 +35,7 @@ from refimpl.kernels import contracts as C
 from refimpl.oracle import layers as L
 
 LAMBDA = 6.0                 # bound = LAMBDA * sigma
+_erf = np.vectorize(math.erf, otypes=[np.float64])
 
 
 def _rss(*terms):
@@ -105,12 +107,26 @@ class _Bounded:
         slope = np.abs(sig * (1 + x * (1 - sig)))
         return y, slope * sx + C.silu_bound(x, y, self.dt)
 
-    def attention(self, q, sq, k, sk, v, sv):  # [H,T,Dh],[Hkv,S,Dh],[Hkv,S,Dh] -> [T,D] x2
+    def gelu_erf(self, x, sx):
+        y = L.gelu_erf(x)
+        phi = np.exp(-0.5 * x * x) / math.sqrt(2 * math.pi)                      # normal pdf
+        cdf = 0.5 * (1 + _erf(x / math.sqrt(2)))                                   # normal cdf
+        slope = np.abs(cdf + x * phi)                                              # d/dx x Phi(x)
+        # float32 erf: |d erf| <= u, times |x|/2; the sum and the product: 2u|y|
+        local = C.C_SAFETY * (0.5 * np.abs(x) * self.u + 2 * self.u * np.abs(y))
+        return y, slope * sx + local
+
+    def attention(self, q, sq, k, sk, v, sv, keep=None):  # [H,T,Dh],[Hkv,S,Dh]x2 -> [T,D] x2
+        """Causal attention, or (keep [S] bool given) full attention over the kept keys."""
         H, T, Dh = q.shape
         Hkv, S, _ = k.shape
         scale = 1.0 / math.sqrt(Dh)
-        mask = L.causal_mask(T, S)
-        local = C.attention_bound(q, k, v, causal=True, scale=scale, dtype=self.dt)
+        if keep is None:
+            mask = L.causal_mask(T, S)
+            local = C.attention_bound(q, k, v, causal=True, scale=scale, dtype=self.dt)
+        else:
+            mask = L.padding_mask(keep, T)
+            local = C.attention_bound(q, k[:, keep], v[:, keep], causal=False, scale=scale, dtype=self.dt)
         outs, sigmas = [], []
         for h in range(H):
             g = L.kv_head_of(h, H, Hkv)
@@ -176,14 +192,43 @@ class _Bounded:
         head = "embed_tokens.weight" if c.tie_embeddings else "lm_head.weight"
         return self.linear(x, ex, self.w(head))
 
+    def bert(self, ids, attention_mask=None, token_type_ids=None):
+        c = self.c
+        T = ids.shape[0]
+        keep = np.ones(T, bool) if attention_mask is None else np.asarray(attention_mask).astype(bool)
+        tt = np.zeros(T, np.int64) if token_type_ids is None else np.asarray(token_type_ids, np.int64)
+        e = "embeddings."
+        x = self.p(e + "word_embeddings.weight")[ids] + self.p(e + "position_embeddings.weight")[np.arange(T)] \
+            + self.p(e + "token_type_embeddings.weight")[tt]
+        x, ex = self.layer_norm(x, 2 * self.u * np.abs(x), e + "LayerNorm")
+        for i in range(c.n_layers):
+            h = f"encoder.layer.{i}."
+            s = h + "attention.self."
+            (q, eq), (k, ek), (v, ev) = [
+                (L.split_heads(y, c.n_heads), L.split_heads(ey, c.n_heads))
+                for y, ey in (self.linear(x, ex, self.w(s + n + ".weight"), self.p(s + n + ".bias"))
+                              for n in ("query", "key", "value"))]
+            o, eo = self.attention(q, eq, k, ek, v, ev, keep)
+            o, eo = self.linear(o, eo, self.w(h + "attention.output.dense.weight"),
+                                self.p(h + "attention.output.dense.bias"))
+            x, ex = self.layer_norm(*self.add(x, ex, o, eo), h + "attention.output.LayerNorm")
+            f, ef = self.linear(x, ex, self.w(h + "intermediate.dense.weight"), self.p(h + "intermediate.dense.bias"))
+            g, eg = self.gelu_erf(f, ef)
+            f, ef = self.linear(g, eg, self.w(h + "output.dense.weight"), self.p(h + "output.dense.bias"))
+            x, ex = self.layer_norm(*self.add(x, ex, f, ef), h + "output.LayerNorm")
+        return x, ex
 
-def logits_with_bound(model, ids, dtype=np.float32):  # [T] -> logits [T,V] (float64), bound [T,V]
-    """Float64 logits of `model` (its weights as stored) and the composed bound for a `dtype` evaluation."""
+
+def logits_with_bound(model, ids, dtype=np.float32, **bert_inputs):  # [T] -> [T,V] (BERT: [T,D]), bound
+    """Float64 output of `model` (its weights as stored) and the composed bound for a `dtype` evaluation.
+
+    BERT takes attention_mask= and token_type_ids= and returns the last hidden state.
+    """
     b = _Bounded(model, dtype)
     arch = model.config.arch
-    if arch not in ("gpt2", "llama"):
-        raise ValueError(f"composed bounds are derived for gpt2 and llama, not {arch!r}")
-    logits, sigma = getattr(b, arch)(np.asarray(ids, dtype=np.int64))
+    if arch not in ("gpt2", "llama", "bert"):
+        raise ValueError(f"composed bounds are derived for gpt2, llama and bert, not {arch!r}")
+    logits, sigma = getattr(b, arch)(np.asarray(ids, dtype=np.int64), **bert_inputs)
     return logits, LAMBDA * sigma
 
 
