@@ -16,9 +16,11 @@ gamma(n) = n u / (1 - n u)  (Higham, Accuracy and Stability, sec. 3.1).
 * matmul, inner size K:   |C^ - C| <= c gamma(K+1) (|A| |B|)            c = 2
   (holds for every summation order and with or without FMA; +1 for the
   final rounding to the output dtype).
-* softmax over n entries: |p^ - p| <= p ((n+3) u + 2u max|x - max x|
-  + EXP_ULPS u) + 2 tiny  (sum of n exponentials: Blanchard, Higham &
-  Higham 2021; `tiny` = smallest normal, for flushed underflow).
+* softmax over n entries: |p_j^ - p_j| <= p_j ((n+3) u + 2 EXP_ULPS u
+  + u |x_j - m| + u sum_i p_i |x_i - m|) + 2 tiny, m = max x  (sum of n
+  exponentials: Blanchard, Higham & Higham 2021; the |x - m| terms are the
+  rounding of the shift, per element; `tiny` = smallest normal, for flushed
+  underflow).
 * attention: the matmul bound for S = q k^T scale, the softmax bound with the
   perturbation 2 max_j |dS_ij| added, an online-softmax rescale term of
   (EXP_ULPS + 2) u per K/V block, then the matmul bound for P V with |P| |V|.
@@ -129,15 +131,27 @@ def matmul_bound(a, b, dtype, c: float = C_SAFETY):  # [M,K],[K,N] -> [M,N]
     return c * gamma(K + 1, u) * (np.abs(_f64(a)) @ np.abs(_f64(b))) + K * tiny
 
 
-def softmax_rel_bound(x, dtype, exp_ulps: float = EXP_ULPS):  # [..., n] -> [..., 1]
-    """Relative bound per row: (n+3) u + 2u max|x - max x| + exp_ulps u (finite entries only)."""
+def softmax_rel_bound(x, dtype, exp_ulps: float = EXP_ULPS):  # [..., n] -> [..., n]
+    """Relative bound per element of softmax(x), first order:
+
+    fl(x_j - m) = (x_j - m)(1 + d) puts u|x_j - m| into exp's argument, exp adds
+    exp_ulps u, the sum of n terms adds (n+1) u plus the weighted errors of its
+    terms, the division u:
+
+        rel_j = (n+3) u + 2 exp_ulps u + u |x_j - m| + u sum_i p_i |x_i - m|
+
+    (masked entries, -inf, have p_j = 0 exactly and contribute nothing.)
+    """
+    from refimpl.oracle.layers import softmax
     u = unit_roundoff(dtype)
     x = _f64(x)
     n = x.shape[-1]
     finite = np.isfinite(x)
     m = np.where(finite, x, -np.inf).max(axis=-1, keepdims=True)
-    spread = np.where(finite, np.abs(x - np.where(np.isfinite(m), m, 0)), 0).max(axis=-1, keepdims=True)
-    return (n + 3) * u + 2 * u * spread + exp_ulps * u
+    dist = np.where(finite, np.abs(x - np.where(np.isfinite(m), m, 0)), 0.0)   # |x_j - m|
+    p = softmax(np.where(finite | np.isnan(x), x, -np.inf), axis=-1)
+    mean_dist = np.nansum(np.where(finite, p, 0.0) * dist, axis=-1, keepdims=True)
+    return (n + 3) * u + 2 * exp_ulps * u + u * dist + u * mean_dist
 
 
 def softmax_bound(x, p, dtype, exp_ulps: float = EXP_ULPS):  # [..., n], [..., n] -> [..., n]

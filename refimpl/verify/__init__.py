@@ -1,4 +1,22 @@
-"""The verifier: compare anyone's implementation with the oracle under error bounds."""
+"""The verifier: compare anyone's implementation with the oracle under error bounds.
+
+    error_stats / assert_within      compare one result with the oracle (compare.py)
+    check(impl, op, ...)             edge cases + hypothesis for a user's implementation (check.py)
+    load_c(lib, symbol, signature, op)   a C function from a shared library, callable by check (cabi.py)
+"""
 from refimpl.verify.compare import ErrorStats, assert_within, error_stats
 
-__all__ = ["ErrorStats", "assert_within", "error_stats"]
+
+def check(impl, op, **options):
+    """See refimpl.verify.check.check (imported lazily: hypothesis is only needed here)."""
+    from refimpl.verify.check import check as _check
+    return _check(impl, op, **options)
+
+
+def load_c(lib, symbol, signature, op, **options):
+    """See refimpl.verify.cabi.load_c."""
+    from refimpl.verify.cabi import load_c as _load
+    return _load(lib, symbol, signature, op, **options)
+
+
+__all__ = ["ErrorStats", "assert_within", "error_stats", "check", "load_c"]

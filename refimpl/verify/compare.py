@@ -42,7 +42,8 @@ def error_stats(got, want, bound) -> ErrorStats:
     inf_bad = np.isinf(want64) & (got64 != want64)
     fin_bad = fin & ~np.isfinite(got64)
     nonfinite = int(nan_bad.sum() + inf_bad.sum() + fin_bad.sum())
-    err = np.where(fin & np.isfinite(got64), np.abs(got64 - want64), 0.0)
+    with np.errstate(invalid="ignore", over="ignore"):      # inf - inf where both are non-finite: masked out
+        err = np.where(fin & np.isfinite(got64), np.abs(got64 - want64), 0.0)
     err = np.where(fin_bad, np.inf, err)
     with np.errstate(divide="ignore", invalid="ignore"):
         ratio = np.where(fin, err / np.where(bound > 0, bound, np.finfo(np.float64).tiny), 0.0)

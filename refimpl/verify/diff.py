@@ -1,0 +1,511 @@
+"""`refimpl diff A B`: the first tensor where trace B leaves trace A's error bound, and why.
+
+A is the reference (e.g. the float64 oracle's trace), B the candidate (a
+port's trace, same model, same ids).  Both are walked in A's forward order;
+tensors present in only one file are listed and skipped.
+
+The bound (elementwise, absolute), stated
+-----------------------------------------
+    |b - a| <= C * gamma(n, u) * scale,      C = 2,  gamma(n, u) = n u / (1 - n u)
+    u      = the larger unit roundoff of the two traces' dtypes (2^-24 for float32,
+             2^-53 for float64, 2^-11 float16, 2^-8 bfloat16)
+    n      = (l + 1) * (D + F + S): every block adds at most D + F + S roundings
+             to each value (its longest inner products: the D-wide projections,
+             the F-wide down projection, the S-long attention sum); l = 0 for
+             embed, i + 1 inside layer i, n_layers + 1 for final_norm / logits
+    scale  = max |a| over the tensor (1 for attn_probs)
+This is the first-order forward-error size of a float computation of that
+depth, relative to the tensor's own scale (cf. the matmul bound in
+refimpl.kernels.contracts); it ignores error amplification between layers,
+so it is a screening bound: a correct float32 port of a deep model may
+exceed it late in the network, a convention bug exceeds it by orders of
+magnitude at the first layer it touches.
+
+Convention traps
+----------------
+At the first tensor out of bound, the layer is recomputed in float64 from
+B's own inputs (the previous trace tensors, which are within bound) and the
+model's weights (from the trace metadata `model`, or --model), once with the
+reference convention and once with each known alternative:
+    GELU tanh vs erf (and relu / silu) ............ layers.{i}.ffn_hidden
+    RoPE half-split vs interleaved (or none) ...... layers.{i}.q / .k
+    norm eps inside vs outside the sqrt, eps value,
+      LayerNorm vs RMSNorm, unbiased variance ..... attn_norm / ffn_norm / final_norm
+                                                    (post-norm: resid_attn / resid_ffn)
+    softmax scale 1/sqrt(Dh) vs none, 1/Dh, 1/sqrt(D);
+      mask -inf vs finite large negative, off-by-one
+      causal mask, no mask; GQA head grouping ....... layers.{i}.attn_probs
+    transposed weights (square matrices) .......... q / k / v / attn_out
+    positions not added / off by one .............. embed
+The alternative that reproduces B within the bound (and the reference
+convention does not) names the trap.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from refimpl.verify.compare import ErrorStats, error_stats
+
+C_DIFF = 2.0
+_U = {np.dtype(np.float64): 2.0 ** -53, np.dtype(np.float32): 2.0 ** -24, np.dtype(np.float16): 2.0 ** -11}
+_U_NAME = {"float64": 2.0 ** -53, "float32": 2.0 ** -24, "float16": 2.0 ** -11, "bfloat16": 2.0 ** -8}
+
+
+@dataclass
+class TensorDiff:
+    name: str
+    shape: tuple
+    tol: float
+    stats: ErrorStats | None
+    passed: bool
+    note: str = ""
+
+
+@dataclass
+class TrapCheck:
+    label: str            # e.g. "gelu_erf"
+    description: str      # what the convention is
+    ratio: float          # max |recomputed - B| / tol
+
+
+@dataclass
+class DiffReport:
+    a: str
+    b: str
+    u: float
+    tensors: list = field(default_factory=list)
+    first_bad: TensorDiff | None = None
+    trap: TrapCheck | None = None
+    trap_family: str = ""
+    reference_ratio: float | None = None
+    checks: list = field(default_factory=list)
+    only_a: list = field(default_factory=list)
+    only_b: list = field(default_factory=list)
+    notes: list = field(default_factory=list)
+
+    @property
+    def passed(self) -> bool:
+        return self.first_bad is None
+
+    def as_dict(self):
+        def st(t):
+            return {"name": t.name, "shape": list(t.shape), "tol": t.tol, "passed": t.passed, "note": t.note,
+                    "stats": t.stats.as_dict() if t.stats else None}
+        return {"a": self.a, "b": self.b, "u": self.u, "passed": self.passed,
+                "first_bad": st(self.first_bad) if self.first_bad else None,
+                "trap": (None if self.trap is None else
+                         {"family": self.trap_family, "label": self.trap.label,
+                          "description": self.trap.description, "ratio": self.trap.ratio}),
+                "reference_ratio": self.reference_ratio,
+                "checks": [{"label": c.label, "description": c.description, "ratio": c.ratio} for c in self.checks],
+                "tensors": [st(t) for t in self.tensors], "only_a": self.only_a, "only_b": self.only_b,
+                "notes": self.notes}
+
+    def render(self, console=None):
+        from rich.console import Console
+        from rich.table import Table
+        console = console or Console()
+        t = Table(title=f"refimpl diff  A={self.a}  B={self.b}")
+        for col in ("tensor", "shape", "max abs", "bound", "budget used", "max ulp", "NMSE", ""):
+            t.add_column(col, justify="left" if col in ("tensor", "shape", "") else "right")
+        for d in self.tensors:
+            s = d.stats
+            mark = "[green]ok[/]" if d.passed else "[bold red]FIRST OUT OF BOUND[/]"
+            t.add_row(d.name, str(list(d.shape)), f"{s.max_abs:.3g}", f"{d.tol:.3g}",
+                      "inf" if not math.isfinite(s.bound_ratio) else f"{100 * s.bound_ratio:.3g}%",
+                      f"{s.max_ulp:.3g}", f"{s.nmse:.3g}", mark if d.passed or d is self.first_bad else "")
+        console.print(t)
+        if self.first_bad is None:
+            console.print(f"[bold green]PASS[/]: every common tensor is within its bound (u = {self.u:.3g}).")
+        else:
+            d = self.first_bad
+            s = d.stats
+            console.print(f"[bold red]FAIL[/]: first tensor out of bound: [bold]{d.name}[/] {list(d.shape)}", )
+            console.print(f"  worst element {s.worst_index}: A {s.worst_want!r}, B {s.worst_got!r}, |error| "
+                          f"{abs(s.worst_got - s.worst_want):.3e} > bound {d.tol:.3e} (ratio {s.bound_ratio:.3g}); "
+                          f"max rel {s.max_rel:.3g}; NMSE {s.nmse:.3g}; non-finite mismatches "
+                          f"{s.nonfinite_mismatches}", markup=False)
+            if self.trap is not None:
+                console.print(f"  [bold]likely convention trap: {self.trap_family}[/]: B matches "
+                              f"{self.trap.description} (recomputed from B's inputs: ratio {self.trap.ratio:.3g}), "
+                              f"the reference convention gives ratio {self.reference_ratio:.3g}.")
+            for c in self.checks:
+                console.print(f"    recomputed as {c.label:<28} ratio to B {c.ratio:.3g}", markup=False)
+        for n in self.notes:
+            console.print(f"note: {n}", markup=False)
+
+    def text(self, width: int = 140) -> str:
+        import io
+
+        from rich.console import Console
+        con = Console(record=True, width=width, color_system=None, file=io.StringIO())
+        self.render(con)
+        return con.export_text()
+
+
+# --------------------------------------------------------------------------
+# the bound
+# --------------------------------------------------------------------------
+
+
+def _unit(arr: np.ndarray, meta: dict) -> float:
+    name = meta.get("dtype", "")
+    if name in _U_NAME:
+        return _U_NAME[name]
+    return _U.get(np.dtype(arr.dtype), 2.0 ** -24)
+
+
+def _depth(name: str, n_layers: int) -> int:
+    if name.startswith("layers."):
+        return int(name.split(".")[1]) + 1
+    if name == "embed":
+        return 0
+    return n_layers + 1
+
+
+def tolerance(name: str, a: np.ndarray, u: float, n_layers: int, D: int, F: int, S: int) -> float:
+    """C gamma((l+1)(D+F+S), u) * scale (see the module docstring)."""
+    n = (_depth(name, n_layers) + 1) * (D + F + S)
+    g = n * u / (1 - n * u) if n * u < 1 else math.inf
+    fin = np.abs(a[np.isfinite(a)]) if a.size else np.zeros(0)
+    scale = 1.0 if name.endswith("attn_probs") else (float(fin.max()) if fin.size else 0.0)
+    return C_DIFF * g * scale + float(np.finfo(np.float64).tiny)
+
+
+# --------------------------------------------------------------------------
+# recomputing a layer under alternative conventions
+# --------------------------------------------------------------------------
+
+
+def _ln(x, w, b, eps, where="inside", unbiased=False):
+    mu = x.mean(-1, keepdims=True)
+    n = x.shape[-1]
+    var = ((x - mu) ** 2).sum(-1, keepdims=True) / (n - 1 if unbiased and n > 1 else n)
+    den = np.sqrt(var + eps) if where == "inside" else np.sqrt(var) + eps
+    return (x - mu) / den * w + b
+
+
+def _rms(x, w, eps, where="inside"):
+    ms = (x * x).mean(-1, keepdims=True)
+    den = np.sqrt(ms + eps) if where == "inside" else np.sqrt(ms) + eps
+    return x / den * w
+
+
+def _norm_alternatives(cfg, x, w, b):
+    """(label, description, y) for the reference norm and its traps."""
+    eps = cfg.norm_eps
+    other_eps = [e for e in (1e-5, 1e-6, 1e-12) if not math.isclose(e, eps)]
+    alts = []
+    if cfg.norm == "rmsnorm":
+        alts.append(("reference", f"RMSNorm, eps={eps:g} inside the sqrt", _rms(x, w, eps)))
+        alts.append(("eps outside sqrt", "x / (sqrt(mean x^2) + eps): eps outside the square root",
+                     _rms(x, w, eps, "out")))
+        alts += [(f"eps={e:g}", f"RMSNorm with eps={e:g} instead of {eps:g}", _rms(x, w, e)) for e in other_eps]
+        alts.append(("LayerNorm", "LayerNorm (mean subtracted) instead of RMSNorm", _ln(x, w, 0.0, eps)))
+    else:
+        alts.append(("reference", f"LayerNorm, eps={eps:g} inside the sqrt", _ln(x, w, b, eps)))
+        alts.append(("eps outside sqrt", "(x - mean) / (sqrt(var) + eps): eps outside the square root",
+                     _ln(x, w, b, eps, "out")))
+        alts += [(f"eps={e:g}", f"LayerNorm with eps={e:g} instead of {eps:g}", _ln(x, w, b, e)) for e in other_eps]
+        alts.append(("unbiased variance", "variance divided by D-1 (torch.var default) instead of D",
+                     _ln(x, w, b, eps, unbiased=True)))
+        alts.append(("RMSNorm", "RMSNorm (no mean subtraction) instead of LayerNorm", _rms(x, w, eps) + b))
+    return "norm eps inside vs outside the sqrt / norm variant", alts
+
+
+def _gelu_erf(x):
+    from refimpl.oracle import layers as L
+    return L.gelu_erf(x)
+
+
+def _acts():
+    from refimpl.oracle import layers as L
+    return {"gelu_tanh": ("GELU, tanh approximation (gelu_new)", L.gelu_tanh),
+            "gelu_erf": ("GELU, exact erf form", _gelu_erf),
+            "relu": ("ReLU", L.relu), "silu": ("SiLU", L.silu)}
+
+
+class _Recompute:
+    """Recompute one trace point of B under alternative conventions (float64)."""
+
+    def __init__(self, model, tb: dict, ids):
+        self.m, self.cfg, self.tb = model, model.config, tb
+        self.P = {k: np.asarray(v, dtype=np.float64) for k, v in model.params.items()}
+        self.ids = np.asarray(ids, dtype=np.int64)
+
+    def get(self, name):
+        if name not in self.tb:
+            raise KeyError(name)
+        return np.asarray(self.tb[name], dtype=np.float64)
+
+    def prev_resid(self, i):
+        return self.get("embed") if i == 0 else self.get(f"layers.{i - 1}.resid_ffn")
+
+    # weight names per architecture -----------------------------------------
+    def norm_params(self, which, i=None):
+        arch, P = self.cfg.arch, self.P
+        keys = {("gpt2", "attn"): f"h.{i}.ln_1", ("gpt2", "ffn"): f"h.{i}.ln_2", ("gpt2", "final"): "ln_f",
+                ("llama", "attn"): f"layers.{i}.input_layernorm",
+                ("llama", "ffn"): f"layers.{i}.post_attention_layernorm", ("llama", "final"): "norm",
+                ("classic", "attn"): f"h.{i}.ln_1", ("classic", "ffn"): f"h.{i}.ln_2",
+                ("bert", "attn"): f"encoder.layer.{i}.attention.output.LayerNorm",
+                ("bert", "ffn"): f"encoder.layer.{i}.output.LayerNorm"}
+        k = keys[(arch, which)]
+        return P[k + ".weight"], P.get(k + ".bias", 0.0)
+
+    def qkv_pre(self, i, which):  # -> [T, n*Dh] before head split / RoPE, and the weight (in,out) and bias
+        arch, P, a = self.cfg.arch, self.P, self.get(f"layers.{i}.attn_norm")
+        D = self.cfg.d_model
+        if arch == "llama":
+            W = P[f"layers.{i}.self_attn.{which}_proj.weight"].T
+            return a, W, 0.0
+        if arch == "bert":
+            nm = {"q": "query", "k": "key", "v": "value"}[which]
+            s = f"encoder.layer.{i}.attention.self.{nm}"
+            return a, P[s + ".weight"].T, P[s + ".bias"]
+        j = "qkv".index(which)
+        W = P[f"h.{i}.attn.c_attn.weight"][:, j * D:(j + 1) * D]
+        b = P[f"h.{i}.attn.c_attn.bias"][j * D:(j + 1) * D]
+        return a, W, b
+
+    # per trace point ------------------------------------------------------
+    def alternatives(self, name):
+        """(family, [(label, description, array)]) or None when no trap is known for this point."""
+        from refimpl.oracle import layers as L
+        cfg = self.cfg
+        parts = name.split(".")
+        if name in ("final_norm",) and cfg.norm_placement == "pre":
+            w, b = self.norm_params("final")
+            return _norm_alternatives(cfg, self.prev_resid(cfg.n_layers), w, b)
+        if name == "embed" and cfg.arch in ("gpt2", "classic"):
+            E = self.P["wte.weight"][self.ids]
+            T = len(self.ids)
+            if cfg.arch == "gpt2":
+                wpe = self.P["wpe.weight"]
+                alts = [("reference", "token + learned position embedding (positions 0..T-1)", E + wpe[np.arange(T)]),
+                        ("no positions", "token embedding only (positions not added)", E),
+                        ("positions from 1", "positions 1..T instead of 0..T-1", E + wpe[np.arange(1, T + 1)])]
+            else:
+                D = cfg.d_model
+                pe = L.sinusoidal_positions(T, D)
+                alts = [("reference", "sqrt(D) E[ids] + sinusoidal PE", math.sqrt(D) * E + pe),
+                        ("no sqrt(D)", "E[ids] + PE without the sqrt(D) factor", E + pe),
+                        ("no positions", "sqrt(D) E[ids] without positions", math.sqrt(D) * E)]
+            return "embedding: positions / scaling", alts
+        if name == "embed" and cfg.arch == "bert":
+            e, T = "embeddings.", len(self.ids)
+            x = self.P[e + "word_embeddings.weight"][self.ids] + self.P[e + "position_embeddings.weight"][:T] \
+                + self.P[e + "token_type_embeddings.weight"][0]
+            return _norm_alternatives(cfg, x, self.P[e + "LayerNorm.weight"], self.P[e + "LayerNorm.bias"])
+        if len(parts) != 3 or parts[0] != "layers":
+            return None
+        i, point = int(parts[1]), parts[2]
+        H, Hkv, Dh, D = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.d_model
+        T = len(self.ids)
+        pre = cfg.norm_placement == "pre"
+        if point in ("attn_norm", "ffn_norm") and pre:
+            x = self.prev_resid(i) if point == "attn_norm" else self.get(f"layers.{i}.resid_attn")
+            w, b = self.norm_params("attn" if point == "attn_norm" else "ffn", i)
+            return _norm_alternatives(cfg, x, w, b)
+        if point in ("resid_attn", "resid_ffn") and not pre:
+            if point == "resid_attn":
+                x = self.get(f"layers.{i}.attn_norm") + self.get(f"layers.{i}.attn_out")
+            else:
+                x = self.get(f"layers.{i}.resid_attn") + self.get(f"layers.{i}.ffn_out")
+            w, b = self.norm_params("attn" if point == "resid_attn" else "ffn", i)
+            return _norm_alternatives(cfg, x, w, b)
+        if point in ("q", "k", "v"):
+            a, W, b = self.qkv_pre(i, point)
+            n = H if point == "q" else Hkv
+            lin = lambda W_: L.split_heads(a @ W_ + b, n)  # noqa: E731
+            pos = np.arange(T)
+            rot = (lambda x, inter: L.rope(x, pos, cfg.rope_theta, inter)) if cfg.arch == "llama" and point != "v" \
+                else (lambda x, inter: x)
+            ref_inter = cfg.rope_interleaved
+            alts = [("reference", "the reference projection" + (" and RoPE " + ("interleaved" if ref_inter else
+                     "half-split") if cfg.arch == "llama" and point != "v" else ""), rot(lin(W), ref_inter))]
+            if cfg.arch == "llama" and point != "v":
+                alts.append(("rope " + ("half-split" if ref_inter else "interleaved"),
+                             "RoPE in the " + ("half-split (HF) convention: pairs (i, i+Dh/2)" if ref_inter else
+                                               "interleaved (llama2.c / Meta) convention: pairs (2i, 2i+1)"),
+                             rot(lin(W), not ref_inter)))
+                alts.append(("no rope", "no rotary embedding applied", lin(W)))
+            if W.shape[0] == W.shape[1]:
+                alts.append(("transposed weight", f"the {point} projection weight transposed (x W instead of x Wᵀ)",
+                             rot(lin(W.T), ref_inter)))
+            fam = "RoPE interleaved vs half-split / transposed weights" if cfg.arch == "llama" else "transposed weights"
+            return fam, alts
+        if point == "attn_probs":
+            q, k = self.get(f"layers.{i}.q"), self.get(f"layers.{i}.k")
+            S = k.shape[1]
+            causal = cfg.causal
+
+            def probs(scale, mask_kind="ref", maskval=-np.inf, group="block"):
+                out = []
+                for h in range(H):
+                    g = h // (H // Hkv) if group == "block" else h % Hkv
+                    s = q[h] @ k[g].T * scale
+                    if causal or mask_kind not in ("ref",):
+                        if mask_kind == "none":
+                            m = np.ones((T, S), bool)
+                        else:
+                            off = {"ref": 0, "plus1": 1, "minus1": -1}[mask_kind] if mask_kind != "none" else 0
+                            m = np.arange(S)[None, :] <= (S - T + np.arange(T))[:, None] + off
+                        s = np.where(m, s, maskval) if np.isinf(maskval) else s + np.where(m, 0.0, maskval)
+                    out.append(L.softmax(s))
+                return np.stack(out)
+            sc = 1 / math.sqrt(Dh)
+            alts = [("reference", "softmax(q kᵀ / sqrt(Dh) + mask), mask -inf", probs(sc)),
+                    ("no scale", "softmax(q kᵀ) without 1/sqrt(Dh)", probs(1.0)),
+                    ("scale 1/Dh", "scale 1/Dh instead of 1/sqrt(Dh)", probs(1 / Dh)),
+                    ("scale 1/sqrt(D)", "scale 1/sqrt(D) (model width) instead of 1/sqrt(Dh)", probs(1 / math.sqrt(D)))]
+            if causal:
+                alts += [("mask -1e4", "finite mask value -1e4 added to the scores instead of -inf",
+                          probs(sc, maskval=-1e4)),
+                         ("mask -1e9", "finite mask value -1e9 instead of -inf", probs(sc, maskval=-1e9)),
+                         ("mask +1 (sees next token)", "off-by-one causal mask: query t sees key t+1",
+                          probs(sc, "plus1")),
+                         ("mask -1 (misses itself)", "off-by-one causal mask: query t does not see key t",
+                          probs(sc, "minus1")),
+                         ("no mask", "no causal mask", probs(sc, "none"))]
+            if Hkv not in (1, H):
+                alts.append(("GQA h % Hkv", "GQA grouping h % Hkv instead of h // (H / Hkv)", probs(sc, group="mod")))
+            return "softmax scale / mask value / causal mask / GQA grouping", alts
+        if point == "attn_out":
+            v = self.get(f"layers.{i}.v")
+            Pn = f"layers.{i}.attn_probs"
+            if Pn not in self.tb:
+                return None
+            Pr = self.get(Pn)
+            o = L.merge_heads(np.stack([Pr[h] @ v[h // (H // Hkv)] for h in range(H)]))
+            if cfg.arch == "llama":
+                W, b = self.P[f"layers.{i}.self_attn.o_proj.weight"].T, 0.0
+            elif cfg.arch == "bert":
+                W = self.P[f"encoder.layer.{i}.attention.output.dense.weight"].T
+                b = self.P[f"encoder.layer.{i}.attention.output.dense.bias"]
+            else:
+                W, b = self.P[f"h.{i}.attn.c_proj.weight"], self.P[f"h.{i}.attn.c_proj.bias"]
+            alts = [("reference", "merge_heads(P v) W_o", o @ W + b),
+                    ("transposed weight", "the output projection weight transposed", o @ W.T + b)]
+            if Hkv not in (1, H):
+                o2 = L.merge_heads(np.stack([Pr[h] @ v[h % Hkv] for h in range(H)]))
+                alts.append(("GQA h % Hkv", "GQA grouping h % Hkv for the values", o2 @ W + b))
+            return "transposed weights / GQA grouping", alts
+        if point == "ffn_hidden":
+            m = self.get(f"layers.{i}.ffn_norm")
+            acts = _acts()
+            ref = cfg.activation
+            if cfg.arch == "llama":
+                gate = m @ self.P[f"layers.{i}.mlp.gate_proj.weight"].T
+                up = m @ self.P[f"layers.{i}.mlp.up_proj.weight"].T
+                mk = lambda f: f(gate) * up  # noqa: E731
+            else:
+                if cfg.arch == "bert":
+                    W = self.P[f"encoder.layer.{i}.intermediate.dense.weight"].T
+                    b = self.P[f"encoder.layer.{i}.intermediate.dense.bias"]
+                else:
+                    W, b = self.P[f"h.{i}.mlp.c_fc.weight"], self.P[f"h.{i}.mlp.c_fc.bias"]
+                z = m @ W + b
+                mk = lambda f: f(z)  # noqa: E731
+            alts = [("reference", acts[ref][0] + " (the reference activation)", mk(acts[ref][1]))]
+            alts += [(k, d, mk(f)) for k, (d, f) in acts.items() if k != ref]
+            return "GELU tanh vs erf / activation", alts
+        return None
+
+
+def diff(path_a, path_b, model=None) -> DiffReport:
+    """Compare trace B with reference trace A; see the module docstring."""
+    from refimpl.verify.trace import load_model_spec, read_trace
+    ta, ma = read_trace(path_a)
+    tb, mb = read_trace(path_b)
+    if ma.get("ids") and mb.get("ids") and ma["ids"] != mb["ids"]:
+        raise ValueError(f"the traces are of different inputs: A ids [{ma['ids']}], B ids [{mb['ids']}]")
+    rep = DiffReport(str(path_a), str(path_b), 0.0)
+    rep.only_a = [n for n in ta if n not in tb]
+    rep.only_b = [n for n in tb if n not in ta]
+    common = [n for n in ta if n in tb]
+    if not common:
+        raise ValueError(f"{path_a} and {path_b} have no tensor name in common")
+    layers = {int(n.split(".")[1]) for n in ta if n.startswith("layers.")}
+    n_layers = max(layers) + 1 if layers else 0
+    D = ta["embed"].shape[-1] if "embed" in ta else ta[common[0]].shape[-1]
+    F = next((ta[n].shape[-1] for n in ta if n.endswith("ffn_hidden")), 4 * D)
+    S = next((ta[n].shape[-1] for n in ta if n.endswith("attn_probs")), len(ma.get("ids", "").split(",")))
+    u = max(_unit(ta[common[0]], ma), _unit(tb[common[0]], mb))
+    rep.u = u
+    for n in common:
+        a, b = ta[n], tb[n]
+        if a.shape != b.shape:
+            d = TensorDiff(n, a.shape, math.inf, error_stats(np.full(a.shape, np.nan), a, 1.0), False,
+                           f"shape {b.shape} in B, {a.shape} in A")
+            rep.tensors.append(d)
+            rep.first_bad = rep.first_bad or d
+            break
+        tol = tolerance(n, np.asarray(a, np.float64), u, n_layers, D, F, S)
+        with np.errstate(all="ignore"):
+            st = error_stats(b, a, tol)
+        ok = st.nonfinite_mismatches == 0 and st.bound_ratio <= 1.0
+        d = TensorDiff(n, a.shape, tol, st, ok)
+        rep.tensors.append(d)
+        if not ok:
+            rep.first_bad = d
+            break
+    if rep.only_a or rep.only_b:
+        rep.notes.append(f"tensors only in A: {rep.only_a or 'none'}; only in B: {rep.only_b or 'none'} (skipped)")
+    if rep.first_bad is not None and rep.first_bad.stats is not None and not rep.first_bad.note:
+        spec = model or _model_spec(mb, path_b) or _model_spec(ma, path_a)
+        if not spec:
+            rep.notes.append("no model named in the traces' metadata (or --model): convention traps not checked")
+        else:
+            try:
+                mdl = load_model_spec(spec, dtype="float64")
+                ids = [int(x) for x in (mb.get("ids") or ma.get("ids")).split(",")]
+                _find_trap(rep, _Recompute(mdl, tb, ids), rep.first_bad)
+            except (OSError, ValueError, KeyError) as e:
+                rep.notes.append(f"convention traps not checked: {type(e).__name__}: {e}")
+    return rep
+
+
+def _model_spec(meta: dict, trace_path):
+    """The metadata's `model`; a relative path is taken relative to the trace file's directory."""
+    from pathlib import Path
+    spec = meta.get("model")
+    if not spec or spec.startswith("tiny:") or Path(spec).is_absolute():
+        return spec
+    p = Path(trace_path).parent / spec
+    return str(p) if p.exists() else spec
+
+
+def _find_trap(rep: DiffReport, rc: _Recompute, bad: TensorDiff):
+    try:
+        found = rc.alternatives(bad.name)
+    except KeyError as e:
+        rep.notes.append(f"cannot recompute {bad.name}: B's trace lacks its input {e}")
+        return
+    if found is None:
+        rep.notes.append(f"no known convention trap for {bad.name}")
+        return
+    family, alts = found
+    b = np.asarray(rc.tb[bad.name], dtype=np.float64)
+    checks = []
+    for label, desc, y in alts:
+        if y.shape != b.shape:
+            continue
+        with np.errstate(all="ignore"):
+            st = error_stats(b, y, bad.tol)
+        r = math.inf if st.nonfinite_mismatches else st.bound_ratio
+        checks.append(TrapCheck(label, desc, r))
+    rep.checks = checks
+    ref = next((c for c in checks if c.label == "reference"), None)
+    rep.reference_ratio = ref.ratio if ref else None
+    others = sorted((c for c in checks if c.label != "reference"), key=lambda c: c.ratio)
+    if others and others[0].ratio <= 1.0 and (ref is None or ref.ratio > 1.0):
+        rep.trap, rep.trap_family = others[0], family
+    elif ref is not None and ref.ratio <= 1.0:
+        rep.notes.append(f"recomputing {bad.name} from B's inputs with the reference convention reproduces B: "
+                         "B's inputs to this layer or its weights differ from A's")
+    else:
+        rep.notes.append(f"no known convention ({family}) reproduces B's {bad.name}")

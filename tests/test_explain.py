@@ -1,0 +1,107 @@
+"""Teaching mode: printed values checked against independently computed ones.
+
+The reference values are design.md's ("The article's worked example, done
+right") and values computed here with mpmath / by hand, not by refimpl.
+"""
+import io
+import re
+import subprocess
+import sys
+from fractions import Fraction
+
+import pytest
+
+from refimpl.oracle import exact as X
+from refimpl.verify.explain import explain_attention, explain_model
+
+
+def run_default():
+    buf = io.StringIO()
+    explain_attention(out=buf)
+    return buf.getvalue()
+
+
+def test_article_example_values_from_design_md():
+    text = run_default()
+    # Q K^T is 3x3 with these entries (the article wrote a 3x2 matrix)
+    assert "S = [[0, 1, 1], [1, 0, 2], [1, 1, 3]]   (3 × 3)" in text
+    assert "not n_q × d_k = 3 × 2" in text
+    # exp-normalised softmax, not sum-normalised
+    assert "softmax([1, 2]) = [0.2689, 0.7311], not [1/3, 2/3]" in text
+    # row 1 of softmax(QK^T / sqrt 2) and output row 1
+    assert "p = [0.1978, 0.4011, 0.4011]" in text
+    assert "O[1] = " in text and re.search(r"O\[1\] = .* = \[1\.1978, 1\.2033\]", text)
+    assert "softmax([1, 1]) = [1/2, 1/2] exactly" in text
+    assert "a tie picks the first index" in text
+
+
+def test_every_printed_value_matches_mpmath():
+    mpmath = pytest.importorskip("mpmath")
+    mpmath.mp.dps = 40
+    Q = [[1, 0], [0, 1], [1, 1]]
+    K = [[0, 1], [1, 0], [1, 2]]
+    V = [[2, 0], [0, 2], [2, 1]]
+    text = run_default()
+    for i in range(3):
+        s = [sum(Q[i][c] * K[j][c] for c in range(2)) / mpmath.sqrt(2) for j in range(3)]
+        e = [mpmath.exp(x - max(s)) for x in s]
+        p = [x / sum(e) for x in e]
+        want_p = "p = [" + ", ".join(f"{float(x):.4f}" for x in p) + "]"
+        assert want_p in text, want_p
+        o = [sum(p[j] * V[j][c] for j in range(3)) for c in range(2)]
+        assert f"= [{float(o[0]):.4f}, {float(o[1]):.4f}]" in text
+
+
+def test_exact_arithmetic_stays_rational_when_it_can():
+    # d_k = 4: the scale 1/2 is rational, so scores stay fractions
+    buf = io.StringIO()
+    r = explain_attention([[1, 2]], [[1, 1], [0, 1]], [[1], [2]], d_k=4, out=buf)
+    assert r["scale"] == Fraction(1, 2)
+    assert r["scaled"] == [[Fraction(3, 2), Fraction(1)]]
+    assert "S / √d_k = [[3/2, 1]]" in buf.getvalue()
+    # equal scores: probabilities are exactly 1/n
+    assert X.softmax([Fraction(5), Fraction(5), Fraction(5)]) == [Fraction(1, 3)] * 3
+    # high precision: softmax([1, 2])[1] = 1 / (1 + e^-1) to 40 digits
+    mpmath = pytest.importorskip("mpmath")
+    mpmath.mp.dps = 45
+    got = X.softmax([Fraction(1), Fraction(2)])[1]
+    assert abs(mpmath.mpf(str(got)) - 1 / (1 + mpmath.e ** -1)) < mpmath.mpf(10) ** -40
+
+
+def test_shape_errors_are_named():
+    with pytest.raises(ValueError, match="same width d_k"):
+        explain_attention([[1, 2]], [[1, 2, 3]], [[1]], out=io.StringIO())
+    with pytest.raises(ValueError, match="one value row per key"):
+        explain_attention([[1, 2]], [[1, 2]], [[1], [2]], out=io.StringIO())
+    with pytest.raises(ValueError, match="inner sizes"):
+        X.matmul([[1, 2]], [[1, 2]])
+
+
+def test_explain_model_ties_steps_to_equations():
+    import numpy as np
+
+    from refimpl.oracle.model import tiny_model
+    buf = io.StringIO()
+    r = explain_model("gpt2", ids=[1, 2, 3], out=buf, temperature=0.0)
+    text = buf.getvalue()
+    assert "x₀ = E[ids] + P[positions]" in text and "gelu_tanh" in text and "softmax(q kᵀ / √Dh" in text
+    assert r["steps"][0] == "embed" and r["steps"][-1] == "logits"
+    # the printed distribution is the softmax of the model's last logits, computed here independently
+    z = tiny_model("gpt2", seed=0).forward(np.array([1, 2, 3]))[-1]
+    p = np.exp(z - z.max())
+    p /= p.sum()
+    top = int(np.argmax(z))
+    assert re.search(rf"id +{top} +z = +{z[top]:.6f} +p = {p[top]:.6f}", text)
+    assert f"argmax z = id {top}" in text
+
+
+def test_cli_explain():
+    out = subprocess.run([sys.executable, "-m", "refimpl", "explain", "attention"], capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0 and "[1.1978, 1.2033]" in out.stdout
+    out = subprocess.run([sys.executable, "-m", "refimpl", "explain", "attention", "--q", "[[1,0]", "--k", "[[1]]"],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2 and "--q must be a JSON matrix" in out.stderr
+    out = subprocess.run([sys.executable, "-m", "refimpl", "explain", "model", "--arch", "llama", "--ids", "4,5",
+                          "--temperature", "0.7"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and "Sampled at temperature 0.7" in out.stdout

@@ -1,0 +1,244 @@
+"""refimpl.verify.check: correct implementations pass, planted bugs are caught and shrunk."""
+import math
+
+import numpy as np
+import pytest
+from conftest import require
+
+from refimpl.kernels import registry
+from refimpl.oracle import layers as L
+from refimpl.verify import check
+from refimpl.verify.cases import OPS, SPECS, edge_cases, format_case
+
+EX = 30   # hypothesis examples per check in this file (the edge cases always run)
+
+
+@pytest.mark.parametrize("op", OPS)
+def test_project_numpy_kernels_pass(op):
+    rep = check(registry.get(op, "numpy"), op, examples=EX)
+    assert rep.passed, rep.text()
+    assert all(c.stats is not None for c in rep.cases)
+    assert 0 <= rep.worst_ratio <= 1
+    # every edge case of the op ran, plus one hypothesis row
+    assert len(rep.cases) == len(edge_cases(op, np.float32, {"causal", "scale"} if op == "attention" else ())) + 1
+
+
+def test_float64_inputs_pass():
+    rep = check(registry.get("softmax", "numpy"), "softmax", examples=EX, dtype=np.float64)
+    assert rep.passed and rep.dtype == "float64", rep.text()
+
+
+# --------------------------------------------------------------------------
+# planted bugs
+# --------------------------------------------------------------------------
+
+
+def softmax_no_max_shift(x):
+    e = np.exp(x)
+    return e / e.sum(axis=-1, keepdims=True)
+
+
+def test_softmax_without_max_shift_is_caught():
+    rep = check(softmax_no_max_shift, "softmax", examples=EX)
+    assert not rep.passed
+    names = {c.name for c in rep.failures}
+    assert "logits near exp overflow (+-88)" in names
+    assert "logits near float max (+-3e38)" in names
+    shrunk = rep.cases[-1]
+    assert not shrunk.passed and "shrunk" in shrunk.name
+    # the shrunk input is small and reproduces the failure when pasted
+    ns = {"impl": softmax_no_max_shift}
+    with np.errstate(all="ignore"):
+        exec(shrunk.example, ns)
+    x = ns["x"]
+    assert x.size <= 4
+    assert np.abs(x).max() > 88.0                 # exp overflows in float32: that is the bug
+    assert not np.all(np.isfinite(ns["out"])) or not np.allclose(ns["out"], L.softmax(x.astype(np.float64)))
+
+
+def attention_causal_off_by_one(q, k, v, causal=False, scale=None):
+    Lq, Lk = q.shape[1], k.shape[1]
+    mask = None
+    if causal:   # bug: query t also sees key Lk-Lq+t+1
+        mask = np.arange(Lk)[None, :] <= (Lk - Lq + np.arange(Lq))[:, None] + 1
+    return L.multi_head_attention(q, k, v, mask, scale)
+
+
+def test_attention_off_by_one_causal_mask_is_caught():
+    rep = check(attention_causal_off_by_one, "attention", examples=EX)
+    assert not rep.passed
+    failed = {c.name for c in rep.failures}
+    assert any(n.startswith("causal") for n in failed)
+    assert not any(n.startswith(("MHA", "GQA", "MQA")) for n in failed)   # non-causal cases are right
+    assert "causal=True" in rep.cases[-1].example
+
+
+def matmul_fp16_accumulate(a, b):
+    acc = np.zeros((a.shape[0], b.shape[1]), np.float16)
+    a16, b16 = a.astype(np.float16), b.astype(np.float16)
+    for k in range(a.shape[1]):
+        acc = (acc + np.outer(a16[:, k], b16[k, :])).astype(np.float16)
+    return acc.astype(np.float32)
+
+
+def test_gemm_accumulating_in_float16_is_caught():
+    rep = check(matmul_fp16_accumulate, "matmul", examples=EX)
+    assert not rep.passed
+    assert "primes 7x13x5" in {c.name for c in rep.failures}
+    s = next(c for c in rep.failures if c.name == "primes 7x13x5").stats
+    assert s.bound_ratio > 10 and s.max_ulp > 100
+
+
+def test_gelu_erf_where_tanh_expected_is_caught():
+    rep = check(L.gelu_erf, "gelu_tanh", examples=EX)
+    assert not rep.passed
+    grid = next(c for c in rep.cases if c.name == "grid -10..10")
+    assert not grid.passed and grid.stats.max_abs > 1e-4    # |gelu_erf - gelu_tanh| peaks near 2e-4
+
+
+def rope_always_interleaved(x, positions, theta=10000.0):
+    return L.rope_interleaved(x, positions, theta)
+
+
+def test_rope_in_the_wrong_convention_is_caught():
+    rep = check(rope_always_interleaved, "rope", examples=EX)          # the contract default is half-split
+    assert not rep.passed
+    assert rep.params["interleaved"] is False
+    # the same function is right when the user says it implements the interleaved convention
+    assert check(rope_always_interleaved, "rope", examples=EX, interleaved=True).passed
+
+
+def test_layer_norm_one_pass_variance_is_caught():
+    def ln_naive(x, w, b, eps=1e-5):
+        var = (x * x).mean(-1, keepdims=True) - x.mean(-1, keepdims=True) ** 2   # E[x^2] - E[x]^2
+        return (x - x.mean(-1, keepdims=True)) / np.sqrt(np.maximum(var, 0) + eps) * w + b
+    rep = check(ln_naive, "layer_norm", examples=0)
+    assert "large mean 3e3 (E[x^2]-E[x]^2 trap)" in {c.name for c in rep.failures}
+
+
+def test_exceptions_and_wrong_shapes_are_reported():
+    def raises(x):
+        raise RuntimeError("boom")
+    rep = check(raises, "silu", examples=0)
+    assert not rep.passed and all("RuntimeError: boom" in c.error for c in rep.cases)
+    rep = check(lambda x: x[..., :1], "softmax", examples=0)
+    assert not rep.passed
+    assert "returned shape (4, 1), expected (4, 10)" in next(c.error for c in rep.cases if c.name == "ordinary 4x10")
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError, match="unknown op"):
+        check(np.exp, "exp")
+    with pytest.raises(ValueError, match="has no parameter eps"):
+        check(L.softmax, "softmax", eps=1e-5)
+    with pytest.raises(ValueError, match="float32 or float64"):
+        check(L.silu, "silu", dtype=np.float16)
+
+
+def test_implementation_without_causal_parameter_skips_causal_cases():
+    rep = check(lambda q, k, v: L.multi_head_attention(q, k, v), "attention", examples=10)
+    assert rep.passed, rep.text()
+    assert not any(c.name.startswith("causal") for c in rep.cases)
+    assert any("causal" in n for n in rep.notes)
+
+
+def test_report_text_and_dict():
+    rep = check(softmax_no_max_shift, "softmax", examples=5)
+    txt = rep.text()
+    assert "FAIL" in txt and "budget used" in txt and "reproduce" in txt
+    d = rep.as_dict()
+    assert d["passed"] is False and d["op"] == "softmax"
+    assert {"max_abs", "max_rel", "max_ulp", "bound_ratio", "nmse"} <= set(d["cases"][1]["stats"])
+
+
+def test_format_case_round_trips_exactly():
+    x = np.array([[1e-7, 3.4028235e38, -np.inf, 0.1]], np.float32)
+    from refimpl.verify.cases import Case
+    src = format_case("softmax", Case("t", {"x": x}), {})
+    ns = {"impl": lambda x: x}
+    exec(src, ns)
+    assert ns["x"].dtype == np.float32 and np.array_equal(ns["x"], x)
+
+
+def test_every_spec_matches_the_numpy_kernel_signature():
+    import inspect
+    for op, sp in SPECS.items():
+        params = inspect.signature(registry.get(op, "numpy")).parameters
+        assert list(params)[: len(sp.arrays)] == list(sp.arrays), op
+        for k, v in sp.params.items():
+            assert params[k].default == v, (op, k)
+
+
+# --------------------------------------------------------------------------
+# torch's implementations pass (converted in and out)
+# --------------------------------------------------------------------------
+
+
+@pytest.mark.crosscheck
+def test_torch_implementations_pass():
+    torch = require("torch")
+    F = torch.nn.functional
+
+    def sdpa(q, k, v, causal=False, scale=None):
+        g = q.shape[0] // k.shape[0]
+        k, v = k.repeat_interleave(g, 0), v.repeat_interleave(g, 0)
+        Lq, Lk = q.shape[1], k.shape[1]
+        mask = None
+        if causal:   # bottom-right aligned, as the contract (torch's is_causal is top-left)
+            mask = torch.arange(Lk)[None, :] <= (Lk - Lq + torch.arange(Lq))[:, None]
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+
+    impls = {
+        "matmul": torch.matmul,
+        "softmax": lambda x: torch.softmax(x, dim=-1),
+        "attention": sdpa,
+        "layer_norm": lambda x, w, b, eps=1e-5: F.layer_norm(x, w.shape, w, b, eps),
+        "rms_norm": lambda x, w, eps=1e-6: F.rms_norm(x, w.shape, w, eps),
+        "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"),
+        "silu": F.silu,
+    }
+    torch.set_num_threads(1)
+    for op, f in impls.items():
+        rep = check(f, op, examples=EX)
+        assert rep.passed, rep.text()
+    # torch's exact GELU is not the tanh GELU: caught
+    assert not check(F.gelu, "gelu_tanh", examples=5).passed
+
+
+def test_torch_conversion_in_auto_mode():
+    torch = require("torch")
+    rep = check(lambda x: torch.softmax(x, dim=-1), "softmax", examples=3)
+    assert rep.passed
+    assert math.isfinite(rep.worst_ratio)
+
+
+def test_all_masked_rows_option():
+    def nan_on_masked_rows(x):         # what most libraries do for a row of only -inf
+        e = np.exp(x - x.max(axis=-1, keepdims=True))
+        return e / e.sum(axis=-1, keepdims=True)
+    with np.errstate(all="ignore"):
+        assert check(nan_on_masked_rows, "softmax", examples=20).passed
+        assert check(registry.get("softmax", "numpy"), "softmax", examples=20, all_masked_rows=True).passed
+        assert not check(nan_on_masked_rows, "softmax", examples=20, all_masked_rows=True).passed
+
+
+def test_cli_verify_python_target(tmp_path):
+    import json
+    import subprocess
+    import sys
+    (tmp_path / "mykern.py").write_text(
+        "import numpy as np\n"
+        "def good(x):\n    e = np.exp(x - x.max(-1, keepdims=True))\n    return e / e.sum(-1, keepdims=True)\n"
+        "def bad(x):\n    e = np.exp(x)\n    return e / e.sum(-1, keepdims=True)\n")
+
+    def run(*args):
+        return subprocess.run([sys.executable, "-m", "refimpl", "verify", *args], capture_output=True, text=True,
+                              timeout=300, cwd=tmp_path)
+    ok = run("mykern:good", "--op", "softmax", "--examples", "10", "--json", "r.json")
+    assert ok.returncode == 0, ok.stdout + ok.stderr
+    assert json.loads((tmp_path / "r.json").read_text())["passed"] is True
+    bad = run(str(tmp_path / "mykern.py") + ":bad", "--op", "softmax", "--examples", "10")
+    assert bad.returncode == 1 and "logits near exp overflow" in bad.stdout
+    assert run("mykern:nothere", "--op", "softmax").returncode == 2
+    assert run("mykern:good", "--op", "softmax", "--param", "eps=1").returncode == 2
+    assert run("mykern:good", "--op", "nosuchop").returncode == 2
