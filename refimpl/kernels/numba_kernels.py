@@ -1,0 +1,631 @@
+"""The "numba" backend: tiled Numba kernels with the oracle's contract.
+
+Dimension letters (this module only):
+    M, K, N  matmul: A [M,K] @ B [K,N] -> C [M,N]
+    R, N     rows and row length of a row-wise op (softmax, norms)
+    H, Hkv   query / key-value heads; G = H // Hkv query heads per kv head
+    Lq, Lk   query / key positions;  D = head width;  T = positions (rope)
+
+Layout (stumpy style): each public function validates its arguments with the
+contracts.py checks (TypeError / ValueError naming the argument), allocates
+the output and calls a private `@njit` kernel through `numba_config.call`.
+Nothing compiles at import: each kernel compiles on its first call per dtype
+(`cache=True` keeps the machine code on disk for the next process).  Compiler
+flags and block sizes live in numba_config.py.  No kernel calls BLAS (no
+`np.dot` / `@` inside a jitted function).
+
+float32 and float64 inputs are both accepted; the result has the input dtype.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from llvmlite import ir as llvm_ir
+from numba import types
+from numba.extending import intrinsic, overload
+
+from refimpl.kernels import numba_config as cfg
+from refimpl.kernels.contracts import check_array, check_attention_args, check_matmul_args, check_same_dtype
+from refimpl.kernels.registry import register
+
+MR, NR = cfg.GEMM_MR, cfg.GEMM_NR
+KC, MC, NC = cfg.GEMM_KC, cfg.GEMM_MC, cfg.GEMM_NC
+BQ, BK = cfg.ATTN_BQ, cfg.ATTN_BK
+GEMV_NB = cfg.GEMV_NB
+
+# ==========================================================================
+# exp(x) for x <= 0, vectorisable
+# ==========================================================================
+# Without Intel SVML (not installed here) LLVM cannot vectorise a loop that
+# calls expf.  For float32 we evaluate exp ourselves with operations LLVM does
+# vectorise: Cody-Waite range reduction x = k ln2 + r, |r| <= ln2/2, the Cephes
+# expf degree-6 polynomial for exp(r), and 2^k built from its exponent bits.
+# Max error on a dense sweep of [-87.34, 0]: 1.0 ulp (mean 0.27 ulp) against
+# float64 exp; tests/test_kernels_numba.py::test_exp_nonpos_ulp holds it to
+# the bounds' budget contracts.EXP_ULPS = 4 ulp.
+# Inputs below -87.3365 (where exp(x) leaves the normal range) give exactly 0:
+# the bounds allow 2 * tiny absolute for flushed underflow.  -inf -> 0, NaN -> NaN.
+# float64 uses libm exp (scalar).
+
+
+@intrinsic
+def _f32_from_bits(typingctx, i):
+    """Reinterpret the low 32 bits of an integer as a float32 (no conversion)."""
+    if not isinstance(i, types.Integer):
+        return None
+    sig = types.float32(i)
+
+    def codegen(context, builder, signature, args):
+        v = args[0]
+        if v.type.width > 32:
+            v = builder.trunc(v, llvm_ir.IntType(32))
+        return builder.bitcast(v, llvm_ir.FloatType())
+    return sig, codegen
+
+
+def _exp_nonpos(x):  # pragma: no cover - replaced by the overload inside jitted code
+    """exp(x) for x <= 0 (or NaN); only callable from jitted code."""
+    raise NotImplementedError
+
+
+@overload(_exp_nonpos, jit_options={"fastmath": set(cfg.FASTMATH_ELEMENTWISE)})
+def _exp_nonpos_ov(x):
+    if isinstance(x, types.Float) and x.bitwidth == 32:
+        lo = np.float32(-87.33654)           # log(2^-126): below this exp(x) is subnormal -> 0
+        log2e = np.float32(1.44269504088896341)
+        c1 = np.float32(0.693359375)         # ln2 = c1 + c2, c1 exact in 9 bits
+        c2 = np.float32(-2.12194440e-4)
+        p0, p1, p2 = np.float32(1.9875691500e-4), np.float32(1.3981999507e-3), np.float32(8.3334519073e-3)
+        p3, p4, p5 = np.float32(4.1665795894e-2), np.float32(1.6666665459e-1), np.float32(5.0000001201e-1)
+        half, one, zero = np.float32(0.5), np.float32(1.0), np.float32(0.0)
+
+        def impl(x):
+            xs = x if x >= lo else lo          # NaN -> lo, so the integer path never sees NaN
+            xs = xs if xs <= zero else zero
+            k = np.floor(xs * log2e + half)    # k in [-126, 0]
+            r = xs - k * c1
+            r = r - k * c2
+            p = p0 * r + p1
+            p = p * r + p2
+            p = p * r + p3
+            p = p * r + p4
+            p = p * r + p5
+            p = p * r * r + r + one
+            y = p * _f32_from_bits((np.int32(k) + np.int32(127)) << np.int32(23))
+            y = y if x >= lo else zero         # -inf and deep underflow -> 0 (NaN also lands here...)
+            return y if x == x else x          # ...and is restored: NaN -> NaN
+        return impl
+    if isinstance(x, types.Float):
+        return lambda x: math.exp(x)
+    return None
+
+
+@cfg.kernel(cfg.FASTMATH_ELEMENTWISE)
+def _exp_nonpos_kernel(out, x):  # out [N], x [N]
+    """out = exp(x) elementwise with the kernels' own exp (exposed for its accuracy test)."""
+    for i in range(x.shape[0]):
+        out[i] = _exp_nonpos(x[i])
+
+
+def exp_nonpos(x):  # [N] -> [N]
+    """The attention/softmax exp, for testing: exp(x) for x <= 0 (NaN -> NaN)."""
+    x = check_array("x", x, ndim=1)
+    if np.any(x > 0):
+        raise ValueError("exp_nonpos: argument 'x' must be <= 0 (or NaN)")
+    out = np.empty_like(x)
+    cfg.call(_exp_nonpos_kernel, x.dtype, out, x)
+    return out
+
+
+# ==========================================================================
+# GEMM micro-kernels
+# ==========================================================================
+# C[cr:cr+MR, cc:cc+NR] (+)= sum_p A_p^T B_p over kc rank-1 updates, with the
+# MR x NR tile of C in named scalar locals so LLVM's SLP vectorizer packs each
+# row of the tile into SIMD registers (numba_config explains why not a local
+# array).  Two ways to read A:
+#   _micro_an: A[ar + p, ac + i]   (A packed as KC x MR panels; or P^T in attention)
+#   _micro_at: A[ar + i, ac + p]   (A read transposed: rows of K in attention)
+# B is read B[br + p, bc + j] (NR consecutive elements per p).
+# Column indices are uint64 so Numba emits no negative-index wraparound test
+# per element (that test hides the consecutive addresses from the vectorizer).
+# Callers guarantee every index is in range; edge tiles go to _edge_an / _edge_dot.
+
+
+def _gen_micro(name: str, a_trans: bool) -> str:
+    acc = [[f"c{i}_{j}" for j in range(NR)] for i in range(MR)]
+    L = [f"def {name}(kc, A, ar, ac, B, br, bc, C, cr, cc, add):",
+         f"    # C[cr:cr+{MR}, cc:cc+{NR}] (+)= sum_p A(p, 0:{MR})^T B[br+p, bc:bc+{NR}]  (generated)",
+         "    z = C.dtype.type(0)"]
+    for i in range(MR):
+        L.append("    " + ", ".join(acc[i]) + " = " + ", ".join("z" for _ in range(NR)))
+    L.append("    aru = np.uint64(ar)\n    acu = np.uint64(ac)\n    bru = np.uint64(br)")
+    L.append("    " + ", ".join(f"bc{j}" for j in range(NR)) + " = "
+             + ", ".join(f"np.uint64(bc + {j})" for j in range(NR)))
+    L.append("    " + ", ".join(f"cc{j}" for j in range(NR)) + " = "
+             + ", ".join(f"np.uint64(cc + {j})" for j in range(NR)))
+    idx = [f"np.uint64(ar + {i})" if a_trans else f"np.uint64(ac + {i})" for i in range(MR)]
+    L.append("    " + ", ".join(f"ai{i}" for i in range(MR)) + " = " + ", ".join(idx))
+    L.append("    for p in range(kc):")
+    L.append("        pu = np.uint64(p)")
+    L.append("        " + ", ".join(f"b{j}" for j in range(NR)) + " = "
+             + ", ".join(f"B[bru + pu, bc{j}]" for j in range(NR)))
+    for i in range(MR):
+        L.append(f"        a = A[ai{i}, acu + pu]" if a_trans else f"        a = A[aru + pu, ai{i}]")
+        for j in range(NR):
+            L.append(f"        {acc[i][j]} += a * b{j}")
+    for mode, op in (("if add:", "+="), ("else:", "=")):
+        L.append("    " + mode)
+        for i in range(MR):
+            L.append(f"        r = np.uint64(cr + {i})")
+            for j in range(NR):
+                L.append(f"        C[r, cc{j}] {op} {acc[i][j]}")
+    return "\n".join(L) + "\n"
+
+
+# exec'd into this module's globals with this file as its filename, so
+# numba's on-disk cache can locate (and invalidate) them like hand-written code.
+# To read the generated source: print(_gen_micro("micro", False)).
+exec(compile(_gen_micro("_micro_an_py", False) + _gen_micro("_micro_at_py", True), __file__, "exec"), globals())
+_micro_an = cfg.kernel(cfg.FASTMATH_GEMM)(globals()["_micro_an_py"])
+_micro_at = cfg.kernel(cfg.FASTMATH_GEMM)(globals()["_micro_at_py"])
+
+
+@cfg.kernel(cfg.FASTMATH_GEMM)
+def _edge_an(kc, A, ar, ac, B, br, bc, C, cr, cc, mr, nr, add):
+    """_micro_an for an mr x nr edge tile (mr <= MR, nr <= NR): one row of C at a time,
+    the j loop over a contiguous row of B (vectorised by the loop vectorizer)."""
+    for i in range(mr):
+        cb = C[cr + i, cc:cc + nr]
+        if not add:
+            cb[:] = 0
+        for p in range(kc):
+            a = A[ar + p, ac + i]
+            bb = B[br + p, bc:bc + nr]
+            for j in range(nr):
+                cb[j] += a * bb[j]
+
+
+@cfg.kernel(cfg.FASTMATH_REDUCE)
+def _edge_dot(kc, A, ar, Bt, bt, C, cr, cc, mr, nr):
+    """C[cr+i, cc+j] = sum_p A[ar+i, p] Bt[bt+j, p]: the _micro_at product for an edge tile,
+    as dot products of two contiguous rows (reassoc: a vectorised sum)."""
+    for i in range(mr):
+        for j in range(nr):
+            s = C.dtype.type(0)
+            for p in range(kc):
+                s += A[ar + i, p] * Bt[bt + j, p]
+            C[cr + i, cc + j] = s
+
+
+# ==========================================================================
+# matmul
+# ==========================================================================
+
+
+@cfg.kernel(cfg.FASTMATH_GEMM)
+def _matmul_ref(C, A, B):  # C [M,N] = A [M,K] @ B [K,N]; naive, the reference beside the tiled one
+    M, K = A.shape
+    N = B.shape[1]
+    for i in range(M):
+        for j in range(N):
+            s = C.dtype.type(0)
+            for p in range(K):
+                s += A[i, p] * B[p, j]
+            C[i, j] = s
+
+
+@cfg.kernel(cfg.FASTMATH_GEMM)
+def _matmul_tiled(C, A, B):  # C [M,N] (zeroed) += A [M,K] @ B [K,N]
+    """Goto/BLIS loops: NC columns of B -> KC slice -> pack B as KC x NR panels
+    -> MC rows of A, packed as KC x MR panels -> MR x NR register micro-tile."""
+    M, K = A.shape
+    N = B.shape[1]
+    Bp = np.zeros(((NC + NR - 1) // NR, KC, NR), C.dtype)   # [panel, p, j] packed B
+    Ap = np.zeros(((MC + MR - 1) // MR, KC, MR), C.dtype)   # [panel, p, i] packed A
+    for jc in range(0, N, NC):
+        nc = min(NC, N - jc)
+        for pc in range(0, K, KC):
+            kc = min(KC, K - pc)
+            for jr in range(0, nc, NR):                     # pack B[pc:pc+kc, jc:jc+nc]
+                nr = min(NR, nc - jr)
+                P = Bp[jr // NR]
+                for p in range(kc):
+                    for j in range(nr):
+                        P[p, j] = B[pc + p, jc + jr + j]
+                    for j in range(nr, NR):
+                        P[p, j] = 0
+            for ic in range(0, M, MC):
+                mc = min(MC, M - ic)
+                for ir in range(0, mc, MR):                 # pack A[ic:ic+mc, pc:pc+kc]
+                    mr = min(MR, mc - ir)
+                    P = Ap[ir // MR]
+                    for p in range(kc):
+                        for i in range(mr):
+                            P[p, i] = A[ic + ir + i, pc + p]
+                        for i in range(mr, MR):
+                            P[p, i] = 0
+                for jr in range(0, nc, NR):
+                    nr = min(NR, nc - jr)
+                    for ir in range(0, mc, MR):
+                        mr = min(MR, mc - ir)
+                        if mr == MR and nr == NR:
+                            _micro_an(kc, Ap[ir // MR], 0, 0, Bp[jr // NR], 0, 0, C, ic + ir, jc + jr, True)
+                        else:
+                            _edge_an(kc, Ap[ir // MR], 0, 0, Bp[jr // NR], 0, 0, C, ic + ir, jc + jr, mr, nr, True)
+
+
+@cfg.kernel(cfg.FASTMATH_GEMM)
+def _matmul_few_rows(C, A, B):  # C [M,N] (zeroed) += A [M,K] @ B [K,N], M < MR (decode GEMV)
+    """Stream B once, row by row, without packing: for a block of GEMV_NB columns,
+    C[i, block] += A[i, p] B[p, block] over p (the C block stays in L1)."""
+    M, K = A.shape
+    N = B.shape[1]
+    for j0 in range(0, N, GEMV_NB):
+        nb = min(GEMV_NB, N - j0)
+        for p in range(K):
+            bb = B[p, j0:j0 + nb]              # 1-D slices: contiguous, no per-element index fix-ups
+            for i in range(M):
+                a = A[i, p]
+                cb = C[i, j0:j0 + nb]
+                for j in range(nb):
+                    cb[j] += a * bb[j]
+
+
+_SMALL_MATMUL = 4096  # M*N*K below this: the naive loop (no packing overhead)
+
+
+@register("matmul", "numba")
+def matmul(a, b):  # [M,K] @ [K,N] -> [M,N]
+    """Tiled, register-blocked matmul (no BLAS)."""
+    a, b = check_matmul_args(a, b)
+    M, K = a.shape
+    N = b.shape[1]
+    out = np.zeros((M, N), dtype=a.dtype)
+    if M * N * K <= _SMALL_MATMUL:
+        cfg.call(_matmul_ref, a.dtype, out, a, b)
+    elif M < MR:
+        cfg.call(_matmul_few_rows, a.dtype, out, a, b)
+    else:
+        cfg.call(_matmul_tiled, a.dtype, out, a, b)
+    return out
+
+
+# ==========================================================================
+# softmax
+# ==========================================================================
+
+
+@cfg.kernel(cfg.FASTMATH_REDUCE)
+def _softmax_kernel(out, x):  # out [R,N], x [R,N]
+    """out[r] = exp(x[r] - max x[r]) / sum exp(x[r] - max x[r]).
+
+    -inf entries give 0; an all -inf row gives zeros; NaN (or +inf, which makes
+    inf - inf) anywhere in a row makes the row NaN -- the oracle's semantics.
+    """
+    R, N = x.shape
+    ninf = x.dtype.type(-np.inf)
+    zero = x.dtype.type(0)
+    for r in range(R):
+        m = ninf
+        for j in range(N):                   # NaN compares false: skipped here, propagated below
+            v = x[r, j]
+            m = v if v > m else m
+        if m == ninf:                        # fully masked row: exp(-inf - 0) = 0 everywhere
+            m = zero
+        s = zero
+        for j in range(N):
+            e = _exp_nonpos(x[r, j] - m)
+            out[r, j] = e
+            s += e
+        if s == zero:
+            s = x.dtype.type(1)
+        for j in range(N):
+            out[r, j] = out[r, j] / s
+
+
+@register("softmax", "numba")
+def softmax(x):  # [..., N] -> [..., N], over the last axis
+    x = check_array("x", x)
+    if x.ndim == 0:
+        raise ValueError("softmax: argument 'x' must have at least 1 dimension")
+    out = np.empty(x.shape, dtype=x.dtype)
+    if x.size:
+        N = x.shape[-1]
+        cfg.call(_softmax_kernel, x.dtype, out.reshape(-1, N), x.reshape(-1, N))
+    return out
+
+
+# ==========================================================================
+# attention (flash style)
+# ==========================================================================
+
+
+@cfg.kernel(cfg.FASTMATH_GEMM)
+def _attention_kernel(out, q, k, v, causal, scale):  # out [H,Lq,D], q [H,Lq,D], k [Hkv,Lk,D], v [Hkv,Lk,D]
+    """out = softmax(q k^T scale, causal mask) v per head, by online softmax over K/V tiles.
+
+    For kv head g the G query heads that share it are stacked as G*Lq rows
+    (row r = query head g*G + r // Lq, position t = r % Lq): K and V are read
+    once per tile of BQ rows and never copied per query head.  Per tile of BK
+    keys: S^T = K_tile Q_tile^T (keys x rows, so the row-wise max and sum run
+    down columns and vectorise), mask, running max m, P^T = exp(S^T - m),
+    l = l exp(m_old - m) + sum P, O = O exp(m_old - m) + P V.  Causal: query t
+    sees keys 0 .. Lk - Lq + t; tiles past a row block's last visible key are
+    skipped.  No Lq x Lk buffer: scratch is BK x BQ + D x BQ + BQ x D.
+    """
+    H, Lq, D = q.shape
+    Hkv, Lk, _ = k.shape
+    G = H // Hkv
+    dt = q.dtype.type
+    ninf = dt(-np.inf)
+    zero = dt(0)
+    Qp = np.empty((D, BQ), q.dtype)          # [d, row]   Q tile transposed (the B operand of S^T)
+    Qr = np.empty((BQ, D), q.dtype)          # [row, d]   the same tile by rows (edge dot products)
+    ST = np.empty((BK, BQ), q.dtype)         # [key, row] scores, then probabilities
+    O = np.empty((BQ, D), q.dtype)           # [row, d]   output accumulator
+    m = np.empty(BQ, q.dtype)                # running max per row
+    mu = np.empty(BQ, q.dtype)               # the max the exponentials are taken against
+    mt = np.empty(BQ, q.dtype)               # this tile's max
+    alpha = np.empty(BQ, q.dtype)
+    lsum = np.empty(BQ, q.dtype)
+    lim = np.empty(BQ, np.int64)             # last visible key per row
+    R = G * Lq
+    for g in range(Hkv):
+        Kg = k[g]                            # [Lk, D]
+        Vg = v[g]                            # [Lk, D]
+        for r0 in range(0, R, BQ):
+            nq = min(BQ, R - r0)
+            lim_max = 0
+            for rr in range(nq):
+                h = g * G + (r0 + rr) // Lq
+                t = (r0 + rr) % Lq
+                for d in range(D):
+                    Qp[d, rr] = q[h, t, d]
+                    Qr[rr, d] = q[h, t, d]
+                lim[rr] = Lk - Lq + t if causal else Lk - 1
+                lim_max = max(lim_max, lim[rr])
+                m[rr] = ninf
+                lsum[rr] = zero
+                for d in range(D):
+                    O[rr, d] = zero
+            for j0 in range(0, lim_max + 1, BK):   # causal tile skipping: stop after the last visible key
+                nk = min(BK, Lk - j0)
+                # S^T[j, rr] = K[j0 + j] . Q[rr]
+                for i0 in range(0, nk, MR):
+                    mr = min(MR, nk - i0)
+                    for c0 in range(0, nq, NR):
+                        nr = min(NR, nq - c0)
+                        if mr == MR and nr == NR:
+                            _micro_at(D, Kg, j0 + i0, 0, Qp, 0, c0, ST, i0, c0, False)
+                        else:
+                            _edge_dot(D, Kg, j0 + i0, Qr, c0, ST, i0, c0, mr, nr)
+                # scale, mask, this tile's row max
+                for rr in range(nq):
+                    mt[rr] = ninf
+                for j in range(nk):
+                    key = j0 + j
+                    for rr in range(nq):
+                        s = ST[j, rr] * scale
+                        s = s if key <= lim[rr] else ninf
+                        ST[j, rr] = s
+                        mt[rr] = s if s > mt[rr] else mt[rr]
+                # new running max; rescale factor exp(m_old - m_new)
+                for rr in range(nq):
+                    mn = mt[rr] if mt[rr] > m[rr] else m[rr]
+                    use = mn if mn != ninf else zero     # nothing visible yet: exp(-inf - 0) = 0
+                    alpha[rr] = _exp_nonpos(m[rr] - use)
+                    m[rr] = mn
+                    mu[rr] = use
+                    lsum[rr] = lsum[rr] * alpha[rr]
+                for j in range(nk):
+                    for rr in range(nq):
+                        p = _exp_nonpos(ST[j, rr] - mu[rr])
+                        ST[j, rr] = p
+                        lsum[rr] += p
+                for rr in range(nq):
+                    a = alpha[rr]
+                    for d in range(D):
+                        O[rr, d] *= a
+                # O[rr, :] += sum_j P^T[j, rr] V[j0 + j, :]
+                for i0 in range(0, nq, MR):
+                    mr = min(MR, nq - i0)
+                    if mr < MR:                          # edge rows (decode: G*Lq < MR): whole rows
+                        _edge_an(nk, ST, 0, i0, Vg, j0, 0, O, i0, 0, mr, D, True)
+                        continue
+                    for c0 in range(0, D - NR + 1, NR):
+                        _micro_an(nk, ST, 0, i0, Vg, j0, c0, O, i0, c0, True)
+                    c0 = D - D % NR
+                    if c0 < D:
+                        _edge_an(nk, ST, 0, i0, Vg, j0, c0, O, i0, c0, MR, D - c0, True)
+            for rr in range(nq):
+                h = g * G + (r0 + rr) // Lq
+                t = (r0 + rr) % Lq
+                den = lsum[rr] if lsum[rr] != zero else dt(1)
+                for d in range(D):
+                    out[h, t, d] = O[rr, d] / den
+
+
+@register("attention", "numba")
+def attention(q, k, v, causal=False, scale=None):  # [H,Lq,D],[Hkv,Lk,D],[Hkv,Lk,D] -> [H,Lq,D]
+    """Flash-style attention with GQA (H % Hkv == 0) and an optional causal mask."""
+    q, k, v = check_attention_args(q, k, v, causal)
+    if not isinstance(causal, (bool, np.bool_, int, np.integer)) or causal not in (0, 1):
+        raise TypeError(f"argument 'causal' must be a bool, got {causal!r}")
+    H, Lq, D = q.shape
+    Lk = k.shape[1]
+    if Lk == 0 and Lq > 0:
+        raise ValueError("attention: k and v have no positions (Lk=0): softmax over zero keys is undefined")
+    if scale is None:
+        scale = 1.0 / math.sqrt(D) if D else 1.0
+    if not isinstance(scale, (int, float, np.floating, np.integer)) or isinstance(scale, bool):
+        raise TypeError(f"argument 'scale' must be a real number, got {type(scale).__name__}")
+    out = np.zeros((H, Lq, D), dtype=q.dtype)
+    if out.size:
+        cfg.call(_attention_kernel, q.dtype, out, q, k, v, bool(causal), q.dtype.type(scale))
+    return out
+
+
+# ==========================================================================
+# normalisation
+# ==========================================================================
+
+
+@cfg.kernel(cfg.FASTMATH_REDUCE)
+def _layer_norm_kernel(out, x, w, b, eps):  # out [R,D], x [R,D], w [D], b [D]
+    """out = (x - mean) / sqrt(var + eps) * w + b, biased variance, per row."""
+    R, D = x.shape
+    zero = x.dtype.type(0)
+    for r in range(R):
+        s = zero
+        for i in range(D):
+            s += x[r, i]
+        mean = s / D
+        s2 = zero
+        for i in range(D):
+            c = x[r, i] - mean
+            s2 += c * c
+        sigma = np.sqrt(s2 / D + eps)
+        for i in range(D):
+            out[r, i] = (x[r, i] - mean) / sigma * w[i] + b[i]
+
+
+@register("layer_norm", "numba")
+def layer_norm(x, w, b, eps=1e-5):  # [..., D], [D], [D] -> [..., D]
+    x = check_array("x", x)
+    w = check_array("w", w, ndim=1)
+    b = check_array("b", b, ndim=1)
+    check_same_dtype(x=x, w=w, b=b)
+    if x.ndim == 0 or w.shape[0] != x.shape[-1] or b.shape[0] != x.shape[-1]:
+        raise ValueError(f"layer_norm: x {x.shape}, w {w.shape}, b {b.shape}: w and b must have "
+                         f"x's last size")
+    out = np.empty(x.shape, dtype=x.dtype)
+    if x.size:
+        D = x.shape[-1]
+        cfg.call(_layer_norm_kernel, x.dtype, out.reshape(-1, D), x.reshape(-1, D), w, b, x.dtype.type(eps))
+    return out
+
+
+@cfg.kernel(cfg.FASTMATH_REDUCE)
+def _rms_norm_kernel(out, x, w, eps):  # out [R,D], x [R,D], w [D]
+    """out = x / sqrt(mean(x^2) + eps) * w, per row."""
+    R, D = x.shape
+    zero = x.dtype.type(0)
+    for r in range(R):
+        s = zero
+        for i in range(D):
+            s += x[r, i] * x[r, i]
+        rms = np.sqrt(s / D + eps)
+        for i in range(D):
+            out[r, i] = x[r, i] / rms * w[i]
+
+
+@register("rms_norm", "numba")
+def rms_norm(x, w, eps=1e-6):  # [..., D], [D] -> [..., D]
+    x = check_array("x", x)
+    w = check_array("w", w, ndim=1)
+    check_same_dtype(x=x, w=w)
+    if x.ndim == 0 or w.shape[0] != x.shape[-1]:
+        raise ValueError(f"rms_norm: x {x.shape}, w {w.shape}: w must have x's last size")
+    out = np.empty(x.shape, dtype=x.dtype)
+    if x.size:
+        D = x.shape[-1]
+        cfg.call(_rms_norm_kernel, x.dtype, out.reshape(-1, D), x.reshape(-1, D), w, x.dtype.type(eps))
+    return out
+
+
+# ==========================================================================
+# activations
+# ==========================================================================
+# libm tanh / exp are scalar calls either way (no SVML), so these evaluate the
+# oracle's formula in float64 and round once to the output dtype: the float32
+# result is within 0.5 ulp + O(2^-53) of the float64 formula, and the formula's
+# own float32 overflow (exp(-x) for x < -88.7 in silu) cannot occur.
+
+
+@cfg.kernel(cfg.FASTMATH_ELEMENTWISE)
+def _gelu_tanh_kernel(out, x):  # out [N], x [N]
+    """0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))."""
+    c = math.sqrt(2.0 / math.pi)
+    for i in range(x.shape[0]):
+        xi = np.float64(x[i])
+        out[i] = 0.5 * xi * (1.0 + math.tanh(c * (xi + 0.044715 * (xi * xi * xi))))
+
+
+@register("gelu_tanh", "numba")
+def gelu_tanh(x):  # [...] -> [...]
+    x = check_array("x", x)
+    out = np.empty(x.shape, dtype=x.dtype)
+    cfg.call(_gelu_tanh_kernel, x.dtype, out.reshape(-1), x.reshape(-1))
+    return out
+
+
+@cfg.kernel(cfg.FASTMATH_ELEMENTWISE)
+def _silu_kernel(out, x):  # out [N], x [N]
+    """x / (1 + exp(-x))."""
+    for i in range(x.shape[0]):
+        xi = np.float64(x[i])
+        out[i] = xi / (1.0 + math.exp(-xi))
+
+
+@register("silu", "numba")
+def silu(x):  # [...] -> [...]
+    x = check_array("x", x)
+    out = np.empty(x.shape, dtype=x.dtype)
+    cfg.call(_silu_kernel, x.dtype, out.reshape(-1), x.reshape(-1))
+    return out
+
+
+# ==========================================================================
+# rope
+# ==========================================================================
+
+
+@cfg.kernel(cfg.FASTMATH_ELEMENTWISE)
+def _rope_kernel(out, x, pos, theta, interleaved):  # out [B,T,D], x [B,T,D], pos [T] float64
+    """Rotate pair i of position p by the angle p theta^(-2i/D).
+
+    Angles, cos and sin in float64, rounded to x's dtype (as the oracle does);
+    the rotation (x1 cos - x2 sin, x2 cos + x1 sin) in x's dtype.
+    Pairs: (x[i], x[i + D/2]) (half-split, HF) or (x[2i], x[2i+1]) (interleaved).
+    """
+    B, T, D = x.shape
+    half = D // 2
+    cs = np.empty((T, half), x.dtype)
+    sn = np.empty((T, half), x.dtype)
+    for t in range(T):
+        for i in range(half):
+            a = pos[t] * theta ** (-(2.0 * i) / D)
+            cs[t, i] = math.cos(a)
+            sn[t, i] = math.sin(a)
+    for bb in range(B):
+        for t in range(T):
+            for i in range(half):
+                if interleaved:
+                    i1, i2 = 2 * i, 2 * i + 1
+                else:
+                    i1, i2 = i, i + half
+                x1 = x[bb, t, i1]
+                x2 = x[bb, t, i2]
+                out[bb, t, i1] = x1 * cs[t, i] - x2 * sn[t, i]
+                out[bb, t, i2] = x2 * cs[t, i] + x1 * sn[t, i]
+
+
+@register("rope", "numba")
+def rope(x, positions, theta=10000.0, interleaved=False):  # [..., T, D], [T] -> [..., T, D]
+    x = check_array("x", x)
+    if x.ndim < 2:
+        raise ValueError(f"rope: argument 'x' must be [..., T, D] (at least 2-D), got shape {x.shape}")
+    T, D = x.shape[-2], x.shape[-1]
+    if D % 2:
+        raise ValueError(f"rope: head width D={D} must be even")
+    pos = np.asarray(positions)
+    if pos.dtype.kind not in "iuf" or pos.ndim != 1 or pos.shape[0] != T:
+        raise ValueError(f"rope: argument 'positions' must be a 1-D array of {T} numbers (x has T={T}), "
+                         f"got shape {pos.shape} dtype {pos.dtype}")
+    out = np.empty(x.shape, dtype=x.dtype)
+    if x.size:
+        cfg.call(_rope_kernel, x.dtype, out.reshape(-1, T, D), x.reshape(-1, T, D),
+                 np.ascontiguousarray(pos, dtype=np.float64), float(theta), bool(interleaved))
+    return out
