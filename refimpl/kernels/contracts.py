@@ -58,7 +58,7 @@ def check_array(name: str, x, dtypes=(np.float32, np.float64), ndim: int | None 
     if ndim is not None and x.ndim != ndim:
         raise ValueError(f"argument {name!r} must be {ndim}-D, got shape {x.shape}")
     if not (x.flags.c_contiguous and x.flags.aligned):
-        x = np.ascontiguousarray(x)
+        x = np.array(x, order="C", copy=True)        # ascontiguousarray keeps a misaligned array as it is
     return x
 
 

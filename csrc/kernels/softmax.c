@@ -1,0 +1,139 @@
+/* Row softmax, float32.  R = rows, N = row length.
+ *   out[r, i] = exp(x[r, i] - m_r) / sum_j exp(x[r, j] - m_r),   m_r = max_j x[r, j]
+ * Special values (the oracle's rules, refimpl.oracle.layers.softmax): -inf -> exactly 0;
+ * a fully -inf row -> all zeros; a NaN anywhere -> the whole row NaN; +inf -> NaN row
+ * (inf - inf).  Logits near +-3e38 cannot overflow: x - m <= 0 always and a difference
+ * that overflows to -inf correctly gives exp = 0.
+ * A NaN (or +inf, giving inf - inf) makes the sum NaN, hence the whole row NaN.
+ * Fast path, per row: pass A over chunks of 4096 floats (16 KiB, stays in L1): chunk max,
+ * out = exp(x - chunk max), chunk sum, combined into the row's (max M, sum S); pass B
+ * scales each chunk by exp(chunk max - M) / S.  Rows up to 4096 are the classic three passes.
+ * Error: sum of N exponentials (N+1)u, exp <= EXP_ULPS, reciprocal and product 2u; rows of
+ * several chunks add 3u (expf, product, division), inside the (N+3)u term since N > 4096.
+ * Within contracts.softmax_bound. */
+#ifndef RF_SM_CHUNK
+#define RF_SM_CHUNK 4096       /* floats per chunk: 16 KiB, half of Zen 4's 32 KiB L1d */
+#define RF_SM_MAXCHUNKS 256    /* rows longer than 256 chunks (1M floats) use one chunk */
+#endif
+#ifdef RF_VW
+/* ======== SIMD body, compiled once per path (see _vmath.h) ======== */
+
+/* one chunk (L <= RF_SM_CHUNK floats, L1-resident after its first read): e = exp(x - mc) into y,
+ * returns sc = sum e and sets *mc = max x (NaN ignored); *mc = -inf means no finite max */
+static float V(softmax_chunk)(float *y /* (L,) */, const float *x /* (L,) */, int64_t L, float *mc) {
+    const vf ninf = V(vset1)(-INFINITY), zero = V(vset1)(0.0f);
+    /* max */
+    vf m0 = ninf, m1 = ninf, m2 = ninf, m3 = ninf;
+    int64_t i = 0;
+    for (; i + 4 * RF_VW <= L; i += 4 * RF_VW) {
+        m0 = V(vmax)(m0, V(vld)(x + i));
+        m1 = V(vmax)(m1, V(vld)(x + i + RF_VW));
+        m2 = V(vmax)(m2, V(vld)(x + i + 2 * RF_VW));
+        m3 = V(vmax)(m3, V(vld)(x + i + 3 * RF_VW));
+    }
+    for (; i + RF_VW <= L; i += RF_VW) m0 = V(vmax)(m0, V(vld)(x + i));
+    float m = V(hmax)(V(vmax)(V(vmax)(m0, m1), V(vmax)(m2, m3)));
+    for (; i < L; i++) m = x[i] > m ? x[i] : m;
+    *mc = m;
+    if (m == -INFINITY) {              /* nothing finite: zeros, or NaN if a NaN is there */
+        float fill = 0.0f;
+        for (int64_t j = 0; j < L; j++) { fill = x[j] != x[j] ? NAN : fill; y[j] = 0.0f; }
+        return fill;                   /* NaN makes the row's sum NaN */
+    }
+    /* e = exp(x - m), sum (a NaN or +inf gives a NaN sum) */
+    const vf vm = V(vset1)(m);
+    vf s0 = zero, s1 = zero, s2 = zero, s3 = zero;
+    for (i = 0; i + 4 * RF_VW <= L; i += 4 * RF_VW) {
+        vf a = V(vexp_flush)(V(vld)(x + i) - vm), b = V(vexp_flush)(V(vld)(x + i + RF_VW) - vm);
+        vf c = V(vexp_flush)(V(vld)(x + i + 2 * RF_VW) - vm), d = V(vexp_flush)(V(vld)(x + i + 3 * RF_VW) - vm);
+        V(vst)(y + i, a); V(vst)(y + i + RF_VW, b);
+        V(vst)(y + i + 2 * RF_VW, c); V(vst)(y + i + 3 * RF_VW, d);
+        s0 += a; s1 += b; s2 += c; s3 += d;
+    }
+    for (; i + RF_VW <= L; i += RF_VW) {
+        vf a = V(vexp_flush)(V(vld)(x + i) - vm);
+        V(vst)(y + i, a);
+        s0 += a;
+    }
+    if (i < L) {   /* tail: pad with -inf (exp -> 0) so the same vector exp is used */
+        float tmp[RF_VW];
+        for (int k = 0; k < RF_VW; k++) tmp[k] = i + k < L ? x[i + k] : -INFINITY;
+        vf a = V(vexp_flush)(V(vld)(tmp) - vm);
+        s1 += a;
+        for (int k = 0; i + k < L; k++) y[i + k] = a[k];
+    }
+    return V(hsum)((s0 + s1) + (s2 + s3));
+}
+
+static void V(softmax_rows)(float *out /* (R,N) */, const float *x /* (R,N) */, int64_t R, int64_t N) {
+    float mc[RF_SM_MAXCHUNKS];         /* chunk maxima of the current row */
+    int64_t nc = (N + RF_SM_CHUNK - 1) / RF_SM_CHUNK;
+    int64_t C = nc <= RF_SM_MAXCHUNKS ? RF_SM_CHUNK : N;   /* one chunk for very long rows */
+    if (C == N) nc = 1;
+    for (int64_t r = 0; r < R; r++) {
+        const float *xr = x + r * N;   /* (N,) */
+        float *yr = out + r * N;       /* (N,) */
+        /* pass A, per chunk: chunk max mc, out = exp(x - mc), running M = max mc and
+         * S = sum over chunks of sc exp(mc - M) */
+        float M = -INFINITY, S = 0.0f;
+        for (int64_t c = 0; c < nc; c++) {
+            int64_t c0 = c * C, L = N - c0 < C ? N - c0 : C;
+            float m, s = V(softmax_chunk)(yr + c0, xr + c0, L, &m);
+            mc[c] = m;
+            if (m > M) { S = S * expf(M - m) + s; M = m; }
+            else S += m == -INFINITY ? s : s * expf(m - M);
+        }
+        if (M == -INFINITY) {           /* fully masked row: zeros (NaN if it held a NaN) */
+            if (S != S) for (int64_t j = 0; j < N; j++) yr[j] = NAN;
+            continue;
+        }
+        /* pass B: out *= exp(mc - M) / S per chunk (a NaN S makes the row NaN) */
+        for (int64_t c = 0; c < nc; c++) {
+            int64_t c0 = c * C, L = N - c0 < C ? N - c0 : C;
+            float f = nc == 1 ? 1.0f / S : (mc[c] == -INFINITY ? 0.0f : expf(mc[c] - M)) / S;
+            const vf vfac = V(vset1)(f);
+            float *y = yr + c0;
+            int64_t i = 0;
+            for (; i + RF_VW <= L; i += RF_VW) V(vst)(y + i, V(vld)(y + i) * vfac);
+            for (; i < L; i++) y[i] *= f;
+        }
+    }
+}
+#else
+/* ======== common part: reference, dispatch, thunk ======== */
+#include <math.h>
+#include "softmax.h"
+#include "_dispatch.h"
+#define RF_SELF "softmax.c"
+#include "_vmath.h"
+
+/* naive: per row max, expf, sum, divide */
+void rf_softmax_f32_ref(float *out /* (R,N) */, const float *x /* (R,N) */, int64_t R, int64_t N) {
+    for (int64_t r = 0; r < R; r++) {
+        const float *xr = x + r * N;
+        float *yr = out + r * N;
+        float m = -INFINITY;
+        int nan = 0;
+        for (int64_t i = 0; i < N; i++) {
+            if (isnan(xr[i])) nan = 1;
+            else if (xr[i] > m) m = xr[i];
+        }
+        if (nan || m == -INFINITY) {
+            for (int64_t i = 0; i < N; i++) yr[i] = nan ? NAN : 0.0f;
+            continue;
+        }
+        float s = 0.0f;
+        for (int64_t i = 0; i < N; i++) { yr[i] = expf(xr[i] - m); s += yr[i]; }
+        for (int64_t i = 0; i < N; i++) yr[i] /= s;
+    }
+}
+
+void rf_softmax_f32(float *out, const float *x, int64_t R, int64_t N) {
+    RF_DISPATCH(softmax_rows, out, x, R, N);
+}
+
+void rf_softmax_thunk(void *ctx) {
+    rf_softmax_args *a = (rf_softmax_args *)ctx;
+    rf_softmax_f32(a->out, a->x, a->R, a->N);
+}
+#endif

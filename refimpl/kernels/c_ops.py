@@ -1,0 +1,260 @@
+"""The "c" backend for softmax, attention, layer_norm, rms_norm, gelu_tanh, silu and rope.
+
+Every op checks its arguments here (dtype, rank, shapes, naming the argument), copies
+non-contiguous or misaligned inputs, allocates a new output and calls the C kernel in
+refimpl._kernels (csrc/kernels/<op>.c: AVX-512, AVX2+FMA or portable path, chosen at run
+time; see refimpl.kernels.cdispatch).  `op.prepare(...)` returns a `CCall` for timing the
+same call from a loop in C (no Python in the timed region).
+
+Dtypes: float32 only.  float64 arguments raise TypeError (the float64 truth is the oracle,
+backend "numpy"); computing float64 through float32 kernels would silently lose precision.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from refimpl._kernels import ffi, lib
+from refimpl.kernels.ccall import CCall
+from refimpl.kernels.contracts import check_array, check_attention_args
+from refimpl.kernels.registry import register
+
+_INT32_MAX = 2**31 - 1
+
+
+def _f32(name: str, x, ndim: int | None = None) -> np.ndarray:
+    """`x` as a C-contiguous float32 array of rank `ndim`; TypeError for float64 and others."""
+    if isinstance(x, np.ndarray) and x.dtype == np.float64:
+        raise TypeError(f"argument {name!r} has dtype float64: the C backend computes in float32 only "
+                        "(use backend 'numpy', the oracle, for float64)")
+    x = check_array(name, x, dtypes=(np.float32,), ndim=ndim)
+    if not x.flags.aligned:      # np.ascontiguousarray keeps a misaligned contiguous array as is
+        x = x.copy()
+    return x
+
+
+def _fp(a: np.ndarray):
+    return ffi.from_buffer("float[]", a)
+
+
+def _finite(name: str, value, positive: bool = False, nonneg: bool = False) -> float:
+    try:
+        f = float(value)
+    except (TypeError, ValueError):
+        raise TypeError(f"argument {name!r} must be a real number, got {type(value).__name__}") from None
+    if not math.isfinite(f) or (positive and f <= 0) or (nonneg and f < 0):
+        need = "> 0" if positive else (">= 0" if nonneg else "finite")
+        raise ValueError(f"argument {name!r} must be finite and {need}, got {value!r}")
+    return f
+
+
+def _prepared(thunk: str, ctype: str, fields: dict, out: np.ndarray, keep: list, status: bool = False) -> CCall:
+    """Pack `fields` into a new `ctype` struct; the CCall runs `thunk(&struct)`."""
+    args = ffi.new(ctype + " *")
+    for name, value in fields.items():
+        setattr(args, name, value)
+    fn = getattr(lib, thunk)
+    keep = [args, *keep]
+
+    def run(_keep=keep):
+        # `_keep` holds the (possibly copied) inputs: `prepare(...).run()` releases the
+        # temporary CCall before the call, and the C kernel must not read freed memory
+        fn(args)
+        if status and args.status != 0:
+            raise MemoryError(f"{thunk}: could not allocate its scratch buffers")
+        return out
+
+    fn_addr = int(ffi.cast("uintptr_t", ffi.addressof(lib, thunk)))
+    ctx_addr = int(ffi.cast("uintptr_t", args))
+    return CCall(fn_addr=fn_addr, ctx_addr=ctx_addr, run=run, out=out, keep=keep)
+
+
+# --------------------------------------------------------------------------
+# softmax
+# --------------------------------------------------------------------------
+
+
+def prepare_softmax(x) -> CCall:  # [R,N] -> [R,N]
+    x = _f32("x", x, ndim=2)
+    out = np.empty_like(x)
+    bufs = [_fp(out), _fp(x)] if x.size else [ffi.NULL, ffi.NULL]
+    R, N = x.shape if x.size else (0, 0)
+    return _prepared("rf_softmax_thunk", "rf_softmax_args",
+                     dict(out=bufs[0], x=bufs[1], R=R, N=N), out, [x, *bufs])
+
+
+@register("softmax", "c")
+def softmax(x):  # [R,N] -> [R,N], over the last axis
+    """Row softmax (fused max / exp-sum / scale, vector exp within EXP_ULPS)."""
+    return prepare_softmax(x).run()
+
+
+softmax.prepare = prepare_softmax
+
+
+# --------------------------------------------------------------------------
+# attention
+# --------------------------------------------------------------------------
+
+
+def prepare_attention(q, k, v, causal=False, scale=None) -> CCall:  # [H,Lq,D],[Hkv,Lk,D],[Hkv,Lk,D] -> [H,Lq,D]
+    q = _f32("q", q, ndim=3)
+    k = _f32("k", k, ndim=3)
+    v = _f32("v", v, ndim=3)
+    q, k, v = check_attention_args(q, k, v, bool(causal))
+    H, Lq, D = q.shape
+    Hkv, Lk, _ = k.shape
+    if D == 0:
+        raise ValueError("attention: head width D must be >= 1, got q of shape " f"{q.shape}")
+    if Lk == 0:
+        raise ValueError(f"attention: needs at least one key, got k of shape {k.shape}")
+    if Lk > _INT32_MAX:
+        raise ValueError(f"attention: Lk={Lk} exceeds the C kernel's limit {_INT32_MAX}")
+    scale = 1.0 / math.sqrt(D) if scale is None else _finite("scale", scale)
+    out = np.empty_like(q)
+    bufs = [_fp(a) for a in (out, q, k, v)] if q.size else [ffi.NULL] * 4
+    return _prepared("rf_attention_thunk", "rf_attention_args",
+                     dict(out=bufs[0], q=bufs[1], k=bufs[2], v=bufs[3], H=H, Hkv=Hkv, Lq=Lq, Lk=Lk, D=D,
+                          scale=scale, causal=int(bool(causal)), status=0),
+                     out, [q, k, v, *bufs], status=True)
+
+
+@register("attention", "c")
+def attention(q, k, v, causal=False, scale=None):  # [H,Lq,D],[Hkv,Lk,D],[Hkv,Lk,D] -> [H,Lq,D]
+    """Flash-style attention (online softmax over 64-key tiles, 48-row query blocks, GQA in place)."""
+    return prepare_attention(q, k, v, causal, scale).run()
+
+
+attention.prepare = prepare_attention
+
+
+# --------------------------------------------------------------------------
+# layer_norm, rms_norm
+# --------------------------------------------------------------------------
+
+
+def _norm_args(x, w, b):
+    x = _f32("x", x, ndim=2)
+    D = x.shape[1]
+    w = _f32("w", w, ndim=1)
+    if w.shape != (D,):
+        raise ValueError(f"argument 'w' has shape {w.shape}, expected ({D},) to match x {x.shape}")
+    if b is not None:
+        b = _f32("b", b, ndim=1)
+        if b.shape != (D,):
+            raise ValueError(f"argument 'b' has shape {b.shape}, expected ({D},) to match x {x.shape}")
+    return x, w, b
+
+
+def prepare_layer_norm(x, w, b, eps=1e-5) -> CCall:  # [T,D],[D],[D] -> [T,D]
+    x, w, b = _norm_args(x, w, b)
+    eps = _finite("eps", eps, nonneg=True)
+    out = np.empty_like(x)
+    bufs = [_fp(a) for a in (out, x, w, b)] if x.size else [ffi.NULL] * 4
+    T, D = x.shape if x.size else (0, 0)
+    return _prepared("rf_layer_norm_thunk", "rf_norm_args",
+                     dict(out=bufs[0], x=bufs[1], w=bufs[2], b=bufs[3], T=T, D=D, eps=eps), out, [x, w, b, *bufs])
+
+
+@register("layer_norm", "c")
+def layer_norm(x, w, b, eps=1e-5):  # [T,D],[D],[D] -> [T,D]
+    """LayerNorm over rows: (x - mean) / sqrt(var + eps) * w + b."""
+    return prepare_layer_norm(x, w, b, eps).run()
+
+
+layer_norm.prepare = prepare_layer_norm
+
+
+def prepare_rms_norm(x, w, eps=1e-6) -> CCall:  # [T,D],[D] -> [T,D]
+    x, w, _ = _norm_args(x, w, None)
+    eps = _finite("eps", eps, nonneg=True)
+    out = np.empty_like(x)
+    bufs = [_fp(a) for a in (out, x, w)] if x.size else [ffi.NULL] * 3
+    T, D = x.shape if x.size else (0, 0)
+    return _prepared("rf_rms_norm_thunk", "rf_norm_args",
+                     dict(out=bufs[0], x=bufs[1], w=bufs[2], b=ffi.NULL, T=T, D=D, eps=eps), out, [x, w, *bufs])
+
+
+@register("rms_norm", "c")
+def rms_norm(x, w, eps=1e-6):  # [T,D],[D] -> [T,D]
+    """RMSNorm over rows: x / sqrt(mean(x^2) + eps) * w."""
+    return prepare_rms_norm(x, w, eps).run()
+
+
+rms_norm.prepare = prepare_rms_norm
+
+
+# --------------------------------------------------------------------------
+# gelu_tanh, silu (any shape)
+# --------------------------------------------------------------------------
+
+
+def _prepare_act(thunk: str, x) -> CCall:
+    x = _f32("x", x)
+    out = np.empty_like(x)
+    bufs = [_fp(out), _fp(x)] if x.size else [ffi.NULL, ffi.NULL]
+    return _prepared(thunk, "rf_act_args", dict(out=bufs[0], x=bufs[1], N=x.size), out, [x, *bufs])
+
+
+def prepare_gelu_tanh(x) -> CCall:  # [...] -> [...]
+    return _prepare_act("rf_gelu_tanh_thunk", x)
+
+
+def prepare_silu(x) -> CCall:  # [...] -> [...]
+    return _prepare_act("rf_silu_thunk", x)
+
+
+@register("gelu_tanh", "c")
+def gelu_tanh(x):  # [...] -> [...]
+    """GELU, tanh approximation, computed as x sigmoid(2 sqrt(2/pi) (x + 0.044715 x^3))."""
+    return prepare_gelu_tanh(x).run()
+
+
+@register("silu", "c")
+def silu(x):  # [...] -> [...]
+    """SiLU: x sigmoid(x)."""
+    return prepare_silu(x).run()
+
+
+gelu_tanh.prepare = prepare_gelu_tanh
+silu.prepare = prepare_silu
+
+
+# --------------------------------------------------------------------------
+# rope
+# --------------------------------------------------------------------------
+
+
+def prepare_rope(x, positions, theta=10000.0, interleaved=False) -> CCall:  # [H,T,D],[T] -> [H,T,D]
+    x = _f32("x", x, ndim=3)
+    H, T, D = x.shape
+    if D % 2:
+        raise ValueError(f"rope: head width D={D} (x of shape {x.shape}) must be even")
+    p = np.asarray(positions)
+    if p.dtype.kind not in "iu":
+        raise TypeError(f"argument 'positions' must hold integers, got dtype {p.dtype}")
+    if p.shape != (T,):
+        raise ValueError(f"argument 'positions' has shape {p.shape}, expected ({T},) to match x {x.shape}")
+    if p.dtype.kind == "u" and p.size and int(p.max()) > np.iinfo(np.int64).max:
+        raise ValueError("argument 'positions' has values beyond the int64 range")
+    p = np.ascontiguousarray(p, dtype=np.int64)
+    theta = _finite("theta", theta, positive=True)
+    out = np.empty_like(x)
+    if x.size:
+        bufs = [_fp(out), _fp(x), ffi.from_buffer("int64_t[]", p)]
+    else:
+        bufs = [ffi.NULL] * 3
+    return _prepared("rf_rope_thunk", "rf_rope_args",
+                     dict(out=bufs[0], x=bufs[1], positions=bufs[2], H=H, T=T, D=D, theta=theta,
+                          interleaved=int(bool(interleaved)), status=0),
+                     out, [x, p, *bufs], status=True)
+
+
+@register("rope", "c")
+def rope(x, positions, theta=10000.0, interleaved=False):  # [H,T,D],[T] -> [H,T,D]
+    """Rotary embedding, half-split (HF) or interleaved pairs (llama2.c); angles in double."""
+    return prepare_rope(x, positions, theta, interleaved).run()
+
+
+rope.prepare = prepare_rope
