@@ -57,6 +57,8 @@ def check_array(name: str, x, dtypes=(np.float32, np.float64), ndim: int | None 
         raise TypeError(f"argument {name!r} has dtype {x.dtype}, expected {allowed}")
     if ndim is not None and x.ndim != ndim:
         raise ValueError(f"argument {name!r} must be {ndim}-D, got shape {x.shape}")
+    if not x.dtype.isnative:                             # '>f4' is float32 too, but C would read swapped bytes
+        x = x.astype(x.dtype.newbyteorder("="))
     if not (x.flags.c_contiguous and x.flags.aligned):
         x = np.array(x, order="C", copy=True)        # ascontiguousarray keeps a misaligned array as it is
     return x
