@@ -207,6 +207,28 @@ def test_attention_shapes(path, H, Hkv, Lq, Lk, D, causal):
 
 
 @pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("Hkv,Lk,S_max,Lq", [(2, 10, 64, 1), (8, 300, 301, 1), (1, 77, 80, 5), (4, 1, 9, 1)])
+def test_attention_reads_a_kv_cache_slice_in_place(path, Hkv, Lk, S_max, Lq):
+    """k, v = cache[:, :Lk] of a (Hkv, S_max, D) cache: read with a head stride, not copied."""
+    rng = np.random.default_rng(Lk)
+    D, H = 32, 2 * Hkv
+    cache_k = rng.standard_normal((Hkv, S_max, D)).astype(F32)
+    cache_v = rng.standard_normal((Hkv, S_max, D)).astype(F32)
+    q = rng.standard_normal((H, Lq, D)).astype(F32)
+    k, v = cache_k[:, :Lk], cache_v[:, :Lk]
+    assert c_ops._kv_head_stride(k, v) == S_max * D
+    with forced_path(path):
+        got = c_ops.attention(q, k, v, causal=True)
+        assert (got == c_ops.attention(q, k.copy(), v.copy(), causal=True)).all()
+        _attention_check(q, k, v, True, None, f"attention[{path}] cache slice {(Hkv, Lk, S_max, Lq)}")
+    # views that do not fit the rule are copied, with the same result
+    assert c_ops._kv_head_stride(k, cache_v[:, 1:Lk + 1]) is not None      # same strides: fine
+    assert c_ops._kv_head_stride(k[:, :, ::2], v[:, :, ::2]) is None        # rows not contiguous
+    if S_max != Lk:
+        assert c_ops._kv_head_stride(k, v.copy()) is None                   # k and v strided differently
+
+
+@pytest.mark.parametrize("path", PATHS)
 def test_attention_large_scores(path):
     """Scores of several hundred: the online softmax must rescale without overflow."""
     rng = np.random.default_rng(7)

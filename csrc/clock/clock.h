@@ -1,12 +1,16 @@
-/* refimpl._clock: the cycle counter.
+/* refimpl._clock: the cycle counter, timing loops and machine probes.
  *
  * On x86-64 a region is read as  start = lfence; rdtsc   and
  *                                 stop  = rdtscp; lfence  (TSC_AUX -> cpu id).
  * On aarch64 the virtual counter cntvct_el0 (isb-fenced) is read instead, and
- * elsewhere clock_gettime(CLOCK_MONOTONIC_RAW) in nanoseconds.
+ * elsewhere clock_gettime(CLOCK_MONOTONIC) in nanoseconds.
  * Units are "ticks" of that counter: reference ticks, not core cycles.
+ *
+ * Sizes: n = number of samples, reps = calls per timed region,
+ *        n_adds = length of a dependent add chain, bytes = buffer size.
  */
 #include <stdint.h>
+#include <stddef.h>
 
 /* which counter this build reads: "rdtsc", "cntvct", or "clock_gettime" */
 const char *rf_counter_name(void);
@@ -14,3 +18,38 @@ const char *rf_counter_name(void);
 uint64_t rf_ticks_start(void);
 /* one fenced read for the end of a region; *cpu <- TSC_AUX (cpu id) or -1 */
 uint64_t rf_ticks_stop(int32_t *cpu);
+
+/* deltas[i] = stop - start of an empty fenced region, i < n (overhead, granularity);
+ * returns the number of regions whose start and stop cpu ids differed */
+int64_t rf_empty_regions(uint64_t *deltas /* (n,) */, int64_t n);
+
+/* ticks of one fenced region around a dependent chain of n_adds 1-cycle adds
+ * (inline asm, 16 adds per loop trip; n_adds is rounded up to a multiple of 16) */
+uint64_t rf_add_chain_ticks(uint64_t n_adds);
+
+/* ticks of one fenced region around reps calls fn(ctx), the loop in C;
+ * *cpu_start, *cpu_stop <- cpu ids read just before and at the end (-1 if unknown) */
+uint64_t rf_time_thunk(void (*fn)(void *), void *ctx, uint64_t reps,
+                       int32_t *cpu_start, int32_t *cpu_stop);
+
+/* thunks for tests and calibration: the empty kernel, and an add chain of
+ * *(uint64_t *)ctx dependent adds */
+void rf_empty_thunk(void *ctx);
+void rf_add_chain_thunk(void *ctx /* -> uint64_t n_adds */);
+
+/* write one byte per 64-byte line of buf (bytes long): evicts other data from the caches */
+void rf_touch(uint8_t *buf /* (bytes,) */, size_t bytes);
+
+/* streaming read of buf (bytes, a multiple of 256, 64-byte aligned) passes times;
+ * returns ticks of the whole region; *sink <- xor of all words (keeps the loads live) */
+uint64_t rf_bw_read(uint64_t *sink, const void *buf /* (bytes,) */, size_t bytes, uint64_t passes);
+/* copy src -> dst (bytes, a multiple of 256, 64-byte aligned) passes times; returns ticks */
+uint64_t rf_bw_copy(void *dst /* (bytes,) */, const void *src /* (bytes,) */, size_t bytes, uint64_t passes);
+/* SIMD width in bits the bandwidth kernels use: 512, 256 or 128 (0 = scalar) */
+int rf_bw_simd_bits(void);
+
+/* perf_event_open probe: count core cycles and instructions (user space) around
+ * an add chain of n_adds.  Returns 0 and fills *cycles, *instructions when the
+ * counters work; else a positive errno from perf_event_open, or -1 if the
+ * counters opened but counted nothing (a VM without a virtual PMU). */
+int rf_perf_probe(uint64_t *cycles, uint64_t *instructions, uint64_t n_adds);

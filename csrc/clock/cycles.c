@@ -1,6 +1,293 @@
+/* refimpl._clock: fenced counter reads, timing loops in C, calibration and
+ * machine probes (add chain, cache/memory bandwidth, perf_event_open). */
+#if defined(__linux__) && !defined(_GNU_SOURCE)
+#define _GNU_SOURCE
+#endif
+#include <errno.h>
+#include <string.h>
 #include "clock.h"
 #include "_tsc.h"
+
+#if defined(__x86_64__) || defined(__i386__)
+#include <immintrin.h>
+#define RF_X86 1
+#define RF_T_AVX512 __attribute__((target("avx512f")))
+#define RF_T_AVX2 __attribute__((target("avx2")))
+#endif
 
 const char *rf_counter_name(void) { return RF_COUNTER; }
 uint64_t rf_ticks_start(void) { return rf__start(); }
 uint64_t rf_ticks_stop(int32_t *cpu) { return rf__stop(cpu); }
+
+/* ---------------------------------------------------------------- overhead */
+
+int64_t rf_empty_regions(uint64_t *deltas /* (n,) */, int64_t n) {
+    int64_t migrated = 0;
+    for (int64_t i = 0; i < n; i++) {
+        int32_t c0, c1;
+        (void)rf__stop(&c0);                 /* cpu id before the region */
+        uint64_t t0 = rf__start();
+        uint64_t t1 = rf__stop(&c1);
+        deltas[i] = t1 - t0;
+        migrated += (c0 != c1);
+    }
+    return migrated;
+}
+
+/* -------------------------------------------------------------- add chain */
+
+/* n_trips trips of 16 dependent adds: 16 core cycles per trip on any core with
+ * 1-cycle integer add latency; the loop counter is an independent chain. */
+static inline uint64_t rf__add_chain(uint64_t n_trips) {
+    uint64_t x = 0;
+    if (!n_trips) return x;
+#if defined(__x86_64__)
+    __asm__ __volatile__(
+        "1:\n\t"
+        "add $1, %0\n\tadd $1, %0\n\tadd $1, %0\n\tadd $1, %0\n\t"
+        "add $1, %0\n\tadd $1, %0\n\tadd $1, %0\n\tadd $1, %0\n\t"
+        "add $1, %0\n\tadd $1, %0\n\tadd $1, %0\n\tadd $1, %0\n\t"
+        "add $1, %0\n\tadd $1, %0\n\tadd $1, %0\n\tadd $1, %0\n\t"
+        "dec %1\n\t"
+        "jnz 1b"
+        : "+r"(x), "+r"(n_trips) : : "cc");
+#elif defined(__aarch64__)
+    __asm__ __volatile__(
+        "1:\n\t"
+        "add %0, %0, #1\n\tadd %0, %0, #1\n\tadd %0, %0, #1\n\tadd %0, %0, #1\n\t"
+        "add %0, %0, #1\n\tadd %0, %0, #1\n\tadd %0, %0, #1\n\tadd %0, %0, #1\n\t"
+        "add %0, %0, #1\n\tadd %0, %0, #1\n\tadd %0, %0, #1\n\tadd %0, %0, #1\n\t"
+        "add %0, %0, #1\n\tadd %0, %0, #1\n\tadd %0, %0, #1\n\tadd %0, %0, #1\n\t"
+        "subs %1, %1, #1\n\t"
+        "b.ne 1b"
+        : "+r"(x), "+r"(n_trips) : : "cc");
+#else
+    for (uint64_t i = 0; i < n_trips * 16; i++) {
+        x += 1;
+        __asm__ __volatile__("" : "+r"(x));   /* opaque: no folding */
+    }
+#endif
+    return x;
+}
+
+uint64_t rf_add_chain_ticks(uint64_t n_adds) {
+    uint64_t trips = (n_adds + 15) / 16;
+    uint64_t t0 = rf__start();
+    uint64_t x = rf__add_chain(trips);
+    uint64_t t1 = rf__stop(NULL);
+    __asm__ __volatile__("" : : "r"(x));
+    return t1 - t0;
+}
+
+void rf_empty_thunk(void *ctx) { (void)ctx; __asm__ __volatile__("" : : : "memory"); }
+
+void rf_add_chain_thunk(void *ctx /* -> uint64_t n_adds */) {
+    uint64_t n_adds = *(const uint64_t *)ctx;
+    uint64_t x = rf__add_chain((n_adds + 15) / 16);
+    __asm__ __volatile__("" : : "r"(x));
+}
+
+/* ----------------------------------------------------------- timing loop */
+
+uint64_t rf_time_thunk(void (*fn)(void *), void *ctx, uint64_t reps,
+                       int32_t *cpu_start, int32_t *cpu_stop) {
+    int32_t c0, c1;
+    (void)rf__stop(&c0);                     /* cpu id just before the region */
+    uint64_t t0 = rf__start();
+    for (uint64_t r = 0; r < reps; r++) fn(ctx);
+    uint64_t t1 = rf__stop(&c1);
+    if (cpu_start) *cpu_start = c0;
+    if (cpu_stop) *cpu_stop = c1;
+    return t1 - t0;
+}
+
+void rf_touch(uint8_t *buf /* (bytes,) */, size_t bytes) {
+    for (size_t i = 0; i < bytes; i += 64) buf[i] += 1;
+    __asm__ __volatile__("" : : "r"(buf) : "memory");
+}
+
+/* -------------------------------------------------------------- bandwidth */
+/* read: sum of 64-bit words, 4 independent vector accumulators, 256 bytes a trip.
+ * copy: 256 bytes a trip, ordinary (cached) stores.  bytes % 256 == 0. */
+
+#ifdef RF_X86
+RF_T_AVX512 static uint64_t bw_read_avx512(uint64_t *sink, const void *buf, size_t bytes, uint64_t passes) {
+    const char *p = (const char *)buf;
+    __m512i a0 = _mm512_setzero_si512(), a1 = a0, a2 = a0, a3 = a0;
+    uint64_t t0 = rf__start();
+    for (uint64_t k = 0; k < passes; k++)
+        for (size_t i = 0; i < bytes; i += 256) {
+            a0 = _mm512_add_epi64(a0, _mm512_load_si512((const void *)(p + i)));
+            a1 = _mm512_add_epi64(a1, _mm512_load_si512((const void *)(p + i + 64)));
+            a2 = _mm512_add_epi64(a2, _mm512_load_si512((const void *)(p + i + 128)));
+            a3 = _mm512_add_epi64(a3, _mm512_load_si512((const void *)(p + i + 192)));
+        }
+    uint64_t t1 = rf__stop(NULL);
+    a0 = _mm512_add_epi64(_mm512_add_epi64(a0, a1), _mm512_add_epi64(a2, a3));
+    *sink = (uint64_t)_mm512_reduce_add_epi64(a0);
+    return t1 - t0;
+}
+RF_T_AVX512 static uint64_t bw_copy_avx512(void *dst, const void *src, size_t bytes, uint64_t passes) {
+    const char *s = (const char *)src;
+    char *d = (char *)dst;
+    uint64_t t0 = rf__start();
+    for (uint64_t k = 0; k < passes; k++) {
+        for (size_t i = 0; i < bytes; i += 256) {
+            __m512i x0 = _mm512_load_si512((const void *)(s + i));
+            __m512i x1 = _mm512_load_si512((const void *)(s + i + 64));
+            __m512i x2 = _mm512_load_si512((const void *)(s + i + 128));
+            __m512i x3 = _mm512_load_si512((const void *)(s + i + 192));
+            _mm512_store_si512((void *)(d + i), x0);
+            _mm512_store_si512((void *)(d + i + 64), x1);
+            _mm512_store_si512((void *)(d + i + 128), x2);
+            _mm512_store_si512((void *)(d + i + 192), x3);
+        }
+        __asm__ __volatile__("" : : "r"(d) : "memory");
+    }
+    uint64_t t1 = rf__stop(NULL);
+    return t1 - t0;
+}
+RF_T_AVX2 static uint64_t bw_read_avx2(uint64_t *sink, const void *buf, size_t bytes, uint64_t passes) {
+    const char *p = (const char *)buf;
+    __m256i a0 = _mm256_setzero_si256(), a1 = a0, a2 = a0, a3 = a0;
+    uint64_t t0 = rf__start();
+    for (uint64_t k = 0; k < passes; k++)
+        for (size_t i = 0; i < bytes; i += 128) {
+            a0 = _mm256_add_epi64(a0, _mm256_load_si256((const __m256i *)(p + i)));
+            a1 = _mm256_add_epi64(a1, _mm256_load_si256((const __m256i *)(p + i + 32)));
+            a2 = _mm256_add_epi64(a2, _mm256_load_si256((const __m256i *)(p + i + 64)));
+            a3 = _mm256_add_epi64(a3, _mm256_load_si256((const __m256i *)(p + i + 96)));
+        }
+    uint64_t t1 = rf__stop(NULL);
+    a0 = _mm256_add_epi64(_mm256_add_epi64(a0, a1), _mm256_add_epi64(a2, a3));
+    uint64_t w[4];
+    _mm256_storeu_si256((__m256i *)w, a0);
+    *sink = w[0] + w[1] + w[2] + w[3];
+    return t1 - t0;
+}
+RF_T_AVX2 static uint64_t bw_copy_avx2(void *dst, const void *src, size_t bytes, uint64_t passes) {
+    const char *s = (const char *)src;
+    char *d = (char *)dst;
+    uint64_t t0 = rf__start();
+    for (uint64_t k = 0; k < passes; k++) {
+        for (size_t i = 0; i < bytes; i += 128) {
+            __m256i x0 = _mm256_load_si256((const __m256i *)(s + i));
+            __m256i x1 = _mm256_load_si256((const __m256i *)(s + i + 32));
+            __m256i x2 = _mm256_load_si256((const __m256i *)(s + i + 64));
+            __m256i x3 = _mm256_load_si256((const __m256i *)(s + i + 96));
+            _mm256_store_si256((__m256i *)(d + i), x0);
+            _mm256_store_si256((__m256i *)(d + i + 32), x1);
+            _mm256_store_si256((__m256i *)(d + i + 64), x2);
+            _mm256_store_si256((__m256i *)(d + i + 96), x3);
+        }
+        __asm__ __volatile__("" : : "r"(d) : "memory");
+    }
+    uint64_t t1 = rf__stop(NULL);
+    return t1 - t0;
+}
+#endif
+
+static uint64_t bw_read_portable(uint64_t *sink, const void *buf, size_t bytes, uint64_t passes) {
+    const uint64_t *p = (const uint64_t *)buf;
+    size_t n = bytes / 8;
+    uint64_t a0 = 0, a1 = 0, a2 = 0, a3 = 0;
+    uint64_t t0 = rf__start();
+    for (uint64_t k = 0; k < passes; k++)
+        for (size_t i = 0; i < n; i += 4) {
+            a0 += p[i]; a1 += p[i + 1]; a2 += p[i + 2]; a3 += p[i + 3];
+        }
+    uint64_t t1 = rf__stop(NULL);
+    *sink = a0 + a1 + a2 + a3;
+    return t1 - t0;
+}
+
+static uint64_t bw_copy_portable(void *dst, const void *src, size_t bytes, uint64_t passes) {
+    uint64_t t0 = rf__start();
+    for (uint64_t k = 0; k < passes; k++) {
+        memcpy(dst, src, bytes);
+        __asm__ __volatile__("" : : "r"(dst) : "memory");
+    }
+    uint64_t t1 = rf__stop(NULL);
+    return t1 - t0;
+}
+
+int rf_bw_simd_bits(void) {
+#ifdef RF_X86
+    if (__builtin_cpu_supports("avx512f")) return 512;
+    if (__builtin_cpu_supports("avx2")) return 256;
+    return 128;   /* SSE2 baseline: the compiler vectorizes the portable loop */
+#else
+    return 0;
+#endif
+}
+
+uint64_t rf_bw_read(uint64_t *sink, const void *buf /* (bytes,) */, size_t bytes, uint64_t passes) {
+#ifdef RF_X86
+    int w = rf_bw_simd_bits();
+    if (w == 512) return bw_read_avx512(sink, buf, bytes, passes);
+    if (w == 256) return bw_read_avx2(sink, buf, bytes, passes);
+#endif
+    return bw_read_portable(sink, buf, bytes, passes);
+}
+
+uint64_t rf_bw_copy(void *dst /* (bytes,) */, const void *src /* (bytes,) */, size_t bytes, uint64_t passes) {
+#ifdef RF_X86
+    int w = rf_bw_simd_bits();
+    if (w == 512) return bw_copy_avx512(dst, src, bytes, passes);
+    if (w == 256) return bw_copy_avx2(dst, src, bytes, passes);
+#endif
+    return bw_copy_portable(dst, src, bytes, passes);
+}
+
+/* ------------------------------------------------------------ perf probe */
+
+#if defined(__linux__)
+#include <linux/perf_event.h>
+#include <sys/ioctl.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+
+static int perf_open(uint64_t config) {
+    struct perf_event_attr a;
+    memset(&a, 0, sizeof a);
+    a.type = PERF_TYPE_HARDWARE;
+    a.size = sizeof a;
+    a.config = config;
+    a.disabled = 1;
+    a.exclude_kernel = 1;
+    a.exclude_hv = 1;
+    return (int)syscall(SYS_perf_event_open, &a, 0, -1, -1, 0);
+}
+
+int rf_perf_probe(uint64_t *cycles, uint64_t *instructions, uint64_t n_adds) {
+    *cycles = 0;
+    *instructions = 0;
+    int fc = perf_open(PERF_COUNT_HW_CPU_CYCLES);
+    if (fc < 0) return errno ? errno : -1;
+    int fi = perf_open(PERF_COUNT_HW_INSTRUCTIONS);
+    if (fi < 0) { int e = errno ? errno : -1; close(fc); return e; }
+    ioctl(fc, PERF_EVENT_IOC_RESET, 0);
+    ioctl(fi, PERF_EVENT_IOC_RESET, 0);
+    ioctl(fc, PERF_EVENT_IOC_ENABLE, 0);
+    ioctl(fi, PERF_EVENT_IOC_ENABLE, 0);
+    uint64_t x = rf__add_chain((n_adds + 15) / 16);
+    ioctl(fc, PERF_EVENT_IOC_DISABLE, 0);
+    ioctl(fi, PERF_EVENT_IOC_DISABLE, 0);
+    __asm__ __volatile__("" : : "r"(x));
+    uint64_t c = 0, i = 0;
+    int ok = read(fc, &c, sizeof c) == (ssize_t)sizeof c && read(fi, &i, sizeof i) == (ssize_t)sizeof i;
+    close(fc);
+    close(fi);
+    if (!ok || c == 0 || i == 0) return -1;
+    *cycles = c;
+    *instructions = i;
+    return 0;
+}
+#else
+int rf_perf_probe(uint64_t *cycles, uint64_t *instructions, uint64_t n_adds) {
+    (void)n_adds;
+    *cycles = 0;
+    *instructions = 0;
+    return -1;
+}
+#endif

@@ -136,8 +136,9 @@ static void V(pv_block)(float *O, const float *Pt, const float *vt, int64_t ldv,
 #undef RF_PV_CASE
 
 static int V(attention)(float *out /* (H,Lq,D) */, const float *q /* (H,Lq,D) */,
-                        const float *k /* (Hkv,Lk,D) */, const float *v /* (Hkv,Lk,D) */,
-                        int64_t H, int64_t Hkv, int64_t Lq, int64_t Lk, int64_t D,
+                        const float *k /* (Hkv,Lk,D), heads kv_stride apart */,
+                        const float *v /* (Hkv,Lk,D), heads kv_stride apart */,
+                        int64_t H, int64_t Hkv, int64_t Lq, int64_t Lk, int64_t D, int64_t kv_stride,
                         float scale, int causal) {
     const int64_t G = H / Hkv;
     const int64_t Dp = (D + RF_VW - 1) / RF_VW * RF_VW;     /* O and packed v row width */
@@ -158,7 +159,7 @@ static int V(attention)(float *out /* (H,Lq,D) */, const float *q /* (H,Lq,D) */
     /* a query block: Bp positions x Gc heads of one kv group */
     const int64_t Bp = G >= BR ? 1 : BR / G, Gc = G >= BR ? BR : G;
     for (int64_t g = 0; g < Hkv; g++) {
-        const float *kg = k + g * Lk * D, *vg = v + g * Lk * D;   /* (Lk,D) each */
+        const float *kg = k + g * kv_stride, *vg = v + g * kv_stride;   /* (Lk,D) each */
         for (int64_t hc = 0; hc < G; hc += Gc) {
             for (int64_t p0 = 0; p0 < Lq; p0 += Bp) {
                 /* rows of this block, their causal limits (last visible key) */
@@ -325,18 +326,24 @@ int rf_attention_f32_ref(float *out /* (H,Lq,D) */, const float *q /* (H,Lq,D) *
     return 0;
 }
 
+int rf_attention_f32_strided(float *out, const float *q, const float *k, const float *v,
+                             int64_t H, int64_t Hkv, int64_t Lq, int64_t Lk, int64_t D, int64_t kv_stride,
+                             float scale, int causal) {
+    if (H <= 0 || Lq <= 0 || D <= 0 || Lk <= 0 || Hkv <= 0) return 0;
+    int rc = 0;
+    RF_DISPATCH(rc = attention, out, q, k, v, H, Hkv, Lq, Lk, D, kv_stride, scale, causal);
+    return rc;
+}
+
 int rf_attention_f32(float *out, const float *q, const float *k, const float *v,
                      int64_t H, int64_t Hkv, int64_t Lq, int64_t Lk, int64_t D,
                      float scale, int causal) {
-    if (H <= 0 || Lq <= 0 || D <= 0 || Lk <= 0 || Hkv <= 0) return 0;
-    int rc = 0;
-    RF_DISPATCH(rc = attention, out, q, k, v, H, Hkv, Lq, Lk, D, scale, causal);
-    return rc;
+    return rf_attention_f32_strided(out, q, k, v, H, Hkv, Lq, Lk, D, Lk * D, scale, causal);
 }
 
 void rf_attention_thunk(void *ctx) {
     rf_attention_args *a = (rf_attention_args *)ctx;
-    a->status = rf_attention_f32(a->out, a->q, a->k, a->v, a->H, a->Hkv, a->Lq, a->Lk, a->D,
-                                 a->scale, a->causal);
+    a->status = rf_attention_f32_strided(a->out, a->q, a->k, a->v, a->H, a->Hkv, a->Lq, a->Lk, a->D,
+                                         a->kv_stride, a->scale, a->causal);
 }
 #endif

@@ -10,6 +10,11 @@
 int rf_attention_f32(float *out, const float *q, const float *k, const float *v,
                      int64_t H, int64_t Hkv, int64_t Lq, int64_t Lk, int64_t D,
                      float scale, int causal);
+/* the same, with kv head g of k and v starting at k + g * kv_stride (a slice of a longer KV cache:
+ * rows of one head contiguous, heads kv_stride >= Lk * D floats apart) */
+int rf_attention_f32_strided(float *out, const float *q, const float *k, const float *v,
+                             int64_t H, int64_t Hkv, int64_t Lq, int64_t Lk, int64_t D, int64_t kv_stride,
+                             float scale, int causal);
 /* naive reference: one query row at a time, an Lk score buffer, libm expf */
 int rf_attention_f32_ref(float *out, const float *q, const float *k, const float *v,
                          int64_t H, int64_t Hkv, int64_t Lq, int64_t Lk, int64_t D,
@@ -26,6 +31,7 @@ typedef struct {
     int64_t Lq;
     int64_t Lk;
     int64_t D;
+    int64_t kv_stride;  /* floats between kv heads of k and v (Lk * D when contiguous) */
     float scale;
     int causal;
     int status;

@@ -17,7 +17,7 @@ import numpy as np
 
 from refimpl._kernels import ffi, lib
 from refimpl.kernels.ccall import CCall
-from refimpl.kernels.contracts import check_array, check_attention_args
+from refimpl.kernels.contracts import check_array, check_attention_args, check_attention_shapes
 from refimpl.kernels.registry import register
 
 _INT32_MAX = 2**31 - 1
@@ -98,11 +98,28 @@ softmax.prepare = prepare_softmax
 # --------------------------------------------------------------------------
 
 
+def _kv_head_stride(k, v):
+    """Floats between kv heads if k and v are the same kind of head-strided view (rows of a head
+    contiguous, e.g. cache[:, :Lk] of a (Hkv, S_max, D) KV cache), else None (they get copied)."""
+    if not (isinstance(k, np.ndarray) and isinstance(v, np.ndarray) and k.ndim == 3 and k.shape == v.shape
+            and k.dtype == v.dtype == np.float32 and k.dtype.isnative and k.flags.aligned and v.flags.aligned
+            and k.strides == v.strides):
+        return None
+    Hkv, Lk, D = k.shape
+    s0, s1, s2 = k.strides
+    if s2 != 4 or s1 != 4 * D or s0 % 4 or s0 < 4 * Lk * D:
+        return None
+    return s0 // 4
+
+
 def prepare_attention(q, k, v, causal=False, scale=None) -> CCall:  # [H,Lq,D],[Hkv,Lk,D],[Hkv,Lk,D] -> [H,Lq,D]
+    """Also takes k, v as head-strided views of a longer KV cache without copying them."""
+    kv_stride = _kv_head_stride(k, v)
     q = _f32("q", q, ndim=3)
-    k = _f32("k", k, ndim=3)
-    v = _f32("v", v, ndim=3)
-    q, k, v = check_attention_args(q, k, v, bool(causal))
+    if kv_stride is None:
+        q, k, v = check_attention_args(q, _f32("k", k, ndim=3), _f32("v", v, ndim=3), bool(causal))
+    else:
+        check_attention_shapes(q.shape, k.shape, v.shape, bool(causal))
     H, Lq, D = q.shape
     Hkv, Lk, _ = k.shape
     if D == 0:
@@ -113,10 +130,15 @@ def prepare_attention(q, k, v, causal=False, scale=None) -> CCall:  # [H,Lq,D],[
         raise ValueError(f"attention: Lk={Lk} exceeds the C kernel's limit {_INT32_MAX}")
     scale = 1.0 / math.sqrt(D) if scale is None else _finite("scale", scale)
     out = np.empty_like(q)
-    bufs = [_fp(a) for a in (out, q, k, v)] if q.size else [ffi.NULL] * 4
+    if not q.size:
+        bufs = [ffi.NULL] * 4
+    elif kv_stride is None:
+        bufs = [_fp(a) for a in (out, q, k, v)]
+    else:   # views are not contiguous buffers: pass their data pointers; k and v stay alive in `keep`
+        bufs = [_fp(out), _fp(q), ffi.cast("float *", k.ctypes.data), ffi.cast("float *", v.ctypes.data)]
     return _prepared("rf_attention_thunk", "rf_attention_args",
                      dict(out=bufs[0], q=bufs[1], k=bufs[2], v=bufs[3], H=H, Hkv=Hkv, Lq=Lq, Lk=Lk, D=D,
-                          scale=scale, causal=int(bool(causal)), status=0),
+                          kv_stride=kv_stride or Lk * D, scale=scale, causal=int(bool(causal)), status=0),
                      out, [q, k, v, *bufs], status=True)
 
 

@@ -84,22 +84,27 @@ def check_matmul_args(a, b):
     return a, b
 
 
-def check_attention_args(q, k, v, causal=False):
+def check_attention_shapes(q_shape, k_shape, v_shape, causal=False):
     """q (H,Lq,D), k (Hkv,Lk,D), v (Hkv,Lk,D), H % Hkv == 0, causal needs Lq <= Lk."""
-    q = check_array("q", q, ndim=3)
-    k = check_array("k", k, ndim=3)
-    v = check_array("v", v, ndim=3)
-    check_same_dtype(q=q, k=k, v=v)
-    H, Lq, D = q.shape
-    Hkv, Lk, Dk = k.shape
+    H, Lq, D = q_shape
+    Hkv, Lk, Dk = k_shape
     if Dk != D:
         raise ValueError(f"attention: k head width {Dk} != q head width {D}")
-    if v.shape != k.shape:
-        raise ValueError(f"attention: v has shape {v.shape}, expected the shape of k {k.shape}")
+    if tuple(v_shape) != tuple(k_shape):
+        raise ValueError(f"attention: v has shape {tuple(v_shape)}, expected the shape of k {tuple(k_shape)}")
     if Hkv == 0 or H % Hkv:
         raise ValueError(f"attention: query heads H={H} must be a multiple of key/value heads Hkv={Hkv}")
     if causal and Lq > Lk:
         raise ValueError(f"attention: causal needs Lq <= Lk, got Lq={Lq}, Lk={Lk}")
+
+
+def check_attention_args(q, k, v, causal=False):
+    """Arrays checked (see check_array) and shapes checked (see check_attention_shapes)."""
+    q = check_array("q", q, ndim=3)
+    k = check_array("k", k, ndim=3)
+    v = check_array("v", v, ndim=3)
+    check_same_dtype(q=q, k=k, v=v)
+    check_attention_shapes(q.shape, k.shape, v.shape, causal)
     return q, k, v
 
 

@@ -117,7 +117,7 @@ def relu(x):
 def gelu_tanh(x):
     """GELU, tanh approximation (GPT-2 `gelu_new`): 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))."""
     c = x.dtype.type(math.sqrt(2.0 / math.pi))
-    return 0.5 * x * (1.0 + np.tanh(c * (x + 0.044715 * x ** 3)))
+    return 0.5 * x * (1.0 + np.tanh(c * (x + 0.044715 * (x * x * x))))
 
 
 _erf = np.frompyfunc(math.erf, 1, 1)

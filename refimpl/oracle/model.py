@@ -143,6 +143,15 @@ class Model:
         y = self.ops.matmul(np.ascontiguousarray(x), self._w(name, layout))
         return y if bias is None else y + self.p(bias)
 
+    def linears(self, x, names):  # [T,In] -> [T,Out_1], ..., [T,Out_n]
+        """Several maps of the same input, y_i = x W_i, as one product x [W_1 | ... | W_n] (one pass over x)."""
+        w = self._w_io.get(tuple(names))
+        if w is None:
+            w = self._w_io[tuple(names)] = np.ascontiguousarray(
+                np.concatenate([self.params[n].T for n in names], axis=1))
+        y = self.ops.matmul(np.ascontiguousarray(x), w)
+        return np.split(y, np.cumsum([self.params[n].shape[0] for n in names])[:-1], axis=-1)
+
     def norm(self, x, prefix):  # [T,D] -> [T,D]
         c = self.config
         if c.norm == "rmsnorm":
@@ -259,9 +268,8 @@ class Model:
             h, n = f"layers.{i}.", f"layers.{i}"
             # x = x + W_o Attn(RoPE(W_q a), RoPE(W_k a), W_v a),  a = RMSNorm(x)
             a = self.norm(x, h + "input_layernorm"); trace(n + ".attn_norm", a)
-            q = L.split_heads(self.linear(a, h + "self_attn.q_proj.weight"), c.n_heads)
-            k = L.split_heads(self.linear(a, h + "self_attn.k_proj.weight"), c.n_kv_heads)
-            v = L.split_heads(self.linear(a, h + "self_attn.v_proj.weight"), c.n_kv_heads)
+            q, k, v = self.linears(a, [h + f"self_attn.{w}_proj.weight" for w in "qkv"])
+            q, k, v = L.split_heads(q, c.n_heads), L.split_heads(k, c.n_kv_heads), L.split_heads(v, c.n_kv_heads)
             q = self.ops.rope(np.ascontiguousarray(q), pos, c.rope_theta, c.rope_interleaved)
             k = self.ops.rope(np.ascontiguousarray(k), pos, c.rope_theta, c.rope_interleaved)
             trace(n + ".q", q); trace(n + ".k", k); trace(n + ".v", v)
@@ -272,7 +280,8 @@ class Model:
             x = x + o; trace(n + ".resid_attn", x)
             # x = x + W_down (silu(W_gate m) * W_up m),  m = RMSNorm(x)
             m = self.norm(x, h + "post_attention_layernorm"); trace(n + ".ffn_norm", m)
-            f = self.ops.silu(self.linear(m, h + "mlp.gate_proj.weight")) * self.linear(m, h + "mlp.up_proj.weight")
+            gate, up = self.linears(m, [h + "mlp.gate_proj.weight", h + "mlp.up_proj.weight"])
+            f = self.ops.silu(gate) * up
             trace(n + ".ffn_hidden", f)
             f = self.linear(f, h + "mlp.down_proj.weight"); trace(n + ".ffn_out", f)
             x = x + f; trace(n + ".resid_ffn", x)

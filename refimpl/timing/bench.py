@@ -1,0 +1,667 @@
+"""`refimpl bench`: verify every kernel against the oracle, then time them.
+
+    run(ops=None, backends=None, shapes=None, dtype="float32", cold=False, ...) -> report dict
+    print_report(report), write_json(report, path), plot_roofline(report, path)
+    compare(old_report, new_report) -> rows; print_compare(rows)
+
+Order of work (llm.c style, "check before timing"): every (op, backend, shape)
+the run will time is first computed on the same inputs as the float64 oracle
+and checked elementwise against the op's error bound from
+`refimpl.kernels.contracts` (`refimpl.verify.compare.error_stats`; a C kernel's
+prepared call `prepare(...).run()` is checked too).  If any of our backends
+fails, nothing is timed.  torch, when installed, is a reference: it is checked
+the same way and a torch failure only drops torch from the ratios (with a warning).
+
+Timing is single-threaded: threadpoolctl limits BLAS/OpenMP to 1 thread,
+torch.set_num_threads(1).  C kernels with `prepare` are timed from a C loop;
+others (numpy, numba, torch) from Python, so their numbers include one Python
+call per repetition (~90 ticks here).
+
+JSON schema "refimpl.bench/1" (`--json PATH`)
+----------------------------------------------
+{
+  "schema": "refimpl.bench/1",
+  "created": ISO-8601 UTC time, "argv": [...],
+  "settings": {"dtype", "cold", "budget_s", "threads": 1, "quick"},
+  "machine": Machine.as_dict() (refimpl.timing.machine): cpu_model, vendor,
+      family, model, stepping, uarch, flags, simd_bits, n_cpus,
+      peak_flop_per_cycle {dtype: FLOP per core cycle}, peak_source, caches,
+      counter, tsc_hz, core_per_tsc, overhead_ticks, granularity_ticks,
+      perf_available, perf_reason, blas (threadpoolctl), bandwidth
+      {level: {bytes, read, copy}} (B/tick),
+  "verification": [{op, backend, shape, dtype, passed, bound_ratio, max_ulp, nmse, error,
+                    unsupported (present when a fast backend refuses the dtype with a
+                    TypeError, as its contract allows for float64: not timed, not a failure)}],
+  "warnings": [str], "passed": bool (false: something failed verification, nothing timed),
+  "results": [ one row per timed kernel:
+      op, backend, shape (label, e.g. "256x256x256" or "8x2x128x128x64c"),
+      dims [ints], causal (bool), dtype, cold, kind ("c-loop"|"python"),
+      median_ticks, min_ticks, mad_ticks, p90_ticks, mean_ticks, cv (robust,
+      1.4826 MAD/median), cv_raw (std/mean), n, reps, unstable, reasons,
+      preempted (samples dropped: the thread was switched out during them),
+      median_core_cycles (estimated = ticks x core/TSC),
+      flops, bytes, intensity, flop_per_tick, flop_per_core_cycle, pct_peak,
+      bytes_per_tick, roofline_ticks, roofline_bound ("compute"|"memory"),
+      roofline_level, measured_over_bound,
+      vs_numpy (numpy median / this median: > 1 = faster than numpy, or null),
+      vs_torch (same against torch, or null) ]
+}
+Every ticks figure is TSC (reference) ticks per call; the rows' `cv`/`mad_ticks`
+give the noise `compare` uses.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import functools
+import json
+import math
+import sys
+
+import numpy as np
+
+from refimpl.kernels import contracts as C
+from refimpl.timing.metrics import SHAPE_DIMS, roofline, work
+
+SCHEMA = "refimpl.bench/1"
+OUR_BACKENDS = ("numpy", "numba", "c")
+ALL_BACKENDS = OUR_BACKENDS + ("torch",)
+
+# (dims, causal) per op: prefill-sized and decode-sized cases of a small LLM
+DEFAULT_SHAPES = {
+    "matmul": [((256, 256, 256), False), ((128, 768, 768), False), ((1, 768, 3072), False)],
+    "softmax": [((64, 1024), False)],
+    "attention": [((8, 2, 128, 128, 64), True), ((8, 2, 1, 512, 64), True)],
+    "layer_norm": [((64, 768), False)],
+    "rms_norm": [((64, 768), False)],
+    "gelu_tanh": [((64, 3072), False)],
+    "silu": [((64, 3072), False)],
+    "rope": [((8, 128, 64), False)],
+}
+QUICK_SHAPES = {
+    "matmul": [((64, 64, 64), False)],
+    "softmax": [((16, 256), False)],
+    "attention": [((4, 2, 32, 32, 32), True)],
+    "layer_norm": [((16, 256), False)],
+    "rms_norm": [((16, 256), False)],
+    "gelu_tanh": [((16, 256), False)],
+    "silu": [((16, 256), False)],
+    "rope": [((4, 32, 32), False)],
+}
+
+
+# ------------------------------------------------------------------ shapes
+
+
+def shape_label(dims, causal=False) -> str:
+    return "x".join(str(d) for d in dims) + ("c" if causal else "")
+
+
+def parse_shapes(text: str) -> dict:
+    """"op:AxBxC[,op:...]" -> {op: [(dims, causal)]}; attention takes HxHkvxLqxLkxD[c]."""
+    out: dict = {}
+    for item in filter(None, (t.strip() for t in text.split(","))):
+        op, sep, dims = item.partition(":")
+        op = op.strip()
+        if not sep or op not in SHAPE_DIMS:
+            raise ValueError(f"--shapes: {item!r} must be op:AxB..., op one of {list(SHAPE_DIMS)}")
+        dims = dims.strip().lower()
+        causal = False
+        for suffix in (":causal", "c"):
+            if dims.endswith(suffix):
+                dims, causal = dims[: -len(suffix)], True
+        if causal and op != "attention":
+            raise ValueError(f"--shapes: {item!r}: only attention takes a causal flag")
+        try:
+            d = tuple(int(x) for x in dims.split("x"))
+        except ValueError:
+            raise ValueError(f"--shapes: {item!r}: dims must be integers joined by 'x'") from None
+        want = SHAPE_DIMS[op]
+        if len(d) != len(want) or any(x <= 0 for x in d):
+            raise ValueError(f"--shapes: {item!r}: {op} needs {len(want)} positive sizes {'x'.join(want)}")
+        out.setdefault(op, []).append((d, causal))
+    return out
+
+
+# ------------------------------------------------------------------- cases
+
+
+class Case:
+    """One op on one shape: inputs, the float64 oracle's answer and its error bound."""
+
+    def __init__(self, op, dims, causal, dtype, seed=0):
+        from refimpl.oracle import layers as L
+        self.op, self.dims, self.causal, self.dtype = op, tuple(dims), bool(causal), np.dtype(dtype)
+        self.label = shape_label(dims, causal)
+        rng = np.random.default_rng(seed)
+        dt = self.dtype
+
+        def r(*shape, scale=1.0):
+            return (rng.standard_normal(shape) * scale).astype(dt)
+        f64 = lambda a: np.asarray(a, np.float64)  # noqa: E731
+        kw = {}
+        if op == "matmul":
+            M, K, N = dims
+            a, b = r(M, K), r(K, N)
+            args = (a, b)
+            self.want = f64(a) @ f64(b)
+            self.bound = C.matmul_bound(a, b, dt)
+        elif op == "softmax":
+            x = r(*dims, scale=4.0)
+            args = (x,)
+            self.want = L.softmax(f64(x), axis=-1)
+            self.bound = C.softmax_bound(x, self.want, dt)
+        elif op == "attention":
+            H, Hkv, Lq, Lk, D = dims
+            q, k, v = r(H, Lq, D), r(Hkv, Lk, D), r(Hkv, Lk, D)
+            args, kw = (q, k, v), {"causal": self.causal}
+            mask = L.causal_mask(Lq, Lk) if self.causal else None
+            self.want = L.multi_head_attention(f64(q), f64(k), f64(v), mask, None)
+            self.bound = C.attention_bound(q, k, v, causal=self.causal, dtype=dt)
+        elif op == "layer_norm":
+            T, D = dims
+            x, w, b = r(T, D, scale=2.0) + 0.5, r(D), r(D)
+            args, kw = (x, w, b), {"eps": 1e-5}
+            self.want = L.layer_norm(f64(x), f64(w), f64(b), 1e-5)
+            self.bound = C.layer_norm_bound(x, w, b, 1e-5, dt)
+        elif op == "rms_norm":
+            T, D = dims
+            x, w = r(T, D, scale=2.0), r(D)
+            args, kw = (x, w), {"eps": 1e-6}
+            self.want = L.rms_norm(f64(x), f64(w), 1e-6)
+            self.bound = C.rms_norm_bound(x, w, 1e-6, dt)
+        elif op in ("gelu_tanh", "silu"):
+            x = r(*dims, scale=3.0)
+            args = (x,)
+            self.want = getattr(L, op)(f64(x))
+            self.bound = (C.gelu_tanh_bound if op == "gelu_tanh" else C.silu_bound)(x, self.want, dt)
+        elif op == "rope":
+            H, T, D = dims
+            x = r(H, T, D)
+            pos = np.arange(T, dtype=np.int64) + 3
+            args, kw = (x, pos), {"theta": 10000.0, "interleaved": False}
+            self.want = L.rope(f64(x), pos, 10000.0, False)
+            self.bound = C.rope_bound(x, pos, 10000.0, dt)
+        else:
+            raise ValueError(f"unknown op {op!r}")
+        self.args, self.kwargs = args, kw
+        self.work = work(op, self.dims, dt, self.causal)
+
+
+# ------------------------------------------------------------------- torch
+
+
+def torch_impl(op: str):
+    """A torch function with the op's contract (numpy in, numpy out), or None."""
+    try:
+        import torch
+        import torch.nn.functional as F
+    except ImportError:
+        return None
+    t = torch.from_numpy
+
+    if op == "matmul":
+        return lambda a, b: torch.mm(t(a), t(b)).numpy()
+    if op == "softmax":
+        return lambda x: torch.softmax(t(x), -1).numpy()
+    if op == "attention":
+        def attn(q, k, v, causal=False):
+            Lq, Lk = q.shape[1], k.shape[1]
+            mask = None
+            if causal and Lq != Lk:        # bottom-right causal: query i sees keys 0..Lk-Lq+i
+                mask = torch.ones(Lq, Lk, dtype=torch.bool).tril(Lk - Lq)
+            # a batch dimension of 1: with 3-D inputs torch falls back to its slow unfused path
+            return F.scaled_dot_product_attention(t(q)[None], t(k)[None], t(v)[None], attn_mask=mask,
+                                                  is_causal=bool(causal and Lq == Lk),
+                                                  enable_gqa=True)[0].numpy()
+        return attn
+    if op == "layer_norm":
+        return lambda x, w, b, eps=1e-5: F.layer_norm(t(x), (x.shape[-1],), t(w), t(b), eps).numpy()
+    if op == "rms_norm":
+        return lambda x, w, eps=1e-6: F.rms_norm(t(x), (x.shape[-1],), t(w), eps).numpy()
+    if op == "gelu_tanh":
+        return lambda x: F.gelu(t(x), approximate="tanh").numpy()
+    if op == "silu":
+        return lambda x: F.silu(t(x)).numpy()
+    if op == "rope":
+        def rope(x, positions, theta=10000.0, interleaved=False):
+            D = x.shape[-1]
+            inv = theta ** (-torch.arange(0, D, 2, dtype=torch.float64) / D)
+            ang = t(positions).to(torch.float64)[:, None] * inv[None, :]
+            cos, sin = ang.cos().to(t(x).dtype), ang.sin().to(t(x).dtype)
+            xt = t(x)
+            x1, x2 = xt[..., : D // 2], xt[..., D // 2:]
+            return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).numpy()
+        return rope
+    return None
+
+
+def prepare_of(fn, op: str):
+    """The `prepare(...) -> CCall` of a C kernel: `fn.prepare`, else its module's
+    `prepare_<op>`, else the module's `prepare` when the module is the op's own
+    (`refimpl.kernels.c_matmul`).  None when the kernel offers none."""
+    p = getattr(fn, "prepare", None)
+    if callable(p):
+        return p
+    mod = sys.modules.get(getattr(fn, "__module__", "") or "")
+    if mod is None:
+        return None
+    p = getattr(mod, f"prepare_{op}", None)
+    if callable(p):
+        return p
+    p = getattr(mod, "prepare", None)
+    if callable(p) and mod.__name__.rsplit(".", 1)[-1].endswith(op):
+        return p
+    return None
+
+
+def _impl(op, backend):
+    if backend == "torch":
+        return torch_impl(op)
+    from refimpl.kernels import get
+    return get(op, backend)
+
+
+# ------------------------------------------------------------------ verify
+
+
+def verify(case: Case, backend: str, fn) -> dict:
+    """Run `fn` on the case (and its prepared C call, if any); check against the bound."""
+    from refimpl.verify.compare import error_stats
+    row = {"op": case.op, "backend": backend, "shape": case.label, "dtype": str(case.dtype),
+           "passed": False, "bound_ratio": None, "max_ulp": None, "nmse": None, "error": None}
+    try:
+        outs = [("call", fn(*case.args, **case.kwargs))]
+        prep = prepare_of(fn, case.op) if backend == "c" else None
+        if prep is not None:
+            cc = prep(*case.args, **case.kwargs)
+            cc.run()
+            outs.append(("prepare().run()", cc.out))
+        worst = None
+        for how, out in outs:
+            out = np.asarray(out)
+            if out.dtype != case.dtype:
+                raise TypeError(f"{how} returned dtype {out.dtype}, expected {case.dtype}")
+            s = error_stats(out, case.want, case.bound)
+            if worst is None or s.bound_ratio > worst[1].bound_ratio or s.nonfinite_mismatches:
+                worst = (how, s)
+            if s.nonfinite_mismatches or not s.bound_ratio <= 1.0:
+                row["error"] = (f"{how}: worst element {s.worst_index}: got {s.worst_got!r}, oracle "
+                                f"{s.worst_want!r}, bound {s.worst_bound:.3e} (ratio {s.bound_ratio:.3g}); "
+                                f"nonfinite mismatches {s.nonfinite_mismatches}")
+        s = worst[1]
+        row.update(bound_ratio=s.bound_ratio, max_ulp=s.max_ulp, nmse=s.nmse, passed=row["error"] is None)
+    except TypeError as e:
+        if case.dtype != np.float32 and "dtype" in str(e):
+            # the contract lets a fast backend refuse float64 with a TypeError naming the dtype
+            row["unsupported"] = str(e)
+        row["error"] = f"{type(e).__name__}: {e}"
+    except Exception as e:  # a crash is a failed verification, reported with its message
+        row["error"] = f"{type(e).__name__}: {e}"
+    return row
+
+
+# -------------------------------------------------------------------- run
+
+
+class _Threads:
+    """Single-threaded BLAS/OpenMP (threadpoolctl), torch and numba for the run; restored after."""
+
+    def __enter__(self):
+        from threadpoolctl import threadpool_limits
+        self._tp = threadpool_limits(limits=1)
+        # numba first: starting its threading layer can reset the OpenMP thread
+        # count torch reads, so torch is limited last
+        self._numba = None
+        if "numba" in sys.modules:
+            try:
+                import numba
+                self._numba = (numba, numba.get_num_threads())
+                numba.set_num_threads(1)
+            except Exception:
+                self._numba = None
+        self._torch = None
+        if "torch" in sys.modules or torch_impl("matmul") is not None:
+            import torch
+            self._torch = (torch, torch.get_num_threads())
+            torch.set_num_threads(1)
+        return self
+
+    def __exit__(self, *exc):
+        self._tp.restore_original_limits()
+        if self._torch:
+            self._torch[0].set_num_threads(self._torch[1])
+        if self._numba:
+            self._numba[0].set_num_threads(self._numba[1])
+        return False
+
+
+def plan(ops=None, backends=None, shapes=None, quick=False):
+    """[(op, dims, causal, [backends])] the run will verify and time."""
+    from refimpl.kernels import available
+    have = available()
+    ops = list(ops or (shapes.keys() if shapes else SHAPE_DIMS))
+    for op in ops:
+        if op not in SHAPE_DIMS:
+            raise ValueError(f"--ops: unknown op {op!r}; ops are {list(SHAPE_DIMS)}")
+    backends = list(backends or ALL_BACKENDS)
+    for b in backends:
+        if b not in ALL_BACKENDS:
+            raise ValueError(f"--backends: unknown backend {b!r}; backends are {list(ALL_BACKENDS)}")
+    table = shapes or (QUICK_SHAPES if quick else DEFAULT_SHAPES)
+    torch_ok = torch_impl("matmul") is not None
+    out = []
+    for op in ops:
+        bks = [b for b in backends if (b in have.get(op, []) or (b == "torch" and torch_ok))]
+        for dims, causal in table.get(op, []):
+            out.append((op, tuple(dims), bool(causal), bks))
+    return out
+
+
+def run(ops=None, backends=None, shapes=None, dtype="float32", cold=False, quick=False,
+        budget_s: float | None = None, progress: bool = True, console=None, argv=None) -> dict:
+    """Verify, then time; returns the report dict (see the module docstring for its schema)."""
+    from refimpl.timing.harness import measure
+    from refimpl.timing.machine import describe
+    dtype = str(np.dtype(dtype))
+    if dtype not in ("float32", "float64"):
+        raise ValueError(f"--dtype must be float32 or float64, got {dtype}")
+    if budget_s is None:
+        budget_s = 0.03 if quick else 0.2
+    if not budget_s > 0:
+        raise ValueError(f"--budget must be > 0 seconds, got {budget_s}")
+    jobs = plan(ops, backends, shapes, quick)
+    machine = describe(bandwidth=True)
+    report = {"schema": SCHEMA, "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+              "argv": list(argv) if argv is not None else None,
+              "settings": {"dtype": dtype, "cold": bool(cold), "budget_s": budget_s, "threads": 1,
+                           "quick": bool(quick)},
+              "machine": machine.as_dict(), "verification": [], "results": [], "passed": False,
+              "warnings": []}
+    prog = _progress(console) if progress else None
+    cases = {}
+    with _Threads():
+        # 1. verify everything first
+        n_verify = sum(len(b) for *_, b in jobs)
+        task = prog.add_task("verifying", total=n_verify) if prog else None
+        if prog:
+            prog.start()
+        try:
+            failed = []
+            for op, dims, causal, bks in jobs:
+                case = Case(op, dims, causal, dtype)
+                cases[(op, dims, causal)] = case
+                for b in list(bks):
+                    fn = _impl(op, b)
+                    row = verify(case, b, fn)
+                    report["verification"].append(row)
+                    if not row["passed"]:
+                        if row.get("unsupported"):
+                            report["warnings"].append(f"{b} {op}: does not support {dtype} "
+                                                      f"({row['unsupported']}); not timed")
+                            bks.remove(b)
+                        elif b == "torch":
+                            report["warnings"].append(f"torch {op} {case.label}: {row['error']} "
+                                                      "(torch dropped from this case's ratios)")
+                            bks.remove(b)
+                        else:
+                            failed.append(row)
+                    if prog:
+                        prog.advance(task)
+            if failed:
+                report["failed"] = failed
+                return report
+            # 2. time
+            n_time = sum(len(b) for *_, b in jobs)
+            if prog:
+                prog.update(task, description="timing", completed=0, total=n_time)
+            for op, dims, causal, bks in jobs:
+                case = cases[(op, dims, causal)]
+                rows = {}
+                for b in bks:
+                    fn = _impl(op, b)
+                    prep = prepare_of(fn, op) if b == "c" else None
+                    if prep is not None:
+                        target = prep(*case.args, **case.kwargs)
+                    else:
+                        target = functools.partial(fn, *case.args, **case.kwargs)
+                    m = measure(target, name=f"{op}/{b}", cold=cold, budget_s=budget_s)
+                    rows[b] = _row(case, b, m, machine, cold)
+                    if prog:
+                        prog.advance(task)
+                for b, row in rows.items():
+                    for ref in ("numpy", "torch"):
+                        r = rows.get(ref)
+                        row[f"vs_{ref}"] = (r["median_ticks"] / row["median_ticks"]
+                                            if r and row["median_ticks"] > 0 else None)
+                    report["results"].append(row)
+        finally:
+            if prog:
+                prog.stop()
+    report["passed"] = True
+    return report
+
+
+def _row(case, backend, m, machine, cold) -> dict:
+    rf = roofline(case.work, max(m.median, 0.0), machine, case.dtype, cold)
+    return {"op": case.op, "backend": backend, "shape": case.label, "dims": list(case.dims),
+            "causal": case.causal, "dtype": str(case.dtype), "cold": bool(cold), "kind": m.kind,
+            "median_ticks": m.median, "min_ticks": m.min, "mad_ticks": m.mad, "p90_ticks": m.p90,
+            "mean_ticks": m.mean, "cv": m.cv, "cv_raw": m.cv_raw, "n": m.n, "reps": m.reps,
+            "unstable": m.unstable, "reasons": m.reasons, "preempted": m.preempted, "median_core_cycles": m.median_core,
+            "flops": case.work.flops, "bytes": case.work.bytes, "intensity": rf.intensity,
+            "flop_per_tick": rf.flop_per_tick, "flop_per_core_cycle": rf.flop_per_core_cycle,
+            "pct_peak": rf.pct_peak, "bytes_per_tick": rf.bytes_per_tick,
+            "roofline_ticks": rf.roofline_ticks, "roofline_bound": rf.bound,
+            "roofline_level": rf.bandwidth_level, "measured_over_bound": rf.measured_over_bound,
+            "vs_numpy": None, "vs_torch": None}
+
+
+def _progress(console):
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                    console=console, transient=True)
+
+
+# ----------------------------------------------------------------- output
+
+
+def _fmt(x, spec="{:.3g}"):
+    if x is None or (isinstance(x, float) and not math.isfinite(x)):
+        return "-"
+    return spec.format(x)
+
+
+def _ticks(x):
+    if x >= 1e6:
+        return f"{x / 1e6:.3f}M"
+    if x >= 1e4:
+        return f"{x / 1e3:.1f}k"
+    return f"{x:.1f}"
+
+
+def print_report(report: dict, console=None) -> None:
+    from rich.console import Console
+    from rich.table import Table
+    console = console or Console()
+    m = report["machine"]
+    console.print(f"[bold]{m['cpu_model']}[/] ({m.get('uarch') or 'unknown uarch'}), counter {m['counter']} "
+                  f"{m['tsc_hz'] / 1e9:.4f} GHz, core/TSC {m['core_per_tsc']:.3f} (est. core "
+                  f"{m['tsc_hz'] * m['core_per_tsc'] / 1e9:.2f} GHz), peak "
+                  f"{m['peak_flop_per_cycle'][report['settings']['dtype']]:g} FLOP/core cycle "
+                  f"\\[{m['peak_source']}]; timer overhead {m['overhead_ticks']} ticks, step "
+                  f"{m['granularity_ticks']}; PMU: {m['perf_reason'] if not m['perf_available'] else 'yes'}")
+    bw = m.get("bandwidth") or {}
+    if bw:
+        console.print("bandwidth B/tick (read / copy): " + ", ".join(
+            f"{lv} {d['read']:.1f}/{d['copy']:.1f}" for lv, d in bw.items()))
+    for w in report.get("warnings", []):
+        console.print(f"[yellow]warning:[/] {w}")
+    bad = [v for v in report["verification"]
+           if not v["passed"] and v["backend"] != "torch" and not v.get("unsupported")]
+    if bad:
+        console.print(f"[bold red]{len(bad)} kernel(s) FAILED verification against the oracle; nothing timed:[/]")
+        for v in bad:
+            console.print(f"  {v['op']}/{v['backend']} {v['shape']} {v['dtype']}: {v['error']}")
+        return
+    nv = sum(1 for v in report["verification"] if v["passed"])
+    console.print(f"all {nv} kernel checks passed against the float64 oracle "
+                  f"(worst bound ratio {max((v['bound_ratio'] or 0) for v in report['verification']):.3g})")
+    t = Table(title=f"refimpl bench ({report['settings']['dtype']}, "
+                    f"{'cold' if report['settings']['cold'] else 'warm'} cache, 1 thread; ticks = TSC ticks/call, "
+                    f"cyc = est. core cycles)")
+    for col, just in (("op", "left"), ("shape", "left"), ("backend", "left"), ("median ticks", "right"),
+                      ("cv", "right"), ("est. cyc", "right"), ("FLOP/cyc", "right"), ("% peak", "right"),
+                      ("B/tick", "right"), ("FLOP/B", "right"), ("roof", "left"), ("x roof", "right"),
+                      ("x numpy", "right"), ("x torch", "right")):
+        t.add_column(col, justify=just)
+    for r in report["results"]:
+        flag = " [red]![/]" if r["unstable"] else ""
+        t.add_row(r["op"], r["shape"], r["backend"], _ticks(r["median_ticks"]) + flag, f"{r['cv']:.1%}",
+                  _ticks(r["median_core_cycles"]), _fmt(r["flop_per_core_cycle"]), _fmt(r["pct_peak"], "{:.1f}"),
+                  _fmt(r["bytes_per_tick"]), _fmt(r["intensity"]),
+                  f"{r['roofline_bound'][:3]} {r['roofline_level']}", _fmt(r["measured_over_bound"], "{:.2f}"),
+                  _fmt(r["vs_numpy"], "{:.2f}"), _fmt(r["vs_torch"], "{:.2f}"))
+    console.print(t)
+    unstable = [r for r in report["results"] if r["unstable"]]
+    if unstable:
+        console.print("[red]![/] unstable: " + "; ".join(
+            f"{r['op']}/{r['backend']} {r['shape']}: {', '.join(r['reasons'])}" for r in unstable))
+    console.print("x numpy / x torch = reference median / this median (> 1: faster). "
+                  "x roof = median / roofline minimum.")
+
+
+def write_json(report: dict, path: str) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(report, f, indent=1, default=_json_default)
+        f.write("\n")
+
+
+def _json_default(o):
+    if isinstance(o, (np.integer,)):
+        return int(o)
+    if isinstance(o, (np.floating,)):
+        return float(o)
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
+
+
+def read_json(path: str) -> dict:
+    """Load a bench JSON file, checking the schema and the row fields compare needs."""
+    with open(path, encoding="utf-8") as f:
+        try:
+            d = json.load(f)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}: not JSON: {e}") from None
+    if not isinstance(d, dict) or d.get("schema") != SCHEMA:
+        raise ValueError(f"{path}: not a refimpl bench file (schema {d.get('schema') if isinstance(d, dict) else None!r}, "
+                         f"expected {SCHEMA!r})")
+    need = ("op", "backend", "shape", "dtype", "median_ticks", "min_ticks", "cv", "flops", "bytes")
+    for i, r in enumerate(d.get("results", [])):
+        miss = [k for k in need if k not in r]
+        if miss:
+            raise ValueError(f"{path}: results[{i}] lacks {miss}")
+    return d
+
+
+# ---------------------------------------------------------------- compare
+
+
+def _key(r):
+    return (r["op"], r["backend"], r["shape"], r["dtype"], bool(r.get("cold", False)))
+
+
+def _noise(r) -> float:
+    """Relative noise of a row's median: its robust CV, or 1.4826 MAD / median."""
+    cv = r.get("cv") or 0.0
+    med = r.get("median_ticks") or 0.0
+    mad = r.get("mad_ticks")
+    if mad is not None and med > 0:
+        cv = max(cv, 1.4826 * mad / med)
+    return float(cv)
+
+
+def compare(old: dict, new: dict, sigmas: float = 3.0, min_change: float = 0.05) -> list[dict]:
+    """Rows matched by (op, backend, shape, dtype, cold): ratio new/old of median ticks.
+
+    A row is a regression when ratio > 1 + t and an improvement when
+    ratio < 1 / (1 + t), with t = max(sigmas x sqrt(noise_old^2 + noise_new^2),
+    min_change): the rows' own noise, floored by `min_change` because separate
+    runs differ by more than one run's sample noise (frequency, placement).
+    """
+    olds = {_key(r): r for r in old.get("results", [])}
+    out = []
+    for r in new.get("results", []):
+        o = olds.get(_key(r))
+        if o is None:
+            continue
+        noise = math.hypot(_noise(o), _noise(r))
+        thr = max(sigmas * noise, min_change)
+        ratio = r["median_ticks"] / o["median_ticks"] if o["median_ticks"] > 0 else math.inf
+        verdict = "regression" if ratio > 1 + thr else ("improvement" if ratio < 1 / (1 + thr) else "same")
+        out.append({"op": r["op"], "backend": r["backend"], "shape": r["shape"], "dtype": r["dtype"],
+                    "cold": bool(r.get("cold", False)), "old_ticks": o["median_ticks"],
+                    "new_ticks": r["median_ticks"], "ratio": ratio, "threshold": thr, "verdict": verdict})
+    return out
+
+
+def print_compare(rows, console=None) -> None:
+    from rich.console import Console
+    from rich.table import Table
+    console = console or Console()
+    t = Table(title="refimpl bench compare (ratio = new / old median ticks)")
+    for col in ("op", "shape", "backend", "dtype", "old", "new", "ratio", "noise thr", "verdict"):
+        t.add_column(col)
+    for r in rows:
+        color = {"regression": "red", "improvement": "green"}.get(r["verdict"], "")
+        v = f"[{color}]{r['verdict']}[/]" if color else r["verdict"]
+        t.add_row(r["op"], r["shape"], r["backend"], r["dtype"] + (" cold" if r["cold"] else ""),
+                  _ticks(r["old_ticks"]), _ticks(r["new_ticks"]), f"{r['ratio']:.3f}", f"±{r['threshold']:.1%}", v)
+    console.print(t)
+    n_reg = sum(r["verdict"] == "regression" for r in rows)
+    console.print(f"{len(rows)} rows matched; {n_reg} regression(s)")
+
+
+# ------------------------------------------------------------------- plot
+
+
+def plot_roofline(report: dict, path: str) -> None:
+    """Roofline PNG: FLOP/tick against FLOP/byte, log-log, every timed kernel placed."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    m = report["machine"]
+    dtype = report["settings"]["dtype"]
+    peak = m["peak_flop_per_cycle"][dtype] * m["core_per_tsc"]
+    rows = report["results"]
+    fig, ax = plt.subplots(figsize=(9, 6))
+    ais = [r["intensity"] for r in rows if r["intensity"] and math.isfinite(r["intensity"])] or [1.0]
+    lo, hi = min(ais + [0.05]) / 2, max(ais + [100.0]) * 2
+    x = np.geomspace(lo, hi, 200)
+    ax.plot(x, np.full_like(x, peak), "k-", lw=1.5, label=f"peak {dtype} {peak:.1f} FLOP/tick")
+    for lv, d in (m.get("bandwidth") or {}).items():
+        bw = max(d["read"], d["copy"])
+        ax.plot(x, np.minimum(peak, x * bw), "--", lw=1, label=f"{lv} {bw:.1f} B/tick")
+    markers = {"numpy": "o", "numba": "s", "c": "^", "torch": "D"}
+    colors = {"numpy": "tab:blue", "numba": "tab:orange", "c": "tab:green", "torch": "tab:red"}
+    for r in rows:
+        y = r["flop_per_tick"]
+        if not (y and math.isfinite(y)):
+            continue
+        ax.plot(r["intensity"], y, markers.get(r["backend"], "x"), ms=7, color=colors.get(r["backend"], "k"))
+        ax.annotate(f"{r['op']}/{r['backend']}\n{r['shape']}", (r["intensity"], y), fontsize=6,
+                    xytext=(3, 3), textcoords="offset points")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("arithmetic intensity (FLOP / byte)")
+    ax.set_ylabel("FLOP per TSC tick")
+    ax.set_title(f"roofline: {m['cpu_model']} ({m.get('uarch')}), 1 core, "
+                 f"{'cold' if report['settings']['cold'] else 'warm'} cache")
+    for b, mk in markers.items():
+        if any(r["backend"] == b for r in rows):
+            ax.plot([], [], mk, color=colors[b], label=b)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

@@ -1,0 +1,122 @@
+"""`refimpl bench` and `refimpl profile` subcommands."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def _csv(text):
+    return [t.strip() for t in text.split(",") if t.strip()]
+
+
+def add_parser(subparsers) -> None:
+    from refimpl.timing.bench import ALL_BACKENDS
+    from refimpl.timing.metrics import SHAPE_DIMS
+    b = subparsers.add_parser(
+        "bench", help="verify every kernel against the oracle, then time them in cycles",
+        description="Verify every kernel x backend against the float64 oracle (error bounds from "
+                    "refimpl.kernels.contracts), then time them single-threaded with the fenced TSC "
+                    "and print ticks, estimated core cycles, FLOP/cycle, % of peak, roofline and ratios "
+                    "against numpy and torch.  `refimpl bench compare OLD.json NEW.json` compares two runs.",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    b.add_argument("--ops", type=_csv, default=None,
+                   help=f"comma-separated ops (default: all): {','.join(SHAPE_DIMS)}")
+    b.add_argument("--backends", type=_csv, default=None,
+                   help=f"comma-separated backends (default: all available): {','.join(ALL_BACKENDS)}")
+    b.add_argument("--shapes", default=None,
+                   help="op:AxB..[,op:..] e.g. matmul:256x256x256,attention:8x2x128x128x64c "
+                        "(matmul MxKxN, softmax RxN, attention HxHkvxLqxLkxD[c=causal], norms and "
+                        "activations TxD, rope HxTxD)")
+    b.add_argument("--dtype", default="float32", choices=("float32", "float64"))
+    b.add_argument("--cold", action="store_true", help="cold cache: flush (> L3) before every sample, 1 call each")
+    b.add_argument("--quick", action="store_true", help="small shapes and a short time budget (smoke test)")
+    b.add_argument("--budget", type=float, default=None, help="seconds of samples per kernel (default 0.2; quick 0.03)")
+    b.add_argument("--json", metavar="PATH", help="write the report as JSON (schema in refimpl.timing.bench)")
+    b.add_argument("--plot", metavar="PATH", help="write a roofline PNG with every kernel placed")
+    b.add_argument("--no-progress", action="store_true", help="no progress bar")
+    b.set_defaults(func=_bench)
+    sub = b.add_subparsers(dest="bench_command", metavar="{compare}")
+    c = sub.add_parser("compare", help="compare two bench JSON files; flag regressions beyond noise")
+    c.add_argument("old")
+    c.add_argument("new")
+    c.add_argument("--sigmas", type=float, default=3.0, help="noise multiple for a change (default 3)")
+    c.add_argument("--min-change", type=float, default=0.05,
+                   help="smallest relative change ever flagged (default 0.05 = 5%%)")
+    c.set_defaults(func=_compare)
+
+    p = subparsers.add_parser(
+        "profile", help="cycles per token by stage (prefill and decode) against the analytic roofline",
+        description="Run a model (PATH, or a built-in tiny Llama when omitted) through prefill and decode, "
+                    "timing each stage between trace points, next to the analytic FLOPs / bytes per token "
+                    "and the roofline minimum.")
+    p.add_argument("path", nargs="?", default=None, help="model path (default: built-in tiny model)")
+    p.add_argument("--backends", type=_csv, default=None, help="comma-separated: numpy,numba,c (default: all available)")
+    p.add_argument("--dtype", default="float32", choices=("float32", "float64"))
+    p.add_argument("--prompt-len", type=int, default=32, help="prefill tokens (default 32)")
+    p.add_argument("--decode", type=int, default=16, help="decode steps (default 16)")
+    p.add_argument("--repeats", type=int, default=3, help="runs per backend; the fastest per stage is kept")
+    p.add_argument("--json", metavar="PATH")
+    p.add_argument("--plot", metavar="PATH", help="stacked-bar PNG of cycles per token by stage")
+    p.set_defaults(func=_profile)
+
+
+def _console():
+    from rich.console import Console
+    c = Console()
+    if not c.is_terminal:          # pipes and CI logs: wide enough for the tables
+        c = Console(width=200)
+    return c
+
+
+def _bench(args) -> int:
+    from refimpl.timing import bench
+    console = _console()
+    try:
+        shapes = bench.parse_shapes(args.shapes) if args.shapes else None
+        report = bench.run(ops=args.ops, backends=args.backends, shapes=shapes, dtype=args.dtype,
+                           cold=args.cold, quick=args.quick, budget_s=args.budget,
+                           progress=not args.no_progress and console.is_terminal, console=console,
+                           argv=sys.argv)
+    except ValueError as e:
+        console.print(f"[red]error:[/] {e}")
+        return 2
+    bench.print_report(report, console)
+    if args.json:
+        bench.write_json(report, args.json)
+        console.print(f"wrote {args.json}")
+    if args.plot and report["results"]:
+        bench.plot_roofline(report, args.plot)
+        console.print(f"wrote {args.plot}")
+    return 0 if report["passed"] else 1
+
+
+def _compare(args) -> int:
+    from refimpl.timing import bench
+    console = _console()
+    try:
+        old, new = bench.read_json(args.old), bench.read_json(args.new)
+    except (OSError, ValueError) as e:
+        console.print(f"[red]error:[/] {e}")
+        return 2
+    rows = bench.compare(old, new, sigmas=args.sigmas, min_change=args.min_change)
+    bench.print_compare(rows, console)
+    return 1 if any(r["verdict"] == "regression" for r in rows) else 0
+
+
+def _profile(args) -> int:
+    from refimpl.timing import profile
+    console = _console()
+    try:
+        report = profile.run(path=args.path, backends=args.backends, dtype=args.dtype,
+                             prompt_len=args.prompt_len, decode=args.decode, repeats=args.repeats)
+    except (ValueError, OSError) as e:
+        console.print(f"[red]error:[/] {e}")
+        return 2
+    profile.print_report(report, console)
+    if args.json:
+        profile.write_json(report, args.json)
+        console.print(f"wrote {args.json}")
+    if args.plot:
+        profile.plot(report, args.plot)
+        console.print(f"wrote {args.plot}")
+    return 0

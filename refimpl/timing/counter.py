@@ -1,0 +1,228 @@
+"""The cycle counter seen from Python: `cycles()` and `calibrate()`.
+
+    cycles()       -> int       one fenced counter read (start flavour)
+    calibrate()    -> Calibration (cached per process; `calibrate(force=True)` re-measures)
+
+Units.  A *tick* is one increment of the counter the native module reads
+(`counter` field): the x86 TSC (`rdtsc`, reference ticks at a constant
+frequency, *not* core cycles), aarch64 `cntvct_el0`, or nanoseconds of
+CLOCK_MONOTONIC as a last resort.  Core cycles are estimated as
+ticks x `core_per_tsc`, measured with a dependent add chain (1 core cycle per
+add) timed at N and 2N adds; the difference cancels the fixed costs.
+
+Calibration fields
+------------------
+tsc_hz             ticks per second, against CLOCK_MONOTONIC over `hz_seconds`
+overhead_ticks     min over >= 10,000 empty fenced regions (measured in a C loop)
+granularity_ticks  GCD of those regions' deltas (the counter's visible step)
+core_per_tsc       core cycles per tick (1.0 when the chain cannot be trusted)
+perf_available     perf_event_open counted real core cycles and instructions
+perf_reason        why not (e.g. "ENOENT: no hardware PMU in this VM")
+perf_core_per_tsc  core/TSC from the PMU when available (a cross-check)
+"""
+from __future__ import annotations
+
+import errno
+import math
+import os
+import time
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+from refimpl._clock import ffi, lib
+
+COUNTER = ffi.string(lib.rf_counter_name()).decode()
+
+
+def cycles() -> int:
+    """One fenced counter read (`lfence; rdtsc` on x86-64), in ticks."""
+    return int(lib.rf_ticks_start())
+
+
+def cycles_stop() -> tuple[int, int]:
+    """The end-of-region read (`rdtscp; lfence`): (ticks, cpu id or -1)."""
+    cpu = ffi.new("int32_t *")
+    t = int(lib.rf_ticks_stop(cpu))
+    return t, int(cpu[0])
+
+
+def current_cpu() -> int:
+    """The cpu id the counter reports (TSC_AUX), or -1 when it cannot tell."""
+    return cycles_stop()[1]
+
+
+@dataclass(frozen=True)
+class Calibration:
+    counter: str
+    tsc_hz: float
+    overhead_ticks: int
+    granularity_ticks: int
+    core_per_tsc: float
+    core_per_tsc_spread: float     # relative spread of the chain estimate over trials
+    perf_available: bool
+    perf_reason: str
+    perf_core_per_tsc: float | None
+    n_empty_regions: int
+    empty_region_migrations: int
+
+    @property
+    def floor_ticks(self) -> int:
+        """max(overhead, granularity): the smallest meaningful region."""
+        return max(self.overhead_ticks, self.granularity_ticks, 1)
+
+    def ticks_to_seconds(self, ticks: float) -> float:
+        return ticks / self.tsc_hz
+
+    def ticks_to_core_cycles(self, ticks: float) -> float:
+        return ticks * self.core_per_tsc
+
+    def as_dict(self) -> dict:
+        d = asdict(self)
+        d["floor_ticks"] = self.floor_ticks
+        return d
+
+
+# ---------------------------------------------------------------- measurements
+
+
+def measure_tsc_hz(seconds: float = 0.1) -> float:
+    """Ticks per second against CLOCK_MONOTONIC, over `seconds`.
+
+    Each end pairs a counter read with the midpoint of two monotonic reads
+    taken around it, and keeps the tightest of a few tries.
+    """
+    def pair():
+        best = None
+        for _ in range(5):
+            a = time.clock_gettime_ns(time.CLOCK_MONOTONIC)
+            t = cycles()
+            b = time.clock_gettime_ns(time.CLOCK_MONOTONIC)
+            if best is None or b - a < best[0]:
+                best = (b - a, t, (a + b) / 2)
+        return best[1], best[2]
+
+    t0, n0 = pair()
+    time.sleep(seconds)
+    t1, n1 = pair()
+    return (t1 - t0) / ((n1 - n0) * 1e-9)
+
+
+def empty_regions(n: int = 20000) -> tuple[np.ndarray, int]:
+    """(deltas of n empty fenced regions, number that saw a cpu change), from a C loop."""
+    d = np.zeros(n, dtype=np.uint64)
+    migrated = int(lib.rf_empty_regions(ffi.cast("uint64_t *", d.ctypes.data), n))
+    return d, migrated
+
+
+def add_chain_ticks(n_adds: int, trials: int = 7) -> int:
+    """Min over trials of the ticks of one region around n_adds dependent adds."""
+    return min(int(lib.rf_add_chain_ticks(n_adds)) for _ in range(trials))
+
+
+def measure_core_per_tsc(n_adds: int = 1 << 20, rounds: int = 5) -> tuple[float, float]:
+    """(core cycles per tick, relative spread): N / (t(2N) - t(N)) over `rounds` rounds."""
+    est = []
+    for _ in range(rounds):
+        t1 = add_chain_ticks(n_adds)
+        t2 = add_chain_ticks(2 * n_adds)
+        if t2 > t1:
+            est.append(n_adds / (t2 - t1))
+    if not est:
+        return 1.0, math.inf
+    est.sort()
+    med = est[len(est) // 2]
+    return med, (est[-1] - est[0]) / med
+
+
+def perf_probe(n_adds: int = 1 << 20) -> tuple[bool, str, float | None, int, int]:
+    """(works, reason, cycles per add, cycles, instructions) from perf_event_open."""
+    c = ffi.new("uint64_t *")
+    i = ffi.new("uint64_t *")
+    rc = int(lib.rf_perf_probe(c, i, n_adds))
+    if rc == 0:
+        return True, "perf_event_open counts core cycles and instructions", c[0] / n_adds, int(c[0]), int(i[0])
+    if rc == -1:
+        return False, "perf_event_open opened but counted nothing (no virtual PMU)", None, 0, 0
+    name = errno.errorcode.get(rc, str(rc))
+    why = {errno.ENOENT: "no hardware PMU exposed (typical in a VM)",
+           errno.EACCES: "not permitted (kernel.perf_event_paranoid)",
+           errno.EPERM: "not permitted (kernel.perf_event_paranoid / seccomp)",
+           errno.ENOSYS: "perf_event_open not supported by this kernel",
+           errno.EOPNOTSUPP: "hardware events not supported"}.get(rc, os.strerror(rc))
+    return False, f"perf_event_open failed: {name}: {why}", None, 0, 0
+
+
+_CACHE: Calibration | None = None
+
+
+def calibrate(force: bool = False, hz_seconds: float = 0.1, n_empty: int = 20000) -> Calibration:
+    """Measure (once per process unless `force`) the counter's rate, overhead, step and core/TSC."""
+    global _CACHE
+    if _CACHE is not None and not force:
+        return _CACHE
+    if n_empty < 10000:
+        raise ValueError(f"n_empty={n_empty}: the overhead needs at least 10000 empty regions")
+    d, migrated = empty_regions(n_empty)
+    overhead = int(d.min())
+    nz = [int(x) for x in np.unique(d) if x > 0]
+    gran = math.gcd(*nz) if nz else 1
+    hz = measure_tsc_hz(hz_seconds)
+    if COUNTER == "clock_gettime":
+        hz = 1e9
+    cpt, spread = measure_core_per_tsc()
+    ok, reason, cyc_per_add, _, _ = perf_probe()
+    perf_cpt = None
+    if ok and cyc_per_add:
+        # the chain costs 1 core cycle per add; ticks per add from the chain timing
+        ticks_per_add = add_chain_ticks(1 << 20) / (1 << 20)
+        perf_cpt = cyc_per_add / ticks_per_add
+    _CACHE = Calibration(counter=COUNTER, tsc_hz=hz, overhead_ticks=overhead, granularity_ticks=gran,
+                         core_per_tsc=cpt, core_per_tsc_spread=spread, perf_available=ok,
+                         perf_reason=reason, perf_core_per_tsc=perf_cpt, n_empty_regions=n_empty,
+                         empty_region_migrations=migrated)
+    return _CACHE
+
+
+def kernel_tsc_hz() -> tuple[float | None, str]:
+    """The kernel's own TSC frequency, where Linux exposes it: (Hz, source) or (None, why not).
+
+    Sources, in order: /sys/devices/system/cpu/cpu0/tsc_freq_khz (some kernels);
+    a `tsc` line in /proc/cpuinfo; and, on a KVM guest whose TSC frequency the
+    hypervisor announced (flags `hypervisor` + `tsc_known_freq`, no
+    `aperfmperf`), the `cpu MHz` line, which is then cpu_khz = tsc_khz (both
+    come from the hypervisor's TSC frequency leaf and the kernel cannot
+    measure a different core clock without APERF/MPERF).
+    """
+    try:
+        with open("/sys/devices/system/cpu/cpu0/tsc_freq_khz") as f:
+            return float(f.read().strip()) * 1e3, "/sys/devices/system/cpu/cpu0/tsc_freq_khz"
+    except (OSError, ValueError):
+        pass
+    try:
+        with open("/proc/cpuinfo") as f:
+            text = f.read()
+    except OSError:
+        return None, "neither tsc_freq_khz in sysfs nor /proc/cpuinfo is readable"
+    flags, mhz = set(), None
+    for line in text.splitlines():
+        k, _, v = line.partition(":")
+        k = k.strip()
+        if k == "tsc" or k.lower() in ("tsc mhz", "tsc_mhz"):
+            try:
+                return float(v.split()[0]) * 1e6, f"/proc/cpuinfo {k!r} line"
+            except (ValueError, IndexError):
+                pass
+        if k == "flags" and not flags:
+            flags = set(v.split())
+        if k == "cpu MHz" and mhz is None:
+            try:
+                mhz = float(v)
+            except ValueError:
+                pass
+        if not line.strip() and flags:
+            break
+    if mhz and {"hypervisor", "tsc_known_freq"} <= flags and "aperfmperf" not in flags:
+        return mhz * 1e6, "/proc/cpuinfo 'cpu MHz' (KVM guest with tsc_known_freq and no aperfmperf: cpu_khz = tsc_khz)"
+    return None, ("the kernel exposes no TSC frequency here (no /sys/.../tsc_freq_khz, no tsc line in "
+                  "/proc/cpuinfo, and 'cpu MHz' is not known to equal the TSC rate on this CPU)")

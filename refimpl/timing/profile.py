@@ -1,0 +1,369 @@
+"""`refimpl profile`: cycles per token by stage, prefill and decode, against the roofline.
+
+    run(path=None, backends=None, dtype="float32", prompt_len=32, decode=16, repeats=3) -> report
+    print_report(report), write_json(report, path), plot(report, path)
+
+Measured.  `Model.forward(ids, cache, trace)` calls `trace(name, array)` right
+after each named intermediate, in forward order, so the ticks between two
+consecutive trace calls are the cost of the stage just named (the first stage,
+`embed`, is timed from the start of `forward`).  Trace names map to stages:
+
+    embed                                   -> embedding
+    layers.i.attn_norm, layers.i.ffn_norm    -> norms
+    layers.i.q/k/v/attn_probs/attn_out/resid_attn -> attention (projections, RoPE, scores, softmax, P V, W_o, residual)
+    layers.i.ffn_hidden/ffn_out/resid_ffn    -> ffn
+    final_norm                              -> norms
+    logits                                  -> lm_head
+After the forward pass the last row of logits goes through the sampler
+(`refimpl.oracle.sampling.sample`, temperature 1, top-p 0.9), timed as
+`sampling`; its softmax over V is also timed alone as `softmax` (a part of
+sampling, not added to the total).  Prefill is one forward of the prompt (T
+tokens): its figures are ticks / T.  Decode is one forward of 1 token per step
+with the KV cache: the median over steps.  Each backend runs `repeats` times
+and the fastest run per stage is kept (pinned to one CPU, 1 thread).  The trace
+callback itself costs one Python call per trace point (~100 ticks), included.
+
+Analytic model (per token, from the config; s = bytes per element):
+    FLOPs: projections 2 D (D + 2 Hkv Dh) + 2 D D, attention 4 H Dh P/T + 5 H P/T
+    (P = causal (query, key) pairs of the call), RoPE 3 (H + Hkv) Dh,
+    FFN 2 D F x (3 gated | 2), activation (4 + 1 silu*up | 9 gelu) F,
+    norms 2 x (4 | 7) D per layer + final, LM head 2 D V, softmax 5 V.
+    Bytes: every weight matrix is read once per forward call, so prefill pays
+    weights / T per token and decode pays all the weights every token; the KV
+    cache read is 2 Hkv Dh S s per layer per call (S = cached + new tokens).
+Roofline minimum ticks per stage = max(FLOPs / peak FLOP per tick, bytes /
+bandwidth of the smallest cache level holding the model's weights), from
+`refimpl.timing.machine`; measured/bound = measured / that minimum.
+
+JSON ("refimpl.profile/1", `--json PATH`): {schema, model, dtype, prompt_len,
+decode_steps, repeats, machine (as in bench), config, weight_bytes,
+skipped {backend: why}, backends {backend: {prefill: [row], decode: [row],
+prefill_per_layer_ticks_per_token {"layers.i.stage": ticks}, wall_s}}} with
+row = {stage, ticks, core_cycles (estimated), flops, bytes, roofline_ticks,
+bound, measured_over_bound, summed}; all per token; the last row is "total".
+"""
+from __future__ import annotations
+
+import json
+import math
+import time
+
+import numpy as np
+
+STAGES = ("embedding", "attention", "ffn", "norms", "lm_head", "sampling")
+INFO_STAGES = ("softmax",)      # measured inside another stage; not summed
+
+# the built-in default model: a small Llama (GQA) shaped to run in seconds
+DEFAULT_MODEL = dict(arch="llama", vocab_size=512, d_model=128, n_layers=2, n_heads=4, n_kv_heads=2,
+                     d_ff=352, max_seq_len=128)
+
+
+def stage_of(name: str) -> str:
+    """The stage a trace name closes (see the module docstring)."""
+    if name == "embed":
+        return "embedding"
+    if name == "logits":
+        return "lm_head"
+    if name == "final_norm":
+        return "norms"
+    part = name.rsplit(".", 1)[-1]
+    if part in ("attn_norm", "ffn_norm"):
+        return "norms"
+    if part in ("q", "k", "v", "attn_probs", "attn_out", "resid_attn"):
+        return "attention"
+    if part in ("ffn_hidden", "ffn_out", "resid_ffn"):
+        return "ffn"
+    return "other"
+
+
+# ------------------------------------------------------------ analytic model
+
+
+def analytic(cfg, T: int, S: int, dtype="float32") -> dict:
+    """{stage: (flops, bytes)} for one forward of T tokens ending at S cached tokens (whole call)."""
+    from refimpl.timing.metrics import causal_pairs
+    s = np.dtype(dtype).itemsize
+    D, H, Hkv, Dh, F, V, NL = (cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.d_ff,
+                               cfg.vocab_size, cfg.n_layers)
+    gated = cfg.arch == "llama"
+    P = causal_pairs(T, S)
+    w_attn = D * (D + 2 * Hkv * Dh) + D * D
+    w_ffn = (3 if gated else 2) * D * F
+    norm_f = 4 if cfg.norm == "rmsnorm" else 7
+    bias = cfg.arch in ("gpt2", "classic")
+    out = {}
+    out["embedding"] = (T * D if cfg.positions != "rope" else 0, 2 * T * D * s)
+    att_f = 2 * T * w_attn + 4 * H * Dh * P + 5 * H * P
+    if cfg.positions == "rope":
+        att_f += 3 * T * (H + Hkv) * Dh
+    att_b = (w_attn + (4 * D if bias else 0)) * s + 2 * Hkv * Dh * S * s + 2 * T * D * s
+    out["attention"] = (NL * att_f, NL * att_b)
+    ffn_f = 2 * T * w_ffn + (5 if gated else 9) * T * F + T * D
+    ffn_b = (w_ffn + ((F + D) if bias else 0)) * s + 2 * T * D * s
+    out["ffn"] = (NL * ffn_f, NL * ffn_b)
+    out["norms"] = ((2 * NL + 1) * norm_f * T * D, (2 * NL + 1) * (2 * T * D + 2 * D) * s)
+    out["lm_head"] = (2 * T * D * V, (D * V + T * V) * s)
+    out["sampling"] = (5 * V, 2 * V * 8)           # softmax over V in float64 + the draw
+    out["softmax"] = (5 * V, 2 * V * 8)
+    return out
+
+
+def weight_bytes(cfg, dtype="float32") -> int:
+    from refimpl.oracle.config import expected_shapes
+    return sum(int(np.prod(sh)) for sh in expected_shapes(cfg).values()) * np.dtype(dtype).itemsize
+
+
+# ---------------------------------------------------------------- measuring
+
+
+class _Tracer:
+    def __init__(self):
+        from refimpl._clock import lib
+        self._start = lib.rf_ticks_start
+        self.marks = []
+
+    def begin(self):
+        self.marks = [("<start>", self._start())]
+
+    def __call__(self, name, array):
+        self.marks.append((name, self._start()))
+
+    def stages(self) -> dict:
+        out = {}
+        for (_, t0), (name, t1) in zip(self.marks, self.marks[1:]):
+            st = stage_of(name)
+            out[st] = out.get(st, 0) + (t1 - t0)
+        return out
+
+    def per_layer(self) -> dict:
+        out = {}
+        for (_, t0), (name, t1) in zip(self.marks, self.marks[1:]):
+            if name.startswith("layers."):
+                key = ".".join(name.split(".")[:2]) + "." + stage_of(name)
+                out[key] = out.get(key, 0) + (t1 - t0)
+        return out
+
+
+def _sample_parts(logits_row, rng):
+    """(ticks of the sampler, ticks of its softmax alone)."""
+    from refimpl._clock import lib
+    from refimpl.oracle import layers as L
+    from refimpl.oracle.sampling import sample
+    z = np.asarray(logits_row, dtype=np.float64)
+    t0 = lib.rf_ticks_start()
+    L.softmax(z, axis=-1)
+    t1 = lib.rf_ticks_start()
+    tok = sample(logits_row, temperature=1.0, top_p=0.9, rng=rng)
+    t2 = lib.rf_ticks_start()
+    return tok, t2 - t1, t1 - t0
+
+
+def profile_model(model, prompt_len: int, decode: int, repeats: int = 3, seed: int = 0) -> dict:
+    """Measured ticks per token by stage: {"prefill": {stage: ticks/token}, "decode": {...}, ...}."""
+    cfg = model.config
+    if cfg.arch == "bert":
+        raise ValueError("profile: BERT is an encoder (no decode); profile a causal decoder")
+    if prompt_len < 1 or decode < 0:
+        raise ValueError(f"profile: prompt_len={prompt_len} must be >= 1 and decode={decode} >= 0")
+    if prompt_len + decode > cfg.max_seq_len:
+        raise ValueError(f"profile: prompt_len + decode = {prompt_len + decode} exceeds the model's "
+                         f"max_seq_len {cfg.max_seq_len}")
+    rng_ids = np.random.default_rng(seed)
+    ids = rng_ids.integers(0, cfg.vocab_size, size=prompt_len)
+    import gc
+    gc_was = gc.isenabled()
+    gc.disable()               # no collection inside a timed stage
+    try:
+        return _profile_runs(model, ids, prompt_len, decode, repeats, seed)
+    finally:
+        if gc_was:
+            gc.enable()
+
+
+def _profile_runs(model, ids, prompt_len, decode, repeats, seed):
+    from refimpl.oracle.sampling import XorShift64Star
+    tr = _Tracer()
+    best_pre, best_dec, best_layers = None, None, None
+    # warm-up: compiles Numba kernels, faults in pages
+    cache = model.new_cache()
+    model.forward(ids, cache)
+    for _ in range(min(2, decode)):
+        model.forward(np.array([1]), cache)
+    for _ in range(repeats):
+        rng = XorShift64Star(seed + 1)
+        cache = model.new_cache()
+        tr.begin()
+        logits = model.forward(ids, cache, trace=tr)
+        pre = tr.stages()
+        layers = tr.per_layer()
+        tok, t_s, t_sm = _sample_parts(logits[-1], rng)
+        pre["sampling"], pre["softmax"] = t_s, t_sm
+        pre = {k: v / prompt_len for k, v in pre.items()}
+        steps = []
+        for _ in range(decode):
+            tr.begin()
+            logits = model.forward(np.array([tok]), cache, trace=tr)
+            st = tr.stages()
+            tok, st["sampling"], st["softmax"] = _sample_parts(logits[-1], rng)
+            steps.append(st)
+        dec = {k: float(np.median([s.get(k, 0) for s in steps])) for k in steps[0]} if steps else {}
+        if best_pre is None:
+            best_pre, best_dec, best_layers = pre, dec, layers
+        else:
+            best_pre = {k: min(v, best_pre.get(k, v)) for k, v in pre.items()}
+            best_dec = {k: min(v, best_dec.get(k, v)) for k, v in dec.items()}
+            best_layers = {k: min(v, best_layers.get(k, v)) for k, v in layers.items()}
+    return {"prefill": best_pre, "decode": best_dec, "prefill_per_layer": best_layers}
+
+
+def _stage_rows(measured: dict, work: dict, T: int, machine, dtype, wbytes) -> list[dict]:
+    peak = machine.peak_flop_per_tick(dtype)
+    level, bw = machine.bandwidth_for(wbytes)
+    rows = []
+    for st in STAGES + INFO_STAGES:
+        f, b = work.get(st, (0, 0))
+        f, b = f / T, b / T
+        roof = max(f / peak, b / bw if bw and math.isfinite(bw) else 0.0)
+        m = measured.get(st)
+        rows.append({"stage": st, "ticks": m, "core_cycles": m * machine.core_per_tsc if m is not None else None,
+                     "flops": f, "bytes": b, "roofline_ticks": roof, "bound": "compute" if f / peak >= b / bw else "memory",
+                     "measured_over_bound": (m / roof) if (m is not None and roof > 0) else None,
+                     "summed": st not in INFO_STAGES})
+    tot_m = sum(r["ticks"] or 0 for r in rows if r["summed"])
+    tot_f = sum(r["flops"] for r in rows if r["summed"])
+    tot_b = sum(r["bytes"] for r in rows if r["summed"])
+    tot_roof = sum(r["roofline_ticks"] for r in rows if r["summed"])
+    rows.append({"stage": "total", "ticks": tot_m, "core_cycles": tot_m * machine.core_per_tsc, "flops": tot_f,
+                 "bytes": tot_b, "roofline_ticks": tot_roof, "bound": f"{level} {bw:.1f} B/tick",
+                 "measured_over_bound": tot_m / tot_roof if tot_roof > 0 else None, "summed": False})
+    return rows
+
+
+def _load_model(path, dtype, backend):
+    if path is None:
+        from refimpl.oracle.model import tiny_model
+        return tiny_model(dtype=dtype, backend=backend, **{k: v for k, v in DEFAULT_MODEL.items()})
+    import refimpl
+    return refimpl.load(path, dtype=dtype, backend=backend)
+
+
+def run(path=None, backends=None, dtype="float32", prompt_len: int = 32, decode: int = 16,
+        repeats: int = 3) -> dict:
+    """Profile the model at `path` (or the built-in tiny Llama) on each backend."""
+    from refimpl.timing.bench import _Threads
+    from refimpl.timing.harness import pinned
+    from refimpl.timing.machine import describe
+    from refimpl.kernels.registry import BACKENDS
+    backends = list(backends or BACKENDS)
+    for b in backends:
+        if b not in BACKENDS:
+            raise ValueError(f"--backends: unknown backend {b!r}; backends are {list(BACKENDS)}")
+    if repeats < 1:
+        raise ValueError(f"--repeats must be >= 1, got {repeats}")
+    machine = describe(bandwidth=True)
+    report = {"schema": "refimpl.profile/1", "model": path or f"built-in tiny model {DEFAULT_MODEL}",
+              "dtype": dtype, "prompt_len": prompt_len, "decode_steps": decode, "repeats": repeats,
+              "machine": machine.as_dict(), "backends": {}, "skipped": {}}
+    cfg = None
+    with _Threads(), pinned():
+        for b in backends:
+            try:
+                model = _load_model(path, dtype, b)
+            except (KeyError, ValueError, ImportError) as e:
+                if path is not None and b == "numpy":
+                    raise
+                report["skipped"][b] = f"{type(e).__name__}: {e}"
+                continue
+            cfg = model.config
+            t0 = time.perf_counter()
+            meas = profile_model(model, prompt_len, decode, repeats)
+            wb = weight_bytes(cfg, dtype)
+            S_pre = prompt_len
+            S_dec = prompt_len + max(decode, 1) // 2 + 1     # the middle decode step's context
+            report["backends"][b] = {
+                "prefill": _stage_rows(meas["prefill"], analytic(cfg, prompt_len, S_pre, dtype), prompt_len,
+                                       machine, dtype, wb),
+                "decode": _stage_rows(meas["decode"], analytic(cfg, 1, S_dec, dtype), 1, machine, dtype, wb)
+                if decode else [],
+                "prefill_per_layer_ticks_per_token": {k: v / prompt_len for k, v in meas["prefill_per_layer"].items()},
+                "wall_s": time.perf_counter() - t0,
+            }
+    if cfg is None:
+        raise ValueError(f"profile: no backend could run the model: {report['skipped']}")
+    report["config"] = cfg.to_dict()
+    report["weight_bytes"] = weight_bytes(cfg, dtype)
+    return report
+
+
+# ------------------------------------------------------------------- output
+
+
+def _t(x):
+    if x is None:
+        return "-"
+    if x >= 1e6:
+        return f"{x / 1e6:.2f}M"
+    if x >= 1e4:
+        return f"{x / 1e3:.1f}k"
+    return f"{x:.0f}"
+
+
+def print_report(report: dict, console=None) -> None:
+    from rich.console import Console
+    from rich.table import Table
+    console = console or Console()
+    cfg = report["config"]
+    console.print(f"[bold]refimpl profile[/]: {report['model']}  ({cfg['arch']}, D={cfg['d_model']}, "
+                  f"L={cfg['n_layers']}, H={cfg['n_heads']}/{cfg['n_kv_heads']}, F={cfg['d_ff']}, "
+                  f"V={cfg['vocab_size']}; weights {report['weight_bytes'] / 1e6:.2f} MB {report['dtype']}); "
+                  f"prompt {report['prompt_len']} tokens, {report['decode_steps']} decode steps")
+    for b, why in report["skipped"].items():
+        console.print(f"[yellow]skipped {b}:[/] {why}")
+    for b, d in report["backends"].items():
+        for phase in ("prefill", "decode"):
+            rows = d[phase]
+            if not rows:
+                continue
+            t = Table(title=f"{b}: {phase}, per token (ticks = TSC ticks; cyc = est. core cycles)")
+            for col in ("stage", "ticks", "est. cyc", "FLOPs", "bytes", "roofline min", "bound", "measured/bound"):
+                t.add_column(col, justify="left" if col in ("stage", "bound") else "right")
+            for r in rows:
+                name = r["stage"] + (" (in sampling)" if r["stage"] in INFO_STAGES else "")
+                t.add_row(name, _t(r["ticks"]), _t(r["core_cycles"]), _t(r["flops"]), _t(r["bytes"]),
+                          f"{r['roofline_ticks']:.0f}", r["bound"],
+                          "-" if r["measured_over_bound"] is None else f"{r['measured_over_bound']:.1f}")
+            console.print(t)
+
+
+def write_json(report: dict, path: str) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(report, f, indent=1, default=lambda o: o.item() if hasattr(o, "item") else str(o))
+        f.write("\n")
+
+
+def plot(report: dict, path: str) -> None:
+    """Stacked bars: ticks per token by stage, prefill and decode, per backend; roofline minimum marked."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    labels, data, roofs = [], [], []
+    for b, d in report["backends"].items():
+        for phase in ("prefill", "decode"):
+            if d[phase]:
+                labels.append(f"{b}\n{phase}")
+                data.append({r["stage"]: (r["ticks"] or 0) for r in d[phase] if r["summed"]})
+                roofs.append(next(r["roofline_ticks"] for r in d[phase] if r["stage"] == "total"))
+    fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(labels)), 5))
+    bottom = np.zeros(len(labels))
+    for st in STAGES:
+        vals = np.array([dd.get(st, 0) for dd in data], dtype=float)
+        ax.bar(labels, vals, bottom=bottom, label=st)
+        bottom += vals
+    ax.scatter(labels, roofs, marker="_", s=600, c="k", label="roofline minimum", zorder=3)
+    ax.set_ylabel("TSC ticks per token")
+    ax.set_title(f"refimpl profile: {report['config']['arch']} D={report['config']['d_model']} "
+                 f"({report['dtype']})")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

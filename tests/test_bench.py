@@ -1,0 +1,222 @@
+"""`refimpl bench` / `refimpl profile`: verification gate, JSON schema, compare, smoke runs."""
+import copy
+import json
+
+import numpy as np
+import pytest
+
+from refimpl.cli import main
+from refimpl.timing import bench, profile
+
+
+def test_parse_shapes():
+    got = bench.parse_shapes("matmul:2x3x4, attention:8x2x16x32x64c,attention:1x1x1x4x8:causal,softmax:3x5")
+    assert got == {"matmul": [((2, 3, 4), False)],
+                   "attention": [((8, 2, 16, 32, 64), True), ((1, 1, 1, 4, 8), True)],
+                   "softmax": [((3, 5), False)]}
+    for bad, msg in (("matmul:2x3", "MxKxN"), ("nope:2", "op one of"), ("softmax:2xq", "integers"),
+                     ("softmax:2x3c", "causal"), ("matmul:0x1x1", "positive")):
+        with pytest.raises(ValueError, match=msg):
+            bench.parse_shapes(bad)
+
+
+def test_every_case_oracle_is_within_its_own_bound():
+    """The numpy backend on float64 inputs is the oracle: bound ratio ~0 on every default op."""
+    for op, shapes in bench.QUICK_SHAPES.items():
+        for dims, causal in shapes:
+            case = bench.Case(op, dims, causal, "float32")
+            row = bench.verify(case, "numpy", bench._impl(op, "numpy"))
+            assert row["passed"], row
+            assert case.want.dtype == np.float64 and case.bound.shape == case.want.shape
+
+
+def test_verification_gate_blocks_timing(monkeypatch):
+    """A kernel that breaks its contract fails verification and nothing is timed."""
+    from refimpl.kernels import registry
+    registry.available()                          # load every backend first: nothing re-registers later
+    good = registry.get("softmax", "numpy")
+    bad = lambda x: good(x) * np.float32(1.001)   # noqa: E731  (0.1 % off: far outside the bound)
+    monkeypatch.setitem(registry._REGISTRY, ("softmax", "numba"), bad)
+    rep = bench.run(ops=["softmax"], backends=["numpy", "numba"], quick=True, progress=False)
+    assert not rep["passed"] and rep["results"] == []
+    assert [f["backend"] for f in rep["failed"]] == ["numba"]
+    assert "ratio" in rep["failed"][0]["error"]
+    assert main(["bench", "--quick", "--ops", "softmax", "--backends", "numpy,numba", "--no-progress"]) == 1
+
+
+def test_verify_reports_crashes_and_wrong_dtype():
+    case = bench.Case("softmax", (2, 8), False, "float32")
+    def boom(x):
+        raise RuntimeError("kaput")
+    assert "kaput" in bench.verify(case, "numba", boom)["error"]
+    r = bench.verify(case, "numba", lambda x: bench._impl("softmax", "numpy")(x).astype(np.float64))
+    assert not r["passed"] and "dtype" in r["error"]
+
+
+@pytest.fixture(scope="module")
+def quick_json(tmp_path_factory):
+    path = tmp_path_factory.mktemp("bench") / "q.json"
+    png = path.with_suffix(".png")
+    # numpy and torch only: the C and Numba kernels have their own tests, and a bug in one of
+    # them must fail those, not this smoke test of the harness
+    assert main(["bench", "--quick", "--ops", "matmul,softmax,rms_norm", "--backends", "numpy,torch",
+                 "--json", str(path), "--plot", str(png), "--no-progress"]) == 0
+    return path, png
+
+
+def test_bench_smoke_and_json_schema(quick_json):
+    path, png = quick_json
+    d = bench.read_json(str(path))
+    assert d["schema"] == bench.SCHEMA and d["passed"]
+    m = d["machine"]
+    for k in ("cpu_model", "flags", "tsc_hz", "core_per_tsc", "blas", "peak_flop_per_cycle", "bandwidth"):
+        assert k in m
+    assert {r["op"] for r in d["results"]} == {"matmul", "softmax", "rms_norm"}
+    assert {r["backend"] for r in d["results"]} == {"numpy"} | ({"torch"} if bench.torch_impl("matmul") else set())
+    need = ("op", "backend", "shape", "dtype", "median_ticks", "min_ticks", "cv", "flops", "bytes",
+            "median_core_cycles", "pct_peak", "roofline_bound", "vs_numpy", "unstable", "n", "reps")
+    for r in d["results"]:
+        for k in need:
+            assert k in r, k
+        assert r["min_ticks"] <= r["median_ticks"]
+        if r["backend"] == "numpy":
+            assert r["vs_numpy"] == pytest.approx(1.0)
+    assert all(v["passed"] for v in d["verification"] if v["backend"] != "torch")
+    assert png.stat().st_size > 1000 and png.read_bytes()[:4] == b"\x89PNG"
+    # round trip: what we write is what we read
+    d2 = json.loads(json.dumps(d))
+    bench.write_json(d2, str(path) + ".2")
+    assert bench.read_json(str(path) + ".2") == d
+
+
+def test_read_json_rejects_other_files(tmp_path):
+    p = tmp_path / "x.json"
+    p.write_text('{"schema": "other"}')
+    with pytest.raises(ValueError, match="not a refimpl bench file"):
+        bench.read_json(str(p))
+    p.write_text('{"schema": "%s", "results": [{"op": "matmul"}]}' % bench.SCHEMA)
+    with pytest.raises(ValueError, match="lacks"):
+        bench.read_json(str(p))
+
+
+def _synthetic(cv=0.01):
+    row = {"op": "matmul", "backend": "c", "shape": "8x8x8", "dtype": "float32", "cold": False,
+           "median_ticks": 1e6, "min_ticks": 0.98e6, "mad_ticks": cv * 1e6 / 1.4826, "cv": cv,
+           "flops": 1024, "bytes": 768}
+    return {"schema": bench.SCHEMA, "results": [row, dict(row, backend="numpy")]}
+
+
+def test_compare_flags_a_2x_regression_not_a_1pct_change(tmp_path):
+    old = _synthetic()
+    new = copy.deepcopy(old)
+    new["results"][0]["median_ticks"] *= 2.0       # c: 2x slower
+    new["results"][1]["median_ticks"] *= 1.01      # numpy: 1 % slower
+    rows = {r["backend"]: r for r in bench.compare(old, new)}
+    assert rows["c"]["verdict"] == "regression" and rows["c"]["ratio"] == pytest.approx(2.0)
+    assert rows["numpy"]["verdict"] == "same"
+    # a noisy row's own noise widens its threshold: 1.3x inside 3 sigma of 10 % CV rows
+    noisy_old, noisy_new = _synthetic(cv=0.10), _synthetic(cv=0.10)
+    noisy_new["results"][0]["median_ticks"] *= 1.3
+    assert bench.compare(noisy_old, noisy_new)[0]["verdict"] == "same"
+    faster = copy.deepcopy(old)
+    faster["results"][0]["median_ticks"] /= 2
+    assert bench.compare(old, faster)[0]["verdict"] == "improvement"
+    # through the CLI: exit status 1 on a regression, 0 otherwise
+    po, pn = tmp_path / "old.json", tmp_path / "new.json"
+    po.write_text(json.dumps(old))
+    pn.write_text(json.dumps(new))
+    assert main(["bench", "compare", str(po), str(pn)]) == 1
+    assert main(["bench", "compare", str(po), str(po)]) == 0
+    assert main(["bench", "compare", str(po), str(tmp_path / "missing.json")]) == 2
+
+
+def test_bench_rejects_bad_options():
+    assert main(["bench", "--ops", "nope", "--no-progress"]) == 2
+    assert main(["bench", "--backends", "fortran", "--no-progress"]) == 2
+    assert main(["bench", "--shapes", "matmul:1x2", "--no-progress"]) == 2
+
+
+# ------------------------------------------------------------------ profile
+
+
+def test_trace_names_map_to_stages():
+    from refimpl.oracle.model import tiny_model
+    names = []
+    m = tiny_model(dtype="float32")
+    m.forward(np.arange(3), trace=lambda n, a: names.append(n))
+    assert names[0] == "embed" and names[-1] == "logits"
+    assert {profile.stage_of(n) for n in names} <= set(profile.STAGES)
+
+
+def test_analytic_model_counts():
+    from refimpl.oracle.model import tiny_config
+    cfg = tiny_config("llama")
+    w = profile.analytic(cfg, T=1, S=5)
+    assert w["lm_head"][0] == 2 * cfg.d_model * cfg.vocab_size
+    D, F, Hkv, Dh = cfg.d_model, cfg.d_ff, cfg.n_kv_heads, cfg.head_dim
+    assert w["ffn"][1] >= cfg.n_layers * 3 * D * F * 4          # every FFN weight read once
+    assert w["attention"][1] >= cfg.n_layers * 2 * Hkv * Dh * 5 * 4   # the KV cache read
+
+
+def test_profile_smoke(tmp_path):
+    rep = profile.run(backends=["numpy"], prompt_len=4, decode=2, repeats=1)
+    rows = {r["stage"]: r for r in rep["backends"]["numpy"]["decode"]}
+    assert set(profile.STAGES) <= set(rows)
+    total = rows.pop("total")
+    assert total["ticks"] == pytest.approx(sum(r["ticks"] for r in rows.values() if r["summed"]))
+    assert all(r["ticks"] > 0 for r in rows.values())
+    assert total["roofline_ticks"] > 0
+    out, png = tmp_path / "p.json", tmp_path / "p.png"
+    assert main(["profile", "--backends", "numpy", "--prompt-len", "4", "--decode", "2", "--repeats", "1",
+                 "--json", str(out), "--plot", str(png)]) == 0
+    assert json.loads(out.read_text())["schema"] == "refimpl.profile/1"
+    assert png.read_bytes()[:4] == b"\x89PNG"
+    assert main(["profile", "--prompt-len", "200", "--backends", "numpy"]) == 2
+
+
+def test_single_threaded_after_every_backend_loaded():
+    """numba's threading layer must not undo torch's thread limit (it did: torch ran 2 threads, 90x slower)."""
+    bench.plan(["silu"], None)              # loads numba / C backends like a real run
+    with bench._Threads() as t:
+        from threadpoolctl import threadpool_info
+        assert all(d["num_threads"] == 1 for d in threadpool_info() if d["user_api"] == "blas")
+        if t._torch:
+            assert t._torch[0].get_num_threads() == 1
+
+
+def test_float64_refusal_is_skipped_not_failed(monkeypatch):
+    """A fast backend may refuse float64 with a TypeError naming the dtype: warned, not timed, no failure."""
+    from refimpl.kernels import registry
+    registry.available()
+
+    def f32_only(x):
+        if x.dtype != np.float32:
+            raise TypeError(f"argument 'x' has dtype {x.dtype}: float32 only")
+        return registry.get("softmax", "numpy")(x)
+    monkeypatch.setitem(registry._REGISTRY, ("softmax", "numba"), f32_only)
+    rep = bench.run(ops=["softmax"], backends=["numpy", "numba"], dtype="float64", quick=True, progress=False)
+    assert rep["passed"] and [r["backend"] for r in rep["results"]] == ["numpy"]
+    assert any("does not support float64" in w for w in rep["warnings"])
+    # the same refusal of float32 inputs is a failure
+    monkeypatch.setitem(registry._REGISTRY, ("softmax", "numba"), lambda x: f32_only(x.astype(np.float64)))
+    rep = bench.run(ops=["softmax"], backends=["numpy", "numba"], quick=True, progress=False)
+    assert not rep["passed"] and rep["results"] == []
+
+
+def test_prepare_of_finds_the_c_timing_entry(monkeypatch):
+    import sys
+    import types
+    mod = types.ModuleType("refimpl.kernels.c_fake_matmul")
+    monkeypatch.setitem(sys.modules, mod.__name__, mod)
+
+    def matmul(a, b):
+        return a @ b
+    matmul.__module__ = mod.__name__
+    assert bench.prepare_of(matmul, "matmul") is None
+    mod.prepare = lambda a, b: "module prepare"
+    assert bench.prepare_of(matmul, "matmul") is mod.prepare
+    assert bench.prepare_of(matmul, "softmax") is None          # not that module's op
+    mod.prepare_matmul = lambda a, b: "named prepare"
+    assert bench.prepare_of(matmul, "matmul") is mod.prepare_matmul
+    matmul.prepare = lambda a, b: "attribute"
+    assert bench.prepare_of(matmul, "matmul") is matmul.prepare

@@ -1,0 +1,239 @@
+"""The clock: counter, calibration, harness, machine model and work formulas.
+
+No test asserts an absolute time: every timing check compares two
+measurements of this machine with each other, or with the noise and the
+calibration the harness itself reports.
+"""
+import math
+import os
+
+import numpy as np
+import pytest
+
+from refimpl.timing import counter, harness, machine, metrics
+from refimpl.timing.counter import calibrate, cycles
+
+
+# ------------------------------------------------------------------ counter
+
+
+def test_counter_is_monotonic():
+    reads = [cycles() for _ in range(20000)]
+    assert all(b >= a for a, b in zip(reads, reads[1:]))
+    t0 = cycles()
+    t1, cpu = counter.cycles_stop()
+    assert t1 >= t0
+    assert cpu >= -1
+
+
+def test_tsc_hz_matches_the_kernel():
+    hz, source = counter.kernel_tsc_hz()
+    if hz is None:
+        pytest.skip(source)
+    got = calibrate().tsc_hz
+    assert abs(got - hz) <= 0.01 * hz, f"tsc_hz {got:.6g} vs {hz:.6g} from {source}"
+
+
+def test_overhead_and_granularity_positive_and_stable():
+    a = calibrate(force=True)
+    b = calibrate(force=True)
+    for c in (a, b):
+        assert c.overhead_ticks > 0
+        assert c.granularity_ticks > 0
+        assert c.overhead_ticks % c.granularity_ticks == 0   # the overhead is a whole number of steps
+        assert c.n_empty_regions >= 10000
+    assert a.granularity_ticks == b.granularity_ticks
+    assert abs(a.overhead_ticks - b.overhead_ticks) <= max(a.granularity_ticks, 0.25 * a.overhead_ticks)
+    # the calibration is cached per process
+    assert calibrate() is b
+
+
+def test_core_per_tsc_is_sane_and_perf_reason_given():
+    c = calibrate()
+    assert 0.2 < c.core_per_tsc < 10
+    assert c.core_per_tsc_spread < 0.05
+    if not c.perf_available:
+        assert c.perf_reason and c.perf_core_per_tsc is None
+    else:  # the PMU's core clock must agree with the add chain's
+        assert abs(c.perf_core_per_tsc / c.core_per_tsc - 1) < 0.05
+
+
+# ------------------------------------------------------------------ harness
+
+
+def test_stats_formulas():
+    x = np.array([10.0, 11.0, 12.0, 13.0, 100.0])
+    s = harness.stats(x)
+    assert s["min"] == 10 and s["median"] == 12
+    assert s["mad"] == 1.0                              # |x - 12| = 2,1,0,1,88 -> median 1
+    assert s["cv"] == pytest.approx(1.4826 / 12)
+    assert s["cv_raw"] == pytest.approx(x.std(ddof=1) / x.mean())
+    assert s["p90"] == pytest.approx(np.percentile(x, 90))
+
+
+def test_add_chain_scales_linearly():
+    """N, 2N, 4N dependent adds: equal increments per N within the noise the harness reports."""
+    cal = calibrate()
+    N = 1 << 17
+    ms = [harness.measure(harness.add_chain_ccall(k * N), budget_s=0.05) for k in (1, 2, 4)]
+    t = [m.median for m in ms]
+    d1, d2 = t[1] - t[0], (t[2] - t[1]) / 2
+    noise = 3 * math.sqrt(sum((m.cv * m.median) ** 2 for m in ms)) + 2 * cal.granularity_ticks
+    assert abs(d1 - d2) <= noise + 0.002 * d1, (t, noise)
+    # one add per core cycle: the harness and the calibration agree on core/TSC
+    assert d1 * cal.core_per_tsc / N == pytest.approx(1.0, rel=0.02)
+
+
+def test_empty_c_kernel_measures_about_zero():
+    cal = calibrate()
+    m = harness.measure(harness.empty_ccall(), budget_s=0.05)
+    assert m.kind == "c-loop" and m.reps > 1
+    # per call: the C loop's call + return, well below one fenced counter region
+    assert m.median < cal.overhead_ticks
+    py = harness.measure(lambda: None, budget_s=0.05)
+    assert py.kind == "python"
+    assert m.median < py.median / 5                    # no Python call inside the C-timed region
+    # one call per region: overhead subtracted, what is left is below one counter step
+    one = harness.measure(harness.empty_ccall(), reps=1, budget_s=0.05)
+    assert one.median <= cal.granularity_ticks
+
+
+def test_sample_size_follows_the_calibration():
+    cal = calibrate()
+    m = harness.measure(harness.add_chain_ccall(1000), budget_s=0.02)
+    assert m.reps * (m.median + m.overhead_ticks / m.reps) >= 0.9 * 1000 * cal.floor_ticks
+    m2 = harness.measure(harness.add_chain_ccall(1000), budget_s=0.02, cold=True, min_samples=3)
+    assert m2.reps == 1 and m2.cold
+
+
+def test_unstable_flag_on_bimodal_kernel():
+    state = {"i": 0}
+    a = np.ones(20000)
+
+    def jittery():
+        state["i"] += 1
+        for _ in range(1 if state["i"] % 2 else 4):
+            a.sum()
+    m = harness.measure(jittery, reps=1, budget_s=0.02, min_samples=20)
+    assert m.unstable and any("CV" in r for r in m.reasons)
+    steady = harness.measure(harness.add_chain_ccall(1 << 16), budget_s=0.05)
+    assert steady.cv < harness.CV_UNSTABLE
+
+
+def test_pinning_restores_affinity():
+    before = os.sched_getaffinity(0)
+    with harness.pinned() as cpu:
+        assert os.sched_getaffinity(0) == {cpu}
+    assert os.sched_getaffinity(0) == before
+
+
+def test_measure_rejects_bad_arguments():
+    with pytest.raises(TypeError, match="target"):
+        harness.measure(42)
+    with pytest.raises(ValueError, match="reps"):
+        harness.measure(lambda: None, reps=0)
+    with pytest.raises(ValueError, match="n_adds"):
+        harness.add_chain_ccall(-1)
+
+
+def test_measure_accepts_a_ccall():
+    from refimpl.kernels.ccall import CCall
+    e = harness.empty_ccall()
+    cc = CCall(fn_addr=e.fn_addr, ctx_addr=e.ctx_addr, run=e.run)
+    m = harness.measure(cc, budget_s=0.02)
+    assert m.kind == "c-loop"
+
+
+# ------------------------------------------------------------------ machine
+
+
+def test_microarch_and_peak_table(monkeypatch):
+    assert machine.microarch("AuthenticAMD", 0x19, 0x11) == "zen4"
+    assert machine.microarch("AuthenticAMD", 0x19, 0x21) == "zen3"
+    assert machine.microarch("GenuineIntel", 6, 0x55) == "skylake-x"
+    assert machine.microarch("GenuineIntel", 6, 0x3C) == "haswell"
+    assert machine.microarch("Other", 1, 1) is None
+    monkeypatch.delenv("REFIMPL_PEAK_FLOPS", raising=False)
+    assert machine.peak_table("zen4", [])[0] == {"float32": 32.0, "float64": 16.0}
+    assert machine.peak_table("icelake-server", [])[0]["float32"] == 64.0
+    assert machine.peak_table("skylake-x", [])[0]["float32"] == 64.0
+    assert machine.peak_table("zen3", [])[0] == machine.peak_table("haswell", [])[0] == {"float32": 32.0, "float64": 16.0}
+    assert machine.fma_peak(2, 256) == (32.0, 16.0)
+    assert machine.peak_table(None, ["avx2", "fma"])[0]["float32"] == 32.0
+    monkeypatch.setenv("REFIMPL_PEAK_FLOPS", "float32=48")
+    pk, src = machine.peak_table("zen4", [])
+    assert pk == {"float32": 48.0, "float64": 16.0} and "REFIMPL_PEAK_FLOPS" in src
+    assert machine.peak_table("zen4", [], peak={"float64": 8})[0]["float64"] == 8.0
+    monkeypatch.setenv("REFIMPL_PEAK_FLOPS", "bfloat16=1")
+    with pytest.raises(ValueError, match="bfloat16"):
+        machine.peak_table("zen4", [])
+
+
+def test_describe_machine():
+    m = machine.describe()
+    assert m.tsc_hz > 0 and m.core_per_tsc > 0 and m.simd_bits in (0, 128, 256, 512)
+    assert m.peak_flop_per_tick("float32") == pytest.approx(m.peak_flop_per_cycle["float32"] * m.core_per_tsc)
+    if os.path.isdir("/sys/devices/system/cpu/cpu0/cache"):
+        levels = [c["level"] for c in m.caches]
+        assert 1 in levels and all(c["size"] > 0 for c in m.caches)
+    assert isinstance(m.blas, list)
+
+
+def test_bandwidth_levels_ordered():
+    bw = machine.measure_bandwidth()
+    assert set(bw) >= {"DRAM"}
+    for d in bw.values():
+        assert d["read"] > 0 and d["copy"] > 0
+    first = next(iter(bw))
+    assert bw[first]["read"] > bw["DRAM"]["read"]          # the smallest level streams faster than DRAM
+
+
+# ------------------------------------------------------------------ metrics
+
+
+@pytest.mark.parametrize("Lq,Lk", [(1, 1), (1, 9), (5, 5), (3, 8), (16, 16)])
+def test_causal_pairs_counts_the_mask(Lq, Lk):
+    from refimpl.oracle.layers import causal_mask
+    assert metrics.causal_pairs(Lq, Lk) == int(causal_mask(Lq, Lk).sum())
+
+
+def test_work_formulas():
+    assert metrics.work("matmul", (3, 5, 7)).flops == 2 * 3 * 5 * 7
+    assert metrics.work("matmul", (3, 5, 7), "float64").bytes == (15 + 35 + 21) * 8
+    w = metrics.work("attention", (4, 2, 6, 6, 8), causal=True)
+    assert w.flops == 4 * 21 * (4 * 8 + 5)
+    assert metrics.work("attention", (4, 2, 6, 6, 8)).flops == 4 * 36 * (4 * 8 + 5)
+    assert metrics.work("softmax", (2, 10)).flops == 100
+    assert metrics.work("rms_norm", (2, 10)).bytes == (40 + 10) * 4
+    with pytest.raises(ValueError, match="matmul"):
+        metrics.work("matmul", (1, 2))
+    with pytest.raises(ValueError, match="causal"):
+        metrics.causal_pairs(5, 3)
+
+
+def test_roofline_bound_side():
+    m = machine.describe(bandwidth=True)
+    big = metrics.work("matmul", (512, 512, 512))
+    r = metrics.roofline(big, 1e7, m)
+    assert r.bound == "compute"
+    assert r.roofline_ticks == pytest.approx(big.flops / m.peak_flop_per_tick("float32"))
+    assert r.pct_peak == pytest.approx(100 * r.flop_per_core_cycle / m.peak_flop_per_cycle["float32"])
+    ew = metrics.work("silu", (1024, 1024))
+    r2 = metrics.roofline(ew, 1e7, m, cold=True)
+    assert r2.bound == "memory" and r2.bandwidth_level == "DRAM"
+
+
+def test_warmup_excludes_a_first_call_compile():
+    """A first call that takes far longer (a JIT compile) never lands in a sample."""
+    import time
+    calls = {"n": 0}
+
+    def jit_like():
+        calls["n"] += 1
+        if calls["n"] == 1:
+            t_end = time.perf_counter() + 0.02
+            while time.perf_counter() < t_end:
+                pass
+    m = harness.measure(jit_like, budget_s=0.02)
+    first_call_ticks = 0.02 * calibrate().tsc_hz
+    assert max(m.samples) < first_call_ticks / 10
