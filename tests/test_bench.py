@@ -5,6 +5,7 @@ import json
 import numpy as np
 import pytest
 
+from conftest import require
 from refimpl.cli import main
 from refimpl.timing import bench, profile
 
@@ -59,9 +60,24 @@ def quick_json(tmp_path_factory):
     png = path.with_suffix(".png")
     # numpy and torch only: the C and Numba kernels have their own tests, and a bug in one of
     # them must fail those, not this smoke test of the harness
+    plot = ["--plot", str(png)] if _have("matplotlib") else []
     assert main(["bench", "--quick", "--ops", "matmul,softmax,rms_norm", "--backends", "numpy,torch",
-                 "--json", str(path), "--plot", str(png), "--no-progress"]) == 0
+                 "--json", str(path), *plot, "--no-progress"]) == 0
     return path, png
+
+
+def _have(module):
+    try:
+        __import__(module)
+        return True
+    except ImportError:
+        return False
+
+
+def test_bench_roofline_plot(quick_json):
+    require("matplotlib")
+    png = quick_json[1]
+    assert png.stat().st_size > 1000 and png.read_bytes()[:4] == b"\x89PNG"
 
 
 def test_bench_smoke_and_json_schema(quick_json):
@@ -82,7 +98,6 @@ def test_bench_smoke_and_json_schema(quick_json):
         if r["backend"] == "numpy":
             assert r["vs_numpy"] == pytest.approx(1.0)
     assert all(v["passed"] for v in d["verification"] if v["backend"] != "torch")
-    assert png.stat().st_size > 1000 and png.read_bytes()[:4] == b"\x89PNG"
     # round trip: what we write is what we read
     d2 = json.loads(json.dumps(d))
     bench.write_json(d2, str(path) + ".2")
@@ -167,9 +182,11 @@ def test_profile_smoke(tmp_path):
     assert all(r["ticks"] > 0 for r in rows.values())
     assert total["roofline_ticks"] > 0
     out, png = tmp_path / "p.json", tmp_path / "p.png"
+    plot = ["--plot", str(png)] if _have("matplotlib") else []
     assert main(["profile", "--backends", "numpy", "--prompt-len", "4", "--decode", "2", "--repeats", "1",
-                 "--json", str(out), "--plot", str(png)]) == 0
+                 "--json", str(out), *plot]) == 0
     assert json.loads(out.read_text())["schema"] == "refimpl.profile/1"
+    require("matplotlib")
     assert png.read_bytes()[:4] == b"\x89PNG"
     assert main(["profile", "--prompt-len", "200", "--backends", "numpy"]) == 2
 
