@@ -368,19 +368,34 @@ def time_rows(rows, facts, quick):
 
 
 def _time_model(r, facts, quick):
+    """Median over reps of (tokens/s) / (bound tokens/s), the DRAM copy bandwidth measured right
+    before each rep: on a shared machine the bandwidth drifts, and a ratio is only fair when its
+    two sides see the same load."""
     reps = 3 if quick else 7
     r.ours()                                                   # warm-up (first-call costs)
-    secs = sorted(r.ours() for _ in range(reps))
-    s_tok = secs[len(secs) // 2]
     wbytes = r.result["weight_bytes_per_token"]
-    if not (facts.get("dram_copy_B_per_tick") and facts.get("tsc_hz")):
+    try:
+        from refimpl.timing.machine import dram_copy_bandwidth
+    except ImportError:
+        dram_copy_bandwidth = None
+    if dram_copy_bandwidth is None or not facts.get("tsc_hz"):
+        s_tok = sorted(r.ours() for _ in range(reps))[reps // 2]
         r.result.update(tokens_per_s=1 / s_tok, ratio=None, note="no DRAM bandwidth measurement")
         return
-    bound_tok_s = facts["dram_copy_B_per_tick"] * facts["tsc_hz"] / wbytes
-    r.result.update(tokens_per_s=1 / s_tok, bound_tokens_per_s=bound_tok_s, ratio=(1 / s_tok) / bound_tok_s,
+    pairs = []
+    for _ in range(reps):
+        bound_tok_s = dram_copy_bandwidth() * facts["tsc_hz"] / wbytes
+        s_tok = r.ours()
+        pairs.append(((1 / s_tok) / bound_tok_s, s_tok, bound_tok_s))
+    pairs.sort()
+    ratio, s_tok, bound_tok_s = pairs[reps // 2]
+    facts["dram_copy_B_per_tick"] = bound_tok_s * wbytes / facts["tsc_hz"]
+    r.result.update(tokens_per_s=1 / s_tok, bound_tokens_per_s=bound_tok_s, ratio=ratio,
+                    ratios=[p[0] for p in pairs],
                     ours={"median": s_tok * 1e9, "unit": "ns", "n": reps},
                     peer={"median": 1e9 / bound_tok_s, "unit": "ns (bound)"})
-    print(f"  {r.name:24s} {r.shape:36s} {r.peer_name:26s} ratio {r.result['ratio']:.2f}", flush=True)
+    print(f"  {r.name:24s} {r.shape:36s} {r.peer_name:26s} ratio {ratio:.2f} "
+          f"(per rep: {', '.join(f'{p[0]:.2f}' for p in pairs)})", flush=True)
 
 
 def _fmt_time(m, facts):

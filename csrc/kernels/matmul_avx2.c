@@ -75,13 +75,20 @@ static void rf_sgemv_avx2(float *restrict y,        /* (N) out */
         int64_t j1 = j0 + JB < N ? j0 + JB : N;
         for (int64_t j = j0; j < j1; j++) y[j] = 0.0f;
         int64_t k = 0;
+        for (int r = 0; r < R && r < K; r++)    /* the first block: start its lines now, all at once */
+            for (int64_t j = j0; j < j1; j += 16) __builtin_prefetch(w + r * N + j, 0, 2);
         for (; k + R <= K; k += R) {
             __m256 xr[R];
 #pragma GCC unroll 16
             for (int r = 0; r < R; r++) xr[r] = _mm256_broadcast_ss(x + k + r);
             const float *wk = w + k * N;
+            const int pf = k + 2 * R <= K;        /* prefetch the next R rows into L2 while this block runs */
             int64_t j = j0;
             for (; j + 8 <= j1; j += 8) {
+                if (pf && !((j - j0) & 15)) {       /* one prefetch per 64-byte line of each row */
+#pragma GCC unroll 16
+                    for (int r = 0; r < R; r++) __builtin_prefetch(wk + (R + r) * N + j, 0, 2);
+                }
                 __m256 s0 = _mm256_loadu_ps(y + j), s1 = _mm256_setzero_ps();
 #pragma GCC unroll 16
                 for (int r = 0; r < R; r += 2) {

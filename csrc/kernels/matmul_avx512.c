@@ -218,13 +218,20 @@ static void gemv(float *restrict y,        /* (N) out */
             _mm512_mask_storeu_ps(y + j, m, _mm512_setzero_ps());
         }
         int64_t k = 0;
+        for (int r = 0; r < R && r < K; r++)    /* the first block: start its lines now, all at once */
+            for (int64_t j = j0; j < j1; j += 16) _mm_prefetch((const char *)(w + r * N + j), _MM_HINT_T1);
         for (; k + R <= K; k += R) {
             __m512 xr[R];
 #pragma GCC unroll 16
             for (int r = 0; r < R; r++) xr[r] = _mm512_set1_ps(x[k + r]);
             const float *wk = w + k * N;
             int64_t j = j0;
+            const int pf = k + 2 * R <= K;        /* prefetch the next R rows into L2 while this block runs */
             for (; j + 16 <= j1; j += 16) {
+                if (pf) {
+#pragma GCC unroll 16
+                    for (int r = 0; r < R; r++) _mm_prefetch((const char *)(wk + (R + r) * N + j), _MM_HINT_T1);
+                }
                 __m512 s0 = _mm512_loadu_ps(y + j), s1 = _mm512_setzero_ps();
 #pragma GCC unroll 16
                 for (int r = 0; r < R; r += 2) {

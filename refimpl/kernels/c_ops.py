@@ -87,7 +87,11 @@ def prepare_softmax(x) -> CCall:  # [R,N] -> [R,N]
 @register("softmax", "c")
 def softmax(x):  # [R,N] -> [R,N], over the last axis
     """Row softmax (fused max / exp-sum / scale, vector exp within EXP_ULPS)."""
-    return prepare_softmax(x).run()
+    x = _f32("x", x, ndim=2)
+    out = np.empty_like(x)
+    if x.size:
+        lib.rf_softmax_f32(_fp(out), _fp(x), *x.shape)
+    return out
 
 
 softmax.prepare = prepare_softmax
@@ -112,8 +116,8 @@ def _kv_head_stride(k, v):
     return s0 // 4
 
 
-def prepare_attention(q, k, v, causal=False, scale=None) -> CCall:  # [H,Lq,D],[Hkv,Lk,D],[Hkv,Lk,D] -> [H,Lq,D]
-    """Also takes k, v as head-strided views of a longer KV cache without copying them."""
+def _attention_args(q, k, v, causal, scale):  # -> q, k, v, kv_stride, scale
+    """Checked arguments; k, v may stay head-strided views of a KV cache (kv_stride floats apart)."""
     kv_stride = _kv_head_stride(k, v)
     q = _f32("q", q, ndim=3)
     if kv_stride is None:
@@ -129,23 +133,37 @@ def prepare_attention(q, k, v, causal=False, scale=None) -> CCall:  # [H,Lq,D],[
     if Lk > _INT32_MAX:
         raise ValueError(f"attention: Lk={Lk} exceeds the C kernel's limit {_INT32_MAX}")
     scale = 1.0 / math.sqrt(D) if scale is None else _finite("scale", scale)
+    return q, k, v, kv_stride or Lk * D, scale
+
+
+def _kv_pointers(k, v):
+    """Data pointers of k and v (views of a cache are not contiguous buffers); callers keep k, v alive."""
+    return ffi.cast("float *", k.ctypes.data), ffi.cast("float *", v.ctypes.data)
+
+
+def prepare_attention(q, k, v, causal=False, scale=None) -> CCall:  # [H,Lq,D],[Hkv,Lk,D],[Hkv,Lk,D] -> [H,Lq,D]
+    """Also takes k, v as head-strided views of a longer KV cache without copying them."""
+    q, k, v, kv_stride, scale = _attention_args(q, k, v, causal, scale)
+    H, Lq, D = q.shape
+    Hkv, Lk, _ = k.shape
     out = np.empty_like(q)
-    if not q.size:
-        bufs = [ffi.NULL] * 4
-    elif kv_stride is None:
-        bufs = [_fp(a) for a in (out, q, k, v)]
-    else:   # views are not contiguous buffers: pass their data pointers; k and v stay alive in `keep`
-        bufs = [_fp(out), _fp(q), ffi.cast("float *", k.ctypes.data), ffi.cast("float *", v.ctypes.data)]
+    bufs = [_fp(out), _fp(q), *_kv_pointers(k, v)] if q.size else [ffi.NULL] * 4
     return _prepared("rf_attention_thunk", "rf_attention_args",
                      dict(out=bufs[0], q=bufs[1], k=bufs[2], v=bufs[3], H=H, Hkv=Hkv, Lq=Lq, Lk=Lk, D=D,
-                          kv_stride=kv_stride or Lk * D, scale=scale, causal=int(bool(causal)), status=0),
+                          kv_stride=kv_stride, scale=scale, causal=int(bool(causal)), status=0),
                      out, [q, k, v, *bufs], status=True)
 
 
 @register("attention", "c")
 def attention(q, k, v, causal=False, scale=None):  # [H,Lq,D],[Hkv,Lk,D],[Hkv,Lk,D] -> [H,Lq,D]
     """Flash-style attention (online softmax over 64-key tiles, 48-row query blocks, GQA in place)."""
-    return prepare_attention(q, k, v, causal, scale).run()
+    q, k, v, kv_stride, scale = _attention_args(q, k, v, causal, scale)
+    out = np.empty_like(q)
+    if q.size and lib.rf_attention_f32_strided(_fp(out), _fp(q), *_kv_pointers(k, v), q.shape[0], k.shape[0],
+                                               q.shape[1], k.shape[1], q.shape[2], kv_stride, scale,
+                                               int(bool(causal))):
+        raise MemoryError("rf_attention_f32: could not allocate its scratch buffers")
+    return out
 
 
 attention.prepare = prepare_attention
@@ -182,7 +200,12 @@ def prepare_layer_norm(x, w, b, eps=1e-5) -> CCall:  # [T,D],[D],[D] -> [T,D]
 @register("layer_norm", "c")
 def layer_norm(x, w, b, eps=1e-5):  # [T,D],[D],[D] -> [T,D]
     """LayerNorm over rows: (x - mean) / sqrt(var + eps) * w + b."""
-    return prepare_layer_norm(x, w, b, eps).run()
+    x, w, b = _norm_args(x, w, b)
+    eps = _finite("eps", eps, nonneg=True)
+    out = np.empty_like(x)
+    if x.size:
+        lib.rf_layer_norm_f32(_fp(out), _fp(x), _fp(w), _fp(b), *x.shape, eps)
+    return out
 
 
 layer_norm.prepare = prepare_layer_norm
@@ -201,7 +224,12 @@ def prepare_rms_norm(x, w, eps=1e-6) -> CCall:  # [T,D],[D] -> [T,D]
 @register("rms_norm", "c")
 def rms_norm(x, w, eps=1e-6):  # [T,D],[D] -> [T,D]
     """RMSNorm over rows: x / sqrt(mean(x^2) + eps) * w."""
-    return prepare_rms_norm(x, w, eps).run()
+    x, w, _ = _norm_args(x, w, None)
+    eps = _finite("eps", eps, nonneg=True)
+    out = np.empty_like(x)
+    if x.size:
+        lib.rf_rms_norm_f32(_fp(out), _fp(x), _fp(w), *x.shape, eps)
+    return out
 
 
 rms_norm.prepare = prepare_rms_norm
@@ -227,16 +255,24 @@ def prepare_silu(x) -> CCall:  # [...] -> [...]
     return _prepare_act("rf_silu_thunk", x)
 
 
+def _act(fn, x):
+    x = _f32("x", x)
+    out = np.empty_like(x)
+    if x.size:
+        fn(_fp(out), _fp(x), x.size)
+    return out
+
+
 @register("gelu_tanh", "c")
 def gelu_tanh(x):  # [...] -> [...]
     """GELU, tanh approximation, computed as x sigmoid(2 sqrt(2/pi) (x + 0.044715 x^3))."""
-    return prepare_gelu_tanh(x).run()
+    return _act(lib.rf_gelu_tanh_f32, x)
 
 
 @register("silu", "c")
 def silu(x):  # [...] -> [...]
     """SiLU: x sigmoid(x)."""
-    return prepare_silu(x).run()
+    return _act(lib.rf_silu_f32, x)
 
 
 gelu_tanh.prepare = prepare_gelu_tanh
@@ -248,7 +284,7 @@ silu.prepare = prepare_silu
 # --------------------------------------------------------------------------
 
 
-def prepare_rope(x, positions, theta=10000.0, interleaved=False) -> CCall:  # [H,T,D],[T] -> [H,T,D]
+def _rope_args(x, positions, theta):  # -> x [H,T,D], positions [T] int64, theta
     x = _f32("x", x, ndim=3)
     H, T, D = x.shape
     if D % 2:
@@ -261,7 +297,12 @@ def prepare_rope(x, positions, theta=10000.0, interleaved=False) -> CCall:  # [H
     if p.dtype.kind == "u" and p.size and int(p.max()) > np.iinfo(np.int64).max:
         raise ValueError("argument 'positions' has values beyond the int64 range")
     p = np.ascontiguousarray(p, dtype=np.int64)
-    theta = _finite("theta", theta, positive=True)
+    return x, p, _finite("theta", theta, positive=True)
+
+
+def prepare_rope(x, positions, theta=10000.0, interleaved=False) -> CCall:  # [H,T,D],[T] -> [H,T,D]
+    x, p, theta = _rope_args(x, positions, theta)
+    H, T, D = x.shape
     out = np.empty_like(x)
     if x.size:
         bufs = [_fp(out), _fp(x), ffi.from_buffer("int64_t[]", p)]
@@ -276,7 +317,12 @@ def prepare_rope(x, positions, theta=10000.0, interleaved=False) -> CCall:  # [H
 @register("rope", "c")
 def rope(x, positions, theta=10000.0, interleaved=False):  # [H,T,D],[T] -> [H,T,D]
     """Rotary embedding, half-split (HF) or interleaved pairs (llama2.c); angles in double."""
-    return prepare_rope(x, positions, theta, interleaved).run()
+    x, p, theta = _rope_args(x, positions, theta)
+    out = np.empty_like(x)
+    if x.size and lib.rf_rope_f32(_fp(out), _fp(x), ffi.from_buffer("int64_t[]", p), *x.shape, theta,
+                                  int(bool(interleaved))):
+        raise MemoryError("rf_rope_f32: could not allocate its angle table")
+    return out
 
 
 rope.prepare = prepare_rope

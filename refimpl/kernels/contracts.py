@@ -45,14 +45,18 @@ C_SAFETY = 2.0
 # --------------------------------------------------------------------------
 
 
-def check_array(name: str, x, dtypes=(np.float32, np.float64), ndim: int | None = None) -> np.ndarray:
+_FLOATS = (np.dtype(np.float32), np.dtype(np.float64))
+
+
+def check_array(name: str, x, dtypes=_FLOATS, ndim: int | None = None) -> np.ndarray:
     """Validate `x` (argument `name`): ndarray, allowed dtype, rank; return it C-contiguous.
 
-    Non-contiguous or misaligned inputs are copied (documented contract).
+    Non-contiguous, misaligned or byte-swapped inputs are copied (documented contract).
     """
     if not isinstance(x, np.ndarray):
         raise TypeError(f"argument {name!r} must be a numpy.ndarray, got {type(x).__name__}")
-    if x.dtype.type not in tuple(np.dtype(d).type for d in dtypes):
+    dt = x.dtype if x.dtype.isnative else x.dtype.newbyteorder("=")
+    if dt not in dtypes:
         allowed = ", ".join(np.dtype(d).name for d in dtypes)
         raise TypeError(f"argument {name!r} has dtype {x.dtype}, expected {allowed}")
     if ndim is not None and x.ndim != ndim:

@@ -124,6 +124,7 @@ class Model:
         self.params = {k: np.ascontiguousarray(np.asarray(v), dtype=self.dtype) for k, v in params.items()}
         self.ops = _kernel_ops(backend)
         self._w_io = {}                                  # linear weights as contiguous (in, out)
+        self._cuts = {}                                  # column ranges of concatenated weights
 
     # -- small helpers: each is one line of math ----------------------------
     def p(self, name):
@@ -145,12 +146,13 @@ class Model:
 
     def linears(self, x, names):  # [T,In] -> [T,Out_1], ..., [T,Out_n]
         """Several maps of the same input, y_i = x W_i, as one product x [W_1 | ... | W_n] (one pass over x)."""
-        w = self._w_io.get(tuple(names))
-        if w is None:
-            w = self._w_io[tuple(names)] = np.ascontiguousarray(
-                np.concatenate([self.params[n].T for n in names], axis=1))
-        y = self.ops.matmul(np.ascontiguousarray(x), w)
-        return np.split(y, np.cumsum([self.params[n].shape[0] for n in names])[:-1], axis=-1)
+        key = tuple(names)
+        if key not in self._w_io:
+            self._w_io[key] = np.ascontiguousarray(np.concatenate([self.params[n].T for n in names], axis=1))
+            ends = np.cumsum([self.params[n].shape[0] for n in names])
+            self._cuts[key] = list(zip([0, *ends[:-1]], ends))
+        y = self.ops.matmul(np.ascontiguousarray(x), self._w_io[key])
+        return [y[:, a:b] for a, b in self._cuts[key]]
 
     def norm(self, x, prefix):  # [T,D] -> [T,D]
         c = self.config

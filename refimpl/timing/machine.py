@@ -233,6 +233,19 @@ def measure_bandwidth(trials: int = 3, target_bytes: int = 64 << 20, force: bool
     return out
 
 
+def dram_copy_bandwidth(trials: int = 3) -> float:
+    """Copy bandwidth at the DRAM working set, B/tick (bytes read + written), measured now (not cached):
+    for ratios against a memory-bound kernel timed right after it, under the same load."""
+    size = level_sizes()["DRAM"]
+    half = size // 2 - (size // 2) % 256
+    src, dst = _aligned(half), _aligned(half)
+    src[:] = 1
+    dst[:] = 0
+    p, q = ffi.cast("void *", src.ctypes.data), ffi.cast("void *", dst.ctypes.data)
+    lib.rf_bw_copy(q, p, half, 1)                        # fault the pages in
+    return 2 * half / min(int(lib.rf_bw_copy(q, p, half, 1)) for _ in range(trials))
+
+
 def blas_info() -> list[dict]:
     """threadpoolctl's view of the BLAS/OpenMP libraries loaded (numpy's BLAS included)."""
     try:
