@@ -107,6 +107,20 @@ def test_f32_within_bound_every_path(path, ab):
     target(s.bound_ratio, label="bound ratio")
 
 
+@pytest.mark.parametrize("path", PATHS)
+@given(ab=operands(max_m=3, max_k=80, max_n=300))
+@example(ab=_pair(1, 7, 5))          # fewer rows than one prefetch block
+@example(ab=_pair(1, 17, 33))        # a block and a tail, a masked column tail
+@example(ab=_pair(1, 768, 4100))     # two column chunks
+def test_stream_hint_changes_speed_not_results(path, ab):
+    """stream=True (decode weights from DRAM) only adds prefetches: the same bits as without it."""
+    a, b = ab
+    with forced_path(path):
+        got = matmul(a, b, stream=True)
+        assert np.array_equal(got, matmul(a, b), equal_nan=True)
+    check(got, a, b, f"matmul stream {a.shape}@{b.shape} on {path}")
+
+
 @given(ab=operands(dtype=np.float64, max_m=60, max_k=300, max_n=80))
 @example(ab=_pair(1, 1, 1, np.float64))
 @example(ab=_pair(4, 0, 2, np.float64))

@@ -14,6 +14,7 @@
 #include <stdint.h>
 #include "_dispatch.h"
 
+
 /* C[mr,nr] (+)= Ap (kc, MR) ^T @ Bp (kc, NR) */
 typedef void (*rf_sgemm_ukr_fn)(int64_t kc,
                                 const float *ap,  /* (kc, MR) packed */
@@ -29,7 +30,8 @@ typedef void (*rf_pack_b_fn)(float *bp, const float *b, int64_t ldb, int64_t kc,
 typedef void (*rf_sgemm_small_fn)(float *y,        /* (M,N) out */
                                   const float *x,  /* (M,K) */
                                   const float *w,  /* (K,N) */
-                                  int64_t M, int64_t K, int64_t N);
+                                  int64_t M, int64_t K, int64_t N,
+                                  int stream /* W comes from DRAM: prefetch ahead */);
 
 /* ---- the block-size table: one row per SIMD path ----------------------------------
  * MR x NR register tile; KC inner block (Bp micro-panel KC*NR*4 bytes in L1 / L2),
@@ -65,18 +67,21 @@ void rf_sgemm_ukr_portable(int64_t kc, const float *ap, const float *bp, float *
                            int mr, int nr, int accumulate);
 void rf_sgemm_pack_a_portable(float *ap, const float *a, int64_t lda, int64_t mc, int64_t kc);
 void rf_sgemm_pack_b_portable(float *bp, const float *b, int64_t ldb, int64_t kc, int64_t nc);
-void rf_sgemm_small_portable(float *y, const float *x, const float *w, int64_t M, int64_t K, int64_t N);
+void rf_sgemm_small_portable(float *y, const float *x, const float *w, int64_t M, int64_t K, int64_t N,
+                          int stream);
 #if defined(RF_X86)
 void rf_sgemm_ukr_avx2(int64_t kc, const float *ap, const float *bp, float *c, int64_t ldc,
                        int mr, int nr, int accumulate);
 void rf_sgemm_pack_a_avx2(float *ap, const float *a, int64_t lda, int64_t mc, int64_t kc);
 void rf_sgemm_pack_b_avx2(float *bp, const float *b, int64_t ldb, int64_t kc, int64_t nc);
-void rf_sgemm_small_avx2(float *y, const float *x, const float *w, int64_t M, int64_t K, int64_t N);
+void rf_sgemm_small_avx2(float *y, const float *x, const float *w, int64_t M, int64_t K, int64_t N,
+                          int stream);
 void rf_sgemm_ukr_avx512(int64_t kc, const float *ap, const float *bp, float *c, int64_t ldc,
                          int mr, int nr, int accumulate);
 void rf_sgemm_pack_a_avx512(float *ap, const float *a, int64_t lda, int64_t mc, int64_t kc);
 void rf_sgemm_pack_b_avx512(float *bp, const float *b, int64_t ldb, int64_t kc, int64_t nc);
-void rf_sgemm_small_avx512(float *y, const float *x, const float *w, int64_t M, int64_t K, int64_t N);
+void rf_sgemm_small_avx512(float *y, const float *x, const float *w, int64_t M, int64_t K, int64_t N,
+                          int stream);
 #endif
 
 /* generic packers (any MR / NR), the portable path's and the fallback of the others */

@@ -158,11 +158,7 @@ static void sgemm_packed(const rf_sgemm_cfg *g, float *c, const float *a, const 
     }
 }
 
-/* C = A @ B, float32, on the SIMD path in force */
-void rf_matmul_f32(float *c,        /* (M,N) out */
-                   const float *a,  /* (M,K) */
-                   const float *b,  /* (K,N) */
-                   int64_t M, int64_t K, int64_t N) {
+static void matmul_f32(float *c, const float *a, const float *b, int64_t M, int64_t K, int64_t N, int stream) {
     if (M <= 0 || N <= 0) return;
     if (K <= 0) {
         memset(c, 0, (size_t)M * (size_t)N * sizeof(float));
@@ -170,10 +166,26 @@ void rf_matmul_f32(float *c,        /* (M,N) out */
     }
     const rf_sgemm_cfg *g = cfg_in_force();
     if (M <= g->small_m) {   /* decode (M = 1) and other short A: stream B, no packing */
-        g->small(c, a, b, M, K, N);
+        g->small(c, a, b, M, K, N, stream);
         return;
     }
     sgemm_packed(g, c, a, b, M, K, N);
+}
+
+/* C = A @ B, float32, on the SIMD path in force */
+void rf_matmul_f32(float *c,        /* (M,N) out */
+                   const float *a,  /* (M,K) */
+                   const float *b,  /* (K,N) */
+                   int64_t M, int64_t K, int64_t N) {
+    matmul_f32(c, a, b, M, K, N, 0);
+}
+
+/* the same, for B streamed from DRAM (a model's weights in decode): the GEMV prefetches ahead */
+void rf_matmul_f32_stream(float *c,        /* (M,N) out */
+                          const float *a,  /* (M,K) */
+                          const float *b,  /* (K,N) */
+                          int64_t M, int64_t K, int64_t N) {
+    matmul_f32(c, a, b, M, K, N, 1);
 }
 
 /* ----------------------------------------------------------- thunks -- */

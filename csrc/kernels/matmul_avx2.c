@@ -69,20 +69,18 @@ RF_TARGET_AVX2
 static void rf_sgemv_avx2(float *restrict y,        /* (N) out */
                    const float *restrict x,  /* (K) */
                    const float *restrict w,  /* (K,N) */
-                   int64_t K, int64_t N) {
+                   int64_t K, int64_t N, int stream) {
     enum { R = 8, JB = 4096 };
     for (int64_t j0 = 0; j0 < N; j0 += JB) {
         int64_t j1 = j0 + JB < N ? j0 + JB : N;
         for (int64_t j = j0; j < j1; j++) y[j] = 0.0f;
         int64_t k = 0;
-        for (int r = 0; r < R && r < K; r++)    /* the first block: start its lines now, all at once */
-            for (int64_t j = j0; j < j1; j += 16) __builtin_prefetch(w + r * N + j, 0, 2);
         for (; k + R <= K; k += R) {
             __m256 xr[R];
 #pragma GCC unroll 16
             for (int r = 0; r < R; r++) xr[r] = _mm256_broadcast_ss(x + k + r);
             const float *wk = w + k * N;
-            const int pf = k + 2 * R <= K;        /* prefetch the next R rows into L2 while this block runs */
+            const int pf = stream && k + 2 * R <= K;   /* prefetch the next R rows into L2 while this block runs */
             int64_t j = j0;
             for (; j + 8 <= j1; j += 8) {
                 if (pf && !((j - j0) & 15)) {       /* one prefetch per 64-byte line of each row */
@@ -119,7 +117,7 @@ RF_TARGET_AVX2
 void rf_sgemm_small_avx2(float *restrict y,        /* (M,N) out */
                          const float *restrict x,  /* (M,K) */
                          const float *restrict w,  /* (K,N) */
-                         int64_t M, int64_t K, int64_t N) {
-    for (int64_t i = 0; i < M; i++) rf_sgemv_avx2(y + i * N, x + i * K, w, K, N);
+                         int64_t M, int64_t K, int64_t N, int stream) {
+    for (int64_t i = 0; i < M; i++) rf_sgemv_avx2(y + i * N, x + i * K, w, K, N, stream);
 }
 #endif

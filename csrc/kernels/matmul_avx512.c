@@ -209,7 +209,7 @@ RF_TARGET_AVX512
 static void gemv(float *restrict y,        /* (N) out */
                  const float *restrict x,  /* (K) */
                  const float *restrict w,  /* (K,N) */
-                 int64_t K, int64_t N) {
+                 int64_t K, int64_t N, int stream) {
     enum { R = 8, JB = 4096 };
     for (int64_t j0 = 0; j0 < N; j0 += JB) {
         int64_t j1 = j0 + JB < N ? j0 + JB : N;
@@ -218,15 +218,13 @@ static void gemv(float *restrict y,        /* (N) out */
             _mm512_mask_storeu_ps(y + j, m, _mm512_setzero_ps());
         }
         int64_t k = 0;
-        for (int r = 0; r < R && r < K; r++)    /* the first block: start its lines now, all at once */
-            for (int64_t j = j0; j < j1; j += 16) _mm_prefetch((const char *)(w + r * N + j), _MM_HINT_T1);
         for (; k + R <= K; k += R) {
             __m512 xr[R];
 #pragma GCC unroll 16
             for (int r = 0; r < R; r++) xr[r] = _mm512_set1_ps(x[k + r]);
             const float *wk = w + k * N;
             int64_t j = j0;
-            const int pf = k + 2 * R <= K;        /* prefetch the next R rows into L2 while this block runs */
+            const int pf = stream && k + 2 * R <= K;   /* prefetch the next R rows into L2 while this block runs */
             for (; j + 16 <= j1; j += 16) {
                 if (pf) {
 #pragma GCC unroll 16
@@ -266,13 +264,13 @@ RF_TARGET_AVX512
 void rf_sgemm_small_avx512(float *restrict y,        /* (M,N) out */
                            const float *restrict x,  /* (M,K) */
                            const float *restrict w,  /* (K,N) */
-                           int64_t M, int64_t K, int64_t N) {
+                           int64_t M, int64_t K, int64_t N, int stream) {
     int64_t i = 0;
     for (; i + 4 <= M; i += 4) rows_kernel(y + i * N, x + i * K, w, K, N, 4);
     switch (M - i) {
     case 3: rows_kernel(y + i * N, x + i * K, w, K, N, 3); break;
     case 2: rows_kernel(y + i * N, x + i * K, w, K, N, 2); break;
-    case 1: gemv(y + i * N, x + i * K, w, K, N); break;
+    case 1: gemv(y + i * N, x + i * K, w, K, N, stream); break;
     default: break;
     }
 }

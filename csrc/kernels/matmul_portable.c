@@ -58,6 +58,7 @@ static void rf_sgemv_portable(float *restrict y,        /* (N) out */
 void rf_sgemm_small_portable(float *restrict y,        /* (M,N) out */
                              const float *restrict x,  /* (M,K) */
                              const float *restrict w,  /* (K,N) */
-                             int64_t M, int64_t K, int64_t N) {
+                             int64_t M, int64_t K, int64_t N, int stream) {
+    (void)stream;   /* plain C: the hardware prefetcher only */
     for (int64_t i = 0; i < M; i++) rf_sgemv_portable(y + i * N, x + i * K, w, K, N);
 }

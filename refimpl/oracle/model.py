@@ -22,6 +22,8 @@ normalised residual streams.
 """
 from __future__ import annotations
 
+import functools
+import inspect
 import math
 import time
 from dataclasses import dataclass, field
@@ -81,8 +83,12 @@ def _kernel_ops(backend: str) -> SimpleNamespace:
             gelu_tanh=L.gelu_tanh, silu=L.silu,
             rope=lambda x, pos, theta, interleaved: L.rope(x, pos, theta, interleaved))
     from refimpl import kernels
-    return SimpleNamespace(**{op: kernels.get(op, backend) for op in
-                              ("matmul", "attention", "layer_norm", "rms_norm", "gelu_tanh", "silu", "rope")})
+    ops = SimpleNamespace(**{op: kernels.get(op, backend) for op in
+                             ("matmul", "attention", "layer_norm", "rms_norm", "gelu_tanh", "silu", "rope")})
+    if "stream" in inspect.signature(ops.matmul).parameters:
+        # a decode step reads every weight from memory once: let the kernel prefetch ahead
+        ops.matmul = functools.partial(ops.matmul, stream=True)
+    return ops
 
 
 @dataclass
