@@ -471,7 +471,8 @@ def _fmt(x, spec="{:.3g}"):
     return spec.format(x)
 
 
-def _ticks(x):
+def fmt_count(x):
+    """A count (ticks, FLOPs, bytes) shortened for a table: 1.235M, 45.5k, 26.0."""
     if x >= 1e6:
         return f"{x / 1e6:.3f}M"
     if x >= 1e4:
@@ -516,8 +517,8 @@ def print_report(report: dict, console=None) -> None:
         t.add_column(col, justify=just)
     for r in report["results"]:
         flag = " [red]![/]" if r["unstable"] else ""
-        t.add_row(r["op"], r["shape"], r["backend"], _ticks(r["median_ticks"]) + flag, f"{r['cv']:.1%}",
-                  _ticks(r["median_core_cycles"]), _fmt(r["flop_per_core_cycle"]), _fmt(r["pct_peak"], "{:.1f}"),
+        t.add_row(r["op"], r["shape"], r["backend"], fmt_count(r["median_ticks"]) + flag, f"{r['cv']:.1%}",
+                  fmt_count(r["median_core_cycles"]), _fmt(r["flop_per_core_cycle"]), _fmt(r["pct_peak"], "{:.1f}"),
                   _fmt(r["bytes_per_tick"]), _fmt(r["intensity"]),
                   f"{r['roofline_bound'][:3]} {r['roofline_level']}", _fmt(r["measured_over_bound"], "{:.2f}"),
                   _fmt(r["vs_numpy"], "{:.2f}"), _fmt(r["vs_torch"], "{:.2f}"))
@@ -616,7 +617,7 @@ def print_compare(rows, console=None) -> None:
         color = {"regression": "red", "improvement": "green"}.get(r["verdict"], "")
         v = f"[{color}]{r['verdict']}[/]" if color else r["verdict"]
         t.add_row(r["op"], r["shape"], r["backend"], r["dtype"] + (" cold" if r["cold"] else ""),
-                  _ticks(r["old_ticks"]), _ticks(r["new_ticks"]), f"{r['ratio']:.3f}", f"±{r['threshold']:.1%}", v)
+                  fmt_count(r["old_ticks"]), fmt_count(r["new_ticks"]), f"{r['ratio']:.3f}", f"±{r['threshold']:.1%}", v)
     console.print(t)
     n_reg = sum(r["verdict"] == "regression" for r in rows)
     console.print(f"{len(rows)} rows matched; {n_reg} regression(s)")

@@ -299,13 +299,8 @@ def run(path=None, backends=None, dtype="float32", prompt_len: int = 32, decode:
 
 
 def _t(x):
-    if x is None:
-        return "-"
-    if x >= 1e6:
-        return f"{x / 1e6:.2f}M"
-    if x >= 1e4:
-        return f"{x / 1e3:.1f}k"
-    return f"{x:.0f}"
+    from refimpl.timing.bench import fmt_count
+    return "-" if x is None else fmt_count(x)
 
 
 def print_report(report: dict, console=None) -> None:
