@@ -52,12 +52,17 @@ void attn(float* out, const float* q, const float* k, const float* v, int H, int
         out[(h*Lq + t)*D + i] = o / sum; } } } }
 """
 GEMM = "void(float*, const float*, const float*, int, int, int)"
+CRASH = """
+void sgemm_crash(float* c, const float* a, const float* b, int M, int K, int N) {
+  volatile float* nowhere = (volatile float*)0; c[0] = nowhere[M];   /* a bad pointer: SIGSEGV */
+}
+"""
 
 
 @pytest.fixture(scope="module")
 def lib(tmp_path_factory):
     d = tmp_path_factory.mktemp("clib")
-    (d / "mine.c").write_text(SRC)
+    (d / "mine.c").write_text(SRC + CRASH)
     so = d / "libmine.so"
     subprocess.run(["gcc", "-O1", "-shared", "-fPIC", "-o", str(so), str(d / "mine.c"), "-lm"], check=True)
     return str(so)
@@ -163,3 +168,6 @@ def test_cli_verify_c_exit_codes(lib, tmp_path):
     assert usage.returncode == 2 and "pointers to pointers" in usage.stderr
     missing = _cli("verify", "--lib", lib, "--op", "matmul")
     assert missing.returncode == 2
+    crash = _cli("verify", "--lib", lib, "--symbol", "sgemm_crash", "--signature", GEMM, "--op", "matmul",
+                 "--examples", "5")
+    assert crash.returncode == 1 and "crashed the check with SIGSEGV" in crash.stderr, crash.stderr

@@ -14,12 +14,13 @@ Exit status: 0 pass, 1 fail (out of bound / first divergent tensor found),
 """
 from __future__ import annotations
 
-import argparse
 import ast
 import importlib
 import importlib.util
 import json
 import math
+import os
+import signal
 import sys
 from pathlib import Path
 
@@ -193,18 +194,48 @@ def run_verify(args) -> int:
         return _err("verify", str(e))
     except Exception as e:  # the user's module failed while importing
         return _err("verify", f"loading {args.target or args.lib}: {type(e).__name__}: {e}")
-    try:
-        report = check(impl, args.op, examples=args.examples, seed=args.seed, dtype=args.dtype,
-                       convert=args.convert, all_masked_rows=args.all_masked_rows, **params)
-    except ValueError as e:
-        return _err("verify", str(e))
-    con = Console(width=None if sys.stdout.isatty() else 140)
-    if hasattr(impl, "describe"):
-        con.print(f"C convention: {impl.describe()}", markup=False)
-    report.render(con)
-    if args.json:
-        _write_json(args.json, report.as_dict())
-    return 0 if report.passed else 1
+    def verify_and_report() -> int:
+        try:
+            report = check(impl, args.op, examples=args.examples, seed=args.seed, dtype=args.dtype,
+                           convert=args.convert, all_masked_rows=args.all_masked_rows, **params)
+        except ValueError as e:
+            return _err("verify", str(e))
+        con = Console(width=None if sys.stdout.isatty() else 140)
+        if hasattr(impl, "describe"):
+            con.print(f"C convention: {impl.describe()}", markup=False)
+        report.render(con)
+        if args.json:
+            _write_json(args.json, report.as_dict())
+        return 0 if report.passed else 1
+
+    if args.target or not hasattr(os, "fork"):
+        return verify_and_report()
+    return _isolated(verify_and_report, f"{args.symbol} in {args.lib}")
+
+
+def _isolated(run, what: str) -> int:
+    """Run `run()` in a forked child, so a C function that crashes ends the check, not the verifier."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    pid = os.fork()
+    if pid == 0:   # the child: run the check, flush, leave without unwinding the parent's state
+        code = 2
+        try:
+            code = run()
+        except BaseException:
+            import traceback
+            traceback.print_exc()
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    if os.WIFSIGNALED(status):
+        sig = signal.Signals(os.WTERMSIG(status)).name
+        print(f"refimpl verify: FAIL: {what} crashed the check with {sig} (an out-of-bounds access or a "
+              f"bad pointer; the check ran in a child process)", file=sys.stderr)
+        return 1
+    return os.WEXITSTATUS(status)
 
 
 # --------------------------------------------------------------------------
