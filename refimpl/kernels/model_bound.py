@@ -21,8 +21,9 @@ is LAMBDA * sigma with LAMBDA = 6.  Propagation (first order):
     attention S = q k^T s:       s_S^2 = (s_q^2 (k^2)^T + q^2 (s_k^2)^T) s^2
               P = softmax(S):    s_P,ij^2 = P_ij^2 (s_S,ij^2 + sum_l P_il^2 s_S,il^2)
               O = P V:           s_O^2 = s_P^2 V^2 + P^2 s_V^2, plus contracts.attention_bound
-The ops' own bounds from contracts.py are worst-case and enter as they are
-(conservative).  Supported: GPT-2, Llama and the BERT encoder (post-norm, padding mask, erf GELU:
+The ops' own bounds B from contracts.py are worst-case; an error bounded by B
+has a root mean square <= B, so each enters its sigma as one more term of the
+root sum of squares (conservative).  Supported: GPT-2, Llama and the BERT encoder (post-norm, padding mask, erf GELU:
 |d gelu_erf| <= 0.5|x| u + 2u|y| for a float32 erf, doubled).
 """
 from __future__ import annotations
@@ -77,7 +78,7 @@ class _Bounded:
         n = (x - mean) / s
         v2 = sx ** 2
         sn = np.sqrt(v2 + v2.mean(-1, keepdims=True) / D + n ** 2 * (n ** 2 * v2).mean(-1, keepdims=True) / D) / s
-        return n * w + b, np.abs(w) * sn + C.layer_norm_bound(x, w, b, eps, self.dt)
+        return n * w + b, _rss(np.abs(w) * sn, C.layer_norm_bound(x, w, b, eps, self.dt))
 
     def rms_norm(self, x, sx, prefix):
         w, eps = self.p(prefix + ".weight"), self.c.norm_eps
@@ -86,26 +87,26 @@ class _Bounded:
         n = x / r
         v2 = sx ** 2
         sn = np.sqrt(v2 + n ** 2 * (n ** 2 * v2).mean(-1, keepdims=True) / D) / r
-        return n * w, np.abs(w) * sn + C.rms_norm_bound(x, w, eps, self.dt)
+        return n * w, _rss(np.abs(w) * sn, C.rms_norm_bound(x, w, eps, self.dt))
 
     def rope(self, x, sx, pos):  # [n,T,Dh]
         c = self.c
         y = L.rope(x, pos, c.rope_theta, c.rope_interleaved)
         Dh = x.shape[-1]
         partner = np.arange(Dh) ^ 1 if c.rope_interleaved else (np.arange(Dh) + Dh // 2) % Dh
-        return y, _rss(sx, sx[..., partner]) + C.rope_bound(x, pos, c.rope_theta, self.dt)
+        return y, _rss(sx, sx[..., partner], C.rope_bound(x, pos, c.rope_theta, self.dt))
 
     def gelu_tanh(self, x, sx):
         y = L.gelu_tanh(x)
         h = 1e-6 * (1 + np.abs(x))
         slope = np.abs(L.gelu_tanh(x + h) - L.gelu_tanh(x - h)) / (2 * h)
-        return y, slope * sx + C.gelu_tanh_bound(x, y, self.dt)
+        return y, _rss(slope * sx, C.gelu_tanh_bound(x, y, self.dt))
 
     def silu(self, x, sx):
         y = L.silu(x)
         sig = 1 / (1 + np.exp(-x))
         slope = np.abs(sig * (1 + x * (1 - sig)))
-        return y, slope * sx + C.silu_bound(x, y, self.dt)
+        return y, _rss(slope * sx, C.silu_bound(x, y, self.dt))
 
     def gelu_erf(self, x, sx):
         y = L.gelu_erf(x)
@@ -114,7 +115,7 @@ class _Bounded:
         slope = np.abs(cdf + x * phi)                                              # d/dx x Phi(x)
         # float32 erf: |d erf| <= u, times |x|/2; the sum and the product: 2u|y|
         local = C.C_SAFETY * (0.5 * np.abs(x) * self.u + 2 * self.u * np.abs(y))
-        return y, slope * sx + local
+        return y, _rss(slope * sx, local)
 
     def attention(self, q, sq, k, sk, v, sv, keep=None):  # [H,T,Dh],[Hkv,S,Dh]x2 -> [T,D] x2
         """Causal attention, or (keep [S] bool given) full attention over the kept keys."""
@@ -134,7 +135,7 @@ class _Bounded:
             vS = np.where(mask, (sq[h] ** 2 @ (k[g] ** 2).T + q[h] ** 2 @ (sk[g] ** 2).T) * scale ** 2, 0.0)
             vP = P ** 2 * (vS + (P ** 2 * vS).sum(-1, keepdims=True))
             outs.append(P @ v[g])
-            sigmas.append(np.sqrt(vP @ v[g] ** 2 + P ** 2 @ sv[g] ** 2) + local[h])
+            sigmas.append(np.sqrt(vP @ v[g] ** 2 + P ** 2 @ sv[g] ** 2 + local[h] ** 2))
         return L.merge_heads(np.stack(outs)), L.merge_heads(np.stack(sigmas))
 
     # -- architectures ------------------------------------------------------
