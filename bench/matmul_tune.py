@@ -1,6 +1,6 @@
 """Dev script: the C float32 matmul against NumPy (OpenBLAS), 1 thread, warm cache, one run.
 
-    env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE /tmp/venv/bin/python bench/matmul_tune.py [--paths avx512,avx2]
+    env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE python bench/matmul_tune.py [--paths avx512,avx2]
 
 M = rows of a, K = inner size, N = columns of b.  Every shape is first checked
 against the float64 oracle under contracts.matmul_bound, then timed:

@@ -2,7 +2,7 @@
 
 Run by hand (needs torch and transformers), not by the test suite:
 
-    /tmp/venv/bin/python tests/data/make_golden.py
+    python tests/data/make_golden.py
 
 Each case directory holds what `save_pretrained` wrote (config.json,
 model.safetensors; float32 weights) and golden.safetensors with, per input j:
