@@ -254,6 +254,93 @@ def test_attention_nan_propagates(path):
 
 
 # --------------------------------------------------------------------------
+# attention, the few-rows path: G Lq <= 8 query rows per kv head (decode, GQA decode, short chunks)
+# take dot products along D with a horizontal-reduction tree, a two-pass softmax over an Lk-score
+# buffer (on the stack, from malloc above 32 KiB) and P V along D (csrc/kernels/attention.c)
+# --------------------------------------------------------------------------
+
+FEW_ROWS = 8        # RF_ATT_FEW in csrc/kernels/attention.c
+
+
+@st.composite
+def few_rows_case(draw):  # -> (Hkv, G, Lq, Lk, D, causal, mag, scale, seed), G Lq <= FEW_ROWS
+    Hkv = draw(st.integers(1, 3))
+    G = draw(st.integers(1, FEW_ROWS))
+    Lq = draw(st.integers(1, FEW_ROWS // G))
+    causal = draw(st.booleans())
+    Lk = draw(st.one_of(st.integers(Lq if causal else 1, 40), st.sampled_from([63, 64, 65, 257, 1100])))
+    D = draw(st.sampled_from([1, 2, 7, 8, 15, 16, 17, 33, 48, 64, 65, 100, 128]))
+    mag = draw(st.sampled_from([0.5, 2.0, 6.0]))
+    scale = draw(st.one_of(st.none(), st.sampled_from([0.05, 1.0])))
+    return Hkv, G, Lq, Lk, D, causal, mag, scale, draw(st.integers(0, 2**32 - 1))
+
+
+def _few_rows_arrays(Hkv, G, Lq, Lk, D, mag, seed):
+    rng = np.random.default_rng(seed)
+    q = (rng.standard_normal((Hkv * G, Lq, D)) * mag).astype(F32)
+    k = (rng.standard_normal((Hkv, Lk, D)) * mag).astype(F32)
+    v = rng.standard_normal((Hkv, Lk, D)).astype(F32)
+    return q, k, v
+
+
+@pytest.mark.parametrize("path", PATHS)
+@settings(max_examples=80)
+@given(case=few_rows_case())
+@example(case=(1, 1, 1, 1, 1, False, 2.0, None, 0))        # one row, one key, D = 1
+@example(case=(2, 8, 1, 17, 17, True, 2.0, None, 1))       # 8 rows: a partial key step and a partial D vector
+@example(case=(1, 3, 1, 16, 33, False, 6.0, 1.0, 2))       # R = 3 does not divide the vector width
+@example(case=(1, 1, 8, 8, 16, True, 2.0, None, 3))        # causal Lq = Lk = 8: row 0 sees one key
+@example(case=(3, 2, 4, 5, 65, True, 6.0, 1.0, 4))         # causal, rows of two heads x 4 positions
+@example(case=(1, 8, 1, 1100, 64, False, 0.5, None, 5))    # 8 rows x 1100 keys: scores from malloc
+@example(case=(1, 1, 1, 63, 48, True, 6.0, 1.0, 6))        # scores of several hundred (mag 6, scale 1)
+def test_attention_few_rows_match_oracle(path, case):
+    Hkv, G, Lq, Lk, D, causal, mag, scale, seed = case
+    q, k, v = _few_rows_arrays(Hkv, G, Lq, Lk, D, mag, seed)
+    assert G * Lq <= FEW_ROWS
+    with forced_path(path):
+        _attention_check(q, k, v, causal, scale, f"attention few-rows[{path}] q{q.shape} k{k.shape} "
+                                                 f"causal={causal} scale={scale}")
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("H,Hkv,Lq,Lk,D,causal", [
+    (8, 1, 1, 3000, 64, True),         # MQA decode, long cache: scratch from malloc
+    (16, 2, 1, 1500, 80, False),
+    (4, 1, 2, 1100, 128, True),        # 8 rows: 2 positions x 4 heads
+    (32, 8, 1, 60, 64, True),          # the GQA decode shape of the benchmark
+    (6, 6, 1, 250, 48, True),          # the MHA decode shape of the benchmark
+])
+def test_attention_few_rows_shapes(path, H, Hkv, Lq, Lk, D, causal):
+    rng = np.random.default_rng(Lk + D)
+    q = rng.standard_normal((H, Lq, D)).astype(F32)
+    k = rng.standard_normal((Hkv, Lk, D)).astype(F32)
+    v = rng.standard_normal((Hkv, Lk, D)).astype(F32)
+    with forced_path(path):
+        _attention_check(q, k, v, causal, None, f"attention few-rows[{path}] {(H, Hkv, Lq, Lk, D, causal)}")
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("D", [16, 37])
+def test_attention_few_rows_nan_stays_in_its_row(path, D):
+    """The dot products of several rows and keys share one reduction tree: a NaN in one query row
+    must reach only that row, a NaN in one key only the rows of its kv head."""
+    rng = np.random.default_rng(D)
+    q = rng.standard_normal((8, 1, D)).astype(F32)       # Hkv = 2, G = 4: 4 rows per kv head
+    k = rng.standard_normal((2, 21, D)).astype(F32)
+    v = rng.standard_normal((2, 21, D)).astype(F32)
+    q[1, 0, D - 1] = np.nan
+    with forced_path(path):
+        got = c_ops.attention(q, k, v)
+    assert np.isnan(got[1]).all()
+    assert np.isfinite(np.delete(got, 1, axis=0)).all()
+    q[1, 0, D - 1] = 0.0
+    k[1, 7, 3] = np.nan                                  # kv head 1 serves query heads 4..7
+    with forced_path(path):
+        got = c_ops.attention(q, k, v)
+    assert np.isnan(got[4:]).all() and np.isfinite(got[:4]).all()
+
+
+# --------------------------------------------------------------------------
 # layer_norm, rms_norm
 # --------------------------------------------------------------------------
 

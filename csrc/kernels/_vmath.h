@@ -82,7 +82,17 @@ typedef uint32_t rf_vu16 __attribute__((vector_size(64)));
 /* unaligned load / store of RF_VW floats (memcpy compiles to one vmovups) */
 RF_INL vf V(vld)(const float *p) { vf v; memcpy(&v, p, sizeof v); return v; }
 RF_INL void V(vst)(float *p, vf v) { memcpy(p, &v, sizeof v); }
-RF_INL vf V(vset1)(float a) { vf z = {0}; return z + a; }
+/* every lane = a (a vector literal, not {0} + a: 0 + a is not a when a = -0, so that form costs
+ * an add, and it keeps GCC from folding a broadcast from memory into the FMA that uses it) */
+#define RF_A4(a) a, a, a, a
+#if RF_VW == 16
+RF_INL vf V(vset1)(float a) { return (vf){RF_A4(a), RF_A4(a), RF_A4(a), RF_A4(a)}; }
+#elif RF_VW == 8
+RF_INL vf V(vset1)(float a) { return (vf){RF_A4(a), RF_A4(a)}; }
+#else
+RF_INL vf V(vset1)(float a) { return (vf){RF_A4(a)}; }
+#endif
+#undef RF_A4
 /* m ? a : b lane by lane (m from a vector comparison: all ones or zero) */
 RF_INL vf V(vsel)(vi m, vf a, vf b) { return (vf)((m & (vi)a) | (~m & (vi)b)); }
 /* vmax(a, b) = b > a ? b : a and vmin(a, b) = b < a ? b : a, lane by lane: a NaN in b

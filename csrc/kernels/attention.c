@@ -17,10 +17,31 @@
  * diagonal are masked.  Micro-kernels: avx512 QK 8 keys x 48 rows (24 zmm), PV 6 rows x 64
  * columns (24 zmm); avx2 QK 4 x 24, PV 4 x 24 (12 ymm); portable QK 4 x 12, PV 4 x 12.
  * Error: contracts.attention_bound (QK^T bound, softmax bound, (EXP_ULPS + 2)u per key tile,
- * PV bound); scaling q before the product adds u|S|, which the bound's dS term includes. */
+ * PV bound); scaling q before the product adds u|S|, which the bound's dS term includes.
+ *
+ * Few rows (G Lq <= RF_ATT_FEW = 8: decode, GQA decode, short causal chunks): a 48-row tile would
+ * be mostly padding, so each kv head's R = G Lq rows (contiguous in q and out) take another path,
+ * in chunks of <= 8 rows, reading K and V once per chunk:
+ *   S[r, j] = Qp[r] . k_j    Qp = scale q (packed, zero-padded to Dp); dot products along D for
+ *                            KB = RF_VW / R keys x R rows a step (R KB <= RF_VW accumulators), then
+ *                            one transpose-and-add tree turns the R KB vectors into R KB scores
+ *   P[r, :] = e^(S[r, :] - max)  two passes over the row's Lk scores (scratch (8, Lk + RF_VW) on the
+ *                            stack up to 32 KiB, malloc above): no rescales at all
+ *   out[r] = (sum_j P[r, j] v_j) / sum_j P[r, j]   P broadcast, v_j rows along D (R x <= 4 vectors)
+ * Tails of D: masked loads (AVX-512 / AVX2) or a copy (portable); the score buffer has RF_VW floats
+ * of room past Lk so a key step or a softmax vector may always be written whole.
+ * Error: within the same bound (same QK^T and PV analysis; the softmax has no rescale term).
+ * Measured (prepare().run(), AVX-512, 1 thread; before: the tiled path): H=6 Lk=60 D=48 10.9 -> 1.7 us,
+ * H=6 Lk=250 D=48 41 -> 7 us, H=32 Hkv=8 Lk=1024 D=64 294 -> 92 us, H=32 Hkv=8 Lk=60 D=64 20 -> 6.6 us.
+ * (R = 1 streams K and V at the L2 bandwidth; R = 4 runs at about 80% of the FMA peak.) */
 #ifndef RF_ATT_BR
 #define RF_ATT_BR 48           /* query rows per block (multiple of 16, 8 and 4) */
 #define RF_ATT_BC 64           /* keys per tile */
+#endif
+#ifndef RF_ATT_FEW
+#define RF_ATT_FEW 8           /* blocks of G Lq <= 8 rows (decode) take the few-rows path */
+#define RF_ATT_ROWS 8          /* ... in chunks of up to 8 rows */
+#define RF_ATT_FEW_STACK 8192  /* floats of stack scratch for it (32 KiB); more comes from malloc */
 #endif
 #ifdef RF_VW
 /* ======== SIMD body, compiled once per path (see _vmath.h) ======== */
@@ -135,12 +156,355 @@ static void V(pv_block)(float *O, const float *Pt, const float *vt, int64_t ldv,
 }
 #undef RF_PV_CASE
 
+/* ---- few-rows path (decode): a block of R = G Lq <= RF_ATT_FEW rows per kv head ----
+ * The rows are the G heads x Lq positions sharing kv head g (contiguous in q and out).
+ *   s[r, j] = (scale q_r) . k_j          dot products along D, KB keys x R rows at a time
+ *                                        (R KB <= RF_VW accumulators, one horizontal reduction)
+ *   p[r, j] = e^(s[r, j] - max_j s[r, :]) two passes over the row's Lk scores: no rescales
+ *   out[r]  = (sum_j p[r, j] v_j) / sum_j p[r, j]
+ * K and V are each read once per kv head.  Scratch: R (Lk + RF_VW) scores + R Dp packed q. */
+
+/* lanes i < n of p, zeros above (n < RF_VW); never reads p[n ..] */
+RF_INL vf V(vld_part)(const float *p, int n) {
+#if defined(__x86_64__) && RF_VW == 16
+    return (vf)_mm512_maskz_loadu_ps((__mmask16)((1u << n) - 1u), p);
+#elif defined(__x86_64__) && RF_VW == 8
+    const vi lane = {0, 1, 2, 3, 4, 5, 6, 7};
+    return (vf)_mm256_maskload_ps(p, (__m256i)(lane < n));
+#else
+    vf x = V(vset1)(0.0f);
+    memcpy(&x, p, (size_t)n * sizeof(float));
+    return x;
+#endif
+}
+
+/* per 128-bit block b: (x0+x1, x2+x3, y0+y1, y2+y3) of that block (shufps 0x88 + 0xdd) */
+#if RF_VW == 16
+#define RF_H88 0, 2, 16, 18, 4, 6, 20, 22, 8, 10, 24, 26, 12, 14, 28, 30
+#define RF_HDD 1, 3, 17, 19, 5, 7, 21, 23, 9, 11, 25, 27, 13, 15, 29, 31
+#elif RF_VW == 8
+#define RF_H88 0, 2, 8, 10, 4, 6, 12, 14
+#define RF_HDD 1, 3, 9, 11, 5, 7, 13, 15
+#else
+#define RF_H88 0, 2, 4, 6
+#define RF_HDD 1, 3, 5, 7
+#endif
+RF_INL vf V(hpair)(vf x, vf y) {
+    return __builtin_shufflevector(x, y, RF_H88) + __builtin_shufflevector(x, y, RF_HDD);
+}
+#undef RF_H88
+#undef RF_HDD
+
+/* RF_VW vectors t[0 ..] -> one vector whose lane i is the sum of the lanes of t[i]
+ * (a transpose-and-add tree: RF_VW - 1 steps of two shuffles and one add) */
+RF_INL vf V(hsum_many)(vf *t) {
+#if RF_VW == 16
+    /* halves, then 128-bit blocks across t[i], t[i + 8], t[i + 4], t[i + 12] (vshuff32x4) */
+#pragma GCC unroll 8
+    for (int i = 0; i < 8; i++)
+        t[i] = __builtin_shufflevector(t[i], t[i + 8], 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23)
+               + __builtin_shufflevector(t[i], t[i + 8], 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29,
+                                         30, 31);
+#pragma GCC unroll 4
+    for (int i = 0; i < 4; i++)
+        t[i] = __builtin_shufflevector(t[i], t[i + 4], 0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 19, 24, 25, 26, 27)
+               + __builtin_shufflevector(t[i], t[i + 4], 4, 5, 6, 7, 12, 13, 14, 15, 20, 21, 22, 23, 28, 29,
+                                         30, 31);
+    /* block b of t[i] now holds t[i + 8 (b & 1) + 4 (b >> 1)] (before the tree) */
+#elif RF_VW == 8
+#pragma GCC unroll 4
+    for (int i = 0; i < 4; i++)
+        t[i] = __builtin_shufflevector(t[i], t[i + 4], 0, 1, 2, 3, 8, 9, 10, 11)
+               + __builtin_shufflevector(t[i], t[i + 4], 4, 5, 6, 7, 12, 13, 14, 15);
+#endif
+    return V(hpair)(V(hpair)(t[0], t[1]), V(hpair)(t[2], t[3]));
+}
+/* which input of V(hsum_many) lands in lane i */
+#if RF_VW == 16
+#define RF_HSLOT(i) (((i) & 3) | (((i) & 4) << 1) | (((i) & 8) >> 1))
+#else
+#define RF_HSLOT(i) (i)
+#endif
+
+/* S[r, j0 + kk] = Qp[r] . k_(j0+kk), all keys 0 .. nk-1, for R rows and KB = RF_VW / R keys a step
+ * (S rows ldS >= nk + RF_VW floats apart: a step stores KB scores even past nk) */
+RF_INL void V(qk_few_micro)(float *S /* (R,ldS) */, int64_t ldS, const float *Qp /* (R,Dp) */, int64_t Dp,
+                            const float *kg /* (nk,D) */, int64_t D, int64_t nk, const int R) {
+    const int KB = RF_VW / R;
+    const int64_t Df = D / RF_VW * RF_VW;
+    const int tail = (int)(D - Df);
+    for (int64_t j0 = 0; j0 < nk; j0 += KB) {
+        const float *kp[RF_VW];
+#pragma GCC unroll 16
+        for (int kk = 0; kk < KB; kk++) kp[kk] = kg + (j0 + kk < nk ? j0 + kk : nk - 1) * D;
+        vf acc[RF_VW];
+#pragma GCC unroll 16
+        for (int i = 0; i < RF_VW; i++) acc[i] = V(vset1)(0.0f);
+        for (int64_t d = 0; d < Df; d += RF_VW) {
+            vf kv[RF_VW];
+#pragma GCC unroll 16
+            for (int kk = 0; kk < KB; kk++) kv[kk] = V(vld)(kp[kk] + d);
+#pragma GCC unroll 8
+            for (int r = 0; r < R; r++) {
+                vf qv = V(vld)(Qp + r * Dp + d);
+#pragma GCC unroll 16
+                for (int kk = 0; kk < KB; kk++) acc[RF_HSLOT(r * KB + kk)] += qv * kv[kk];
+            }
+        }
+        if (tail) {        /* Qp is zero-padded to Dp: only k needs a partial load */
+            vf kv[RF_VW];
+#pragma GCC unroll 16
+            for (int kk = 0; kk < KB; kk++) kv[kk] = V(vld_part)(kp[kk] + Df, tail);
+#pragma GCC unroll 8
+            for (int r = 0; r < R; r++) {
+                vf qv = V(vld)(Qp + r * Dp + Df);
+#pragma GCC unroll 16
+                for (int kk = 0; kk < KB; kk++) acc[RF_HSLOT(r * KB + kk)] += qv * kv[kk];
+            }
+        }
+        vf s = V(hsum_many)(acc);      /* lane r KB + kk: row r, key j0 + kk */
+        if (R == 1) {
+            V(vst)(S + j0, s);
+        } else {
+            float t[RF_VW];
+            V(vst)(t, s);
+#pragma GCC unroll 8
+            for (int r = 0; r < R; r++) memcpy(S + r * ldS + j0, t + r * KB, (size_t)KB * sizeof(float));
+        }
+    }
+}
+#undef RF_HSLOT
+
+static void V(qk_few)(float *S, int64_t ldS, const float *Qp, int64_t Dp, const float *kg, int64_t D, int64_t nk,
+                      int R) {
+    switch (R) {
+    case 1: V(qk_few_micro)(S, ldS, Qp, Dp, kg, D, nk, 1); break;
+    case 2: V(qk_few_micro)(S, ldS, Qp, Dp, kg, D, nk, 2); break;
+    case 3: V(qk_few_micro)(S, ldS, Qp, Dp, kg, D, nk, 3); break;
+#if RF_VW >= 8
+    case 4: V(qk_few_micro)(S, ldS, Qp, Dp, kg, D, nk, 4); break;
+    case 5: V(qk_few_micro)(S, ldS, Qp, Dp, kg, D, nk, 5); break;
+    case 6: V(qk_few_micro)(S, ldS, Qp, Dp, kg, D, nk, 6); break;
+    case 7: V(qk_few_micro)(S, ldS, Qp, Dp, kg, D, nk, 7); break;
+    default: V(qk_few_micro)(S, ldS, Qp, Dp, kg, D, nk, 8); break;
+#else
+    default: V(qk_few_micro)(S, ldS, Qp, Dp, kg, D, nk, 4); break;
+#endif
+    }
+}
+
+/* row softmax of s[0 .. n-1] in place, unnormalised: s = e^(s - max); s[n .. nk-1] = 0.
+ * Returns sum_j s[j] (NaN if a score is NaN).  s has RF_VW floats of room past nk: the last,
+ * partial vector is read whole (lanes past n replaced by -inf, e^-inf = 0) and written whole. */
+static float V(softmax_few_row)(float *s /* (nk + RF_VW,) */, int64_t n, int64_t nk) {
+    const vf ninf = V(vset1)(-INFINITY), zero = V(vset1)(0.0f);
+    vi lane;
+    for (int i = 0; i < RF_VW; i++) lane[i] = i;
+    const int64_t nf = n / RF_VW * RF_VW;
+    const vi tailm = lane < (int)(n - nf);        /* lanes of the partial vector inside the row */
+    vf m0 = ninf, m1 = ninf;
+    int64_t j = 0;
+    for (; j + 2 * RF_VW <= nf; j += 2 * RF_VW) {
+        m0 = V(vmax)(m0, V(vld)(s + j));
+        m1 = V(vmax)(m1, V(vld)(s + j + RF_VW));
+    }
+    if (j < nf) m0 = V(vmax)(m0, V(vld)(s + j));
+    if (nf < n) m1 = V(vmax)(m1, V(vsel)(tailm, V(vld)(s + nf), ninf));
+    float m = V(hmax)(V(vmax)(m0, m1));
+    const vf vm = V(vset1)(m == -INFINITY ? 0.0f : m);     /* all -inf: e^-inf = 0 */
+    vf a0 = zero, a1 = zero;
+    for (j = 0; j + 2 * RF_VW <= nf; j += 2 * RF_VW) {
+        vf p0 = V(vexp_flush)(V(vld)(s + j) - vm), p1 = V(vexp_flush)(V(vld)(s + j + RF_VW) - vm);
+        V(vst)(s + j, p0);
+        V(vst)(s + j + RF_VW, p1);
+        a0 += p0;
+        a1 += p1;
+    }
+    if (j < nf) {
+        vf p = V(vexp_flush)(V(vld)(s + j) - vm);
+        V(vst)(s + j, p);
+        a0 += p;
+    }
+    if (nf < n) {
+        vf p = V(vexp_flush)(V(vsel)(tailm, V(vld)(s + nf), ninf) - vm);
+        V(vst)(s + nf, p);
+        a1 += p;
+    }
+    for (j = n; j < nk; j++) s[j] = 0.0f;                  /* masked keys: p = 0 */
+    return V(hsum)(a0 + a1);
+}
+
+/* O[r, d0 + v RF_VW ..] = inv[r] sum_j S[r, j] v_j[d0 + v RF_VW ..] for R rows and nv vectors; the
+ * last vector holds `part` floats when part > 0 (partial loads and stores), else all are full.
+ * Two accumulator sets (even/odd keys) when R nv is too small to hide the FMA latency. */
+RF_INL void V(pv_few_micro)(float *O /* (R,D) */, const float *inv /* (R,) */, const float *S /* (R,ldS) */,
+                            int64_t ldS, const float *vg /* (nk,D) */, int64_t D, int64_t nk, int64_t d0,
+                            const int R, const int nv, const int part) {
+    const int JU = R * nv <= 6 ? 2 : 1;
+    vf acc[2][RF_ATT_FEW][4];
+#pragma GCC unroll 2
+    for (int u = 0; u < JU; u++)
+#pragma GCC unroll 8
+        for (int r = 0; r < R; r++)
+#pragma GCC unroll 4
+            for (int v = 0; v < nv; v++) acc[u][r][v] = V(vset1)(0.0f);
+    const float *vp = vg + d0;
+    int64_t j = 0;
+    for (; j + JU <= nk; j += JU) {
+#pragma GCC unroll 2
+        for (int u = 0; u < JU; u++) {
+            vf vv[4];
+#pragma GCC unroll 4
+            for (int v = 0; v < nv; v++)
+                vv[v] = part && v == nv - 1 ? V(vld_part)(vp + (j + u) * D + v * RF_VW, part)
+                                            : V(vld)(vp + (j + u) * D + v * RF_VW);
+#pragma GCC unroll 8
+            for (int r = 0; r < R; r++) {
+                vf pb = V(vset1)(S[r * ldS + j + u]);
+#pragma GCC unroll 4
+                for (int v = 0; v < nv; v++) acc[u][r][v] += pb * vv[v];
+            }
+        }
+    }
+    if (j < nk) {                      /* JU = 2 and nk odd: the last key into set 0 */
+        vf vv[4];
+#pragma GCC unroll 4
+        for (int v = 0; v < nv; v++)
+            vv[v] = part && v == nv - 1 ? V(vld_part)(vp + j * D + v * RF_VW, part) : V(vld)(vp + j * D + v * RF_VW);
+#pragma GCC unroll 8
+        for (int r = 0; r < R; r++) {
+            vf pb = V(vset1)(S[r * ldS + j]);
+#pragma GCC unroll 4
+            for (int v = 0; v < nv; v++) acc[0][r][v] += pb * vv[v];
+        }
+    }
+#pragma GCC unroll 8
+    for (int r = 0; r < R; r++) {
+        vf vi_ = V(vset1)(inv[r]);
+#pragma GCC unroll 4
+        for (int v = 0; v < nv; v++) {
+            vf a = JU == 2 ? acc[0][r][v] + acc[1][r][v] : acc[0][r][v];
+            a = a * vi_;
+            float *o = O + r * D + d0 + v * RF_VW;
+            if (part && v == nv - 1) memcpy(o, &a, (size_t)part * sizeof(float));
+            else V(vst)(o, a);
+        }
+    }
+}
+
+/* rows r0 .. r0 + R - 1 for every column: full chunks of NVF vectors, then the rest and a partial vector */
+#if RF_VW == 16
+#define RF_PV_NVF(R) ((R) <= 6 ? 4 : 3)
+#else
+#define RF_PV_NVF(R) ((R) <= 3 ? 4 : (R) <= 4 ? 3 : (R) <= 6 ? 2 : 1)
+#endif
+RF_INL void V(pv_few_rows)(float *O, const float *inv, const float *S, int64_t ldS, const float *vg, int64_t D,
+                           int64_t nk, const int R) {
+    const int NVF = RF_PV_NVF(R);
+    const int64_t nfull = D / RF_VW;            /* full vectors per row */
+    const int part = (int)(D - nfull * RF_VW);
+    int64_t d0 = 0, left = nfull;
+    for (; left >= NVF; left -= NVF, d0 += NVF * RF_VW)
+        V(pv_few_micro)(O, inv, S, ldS, vg, D, nk, d0, R, NVF, 0);
+    /* the rest: left < NVF full vectors, plus a partial one */
+    int nv = (int)left + (part > 0);
+    if (nv == 0) return;
+    if (part) {
+        switch (nv) {
+        case 1: V(pv_few_micro)(O, inv, S, ldS, vg, D, nk, d0, R, 1, part); break;
+        case 2: V(pv_few_micro)(O, inv, S, ldS, vg, D, nk, d0, R, 2, part); break;
+        case 3: V(pv_few_micro)(O, inv, S, ldS, vg, D, nk, d0, R, 3, part); break;
+        default: V(pv_few_micro)(O, inv, S, ldS, vg, D, nk, d0, R, 4, part); break;
+        }
+    } else {
+        switch (nv) {
+        case 1: V(pv_few_micro)(O, inv, S, ldS, vg, D, nk, d0, R, 1, 0); break;
+        case 2: V(pv_few_micro)(O, inv, S, ldS, vg, D, nk, d0, R, 2, 0); break;
+        default: V(pv_few_micro)(O, inv, S, ldS, vg, D, nk, d0, R, 3, 0); break;
+        }
+    }
+}
+#undef RF_PV_NVF
+
+/* one function per row count (a single switch over all of them is too big for -g builds) */
+#define RF_PV_FEW_FN(R) \
+    static void V(pv_few_##R)(float *O, const float *inv, const float *S, int64_t ldS, const float *vg, \
+                              int64_t D, int64_t nk) { V(pv_few_rows)(O, inv, S, ldS, vg, D, nk, R); }
+RF_PV_FEW_FN(1)
+RF_PV_FEW_FN(2)
+RF_PV_FEW_FN(3)
+RF_PV_FEW_FN(4)
+RF_PV_FEW_FN(5)
+RF_PV_FEW_FN(6)
+RF_PV_FEW_FN(7)
+RF_PV_FEW_FN(8)
+#undef RF_PV_FEW_FN
+
+static void V(pv_few)(float *O, const float *inv, const float *S, int64_t ldS, const float *vg, int64_t D,
+                      int64_t nk, int R) {
+    switch (R) {
+    case 1: V(pv_few_1)(O, inv, S, ldS, vg, D, nk); break;
+    case 2: V(pv_few_2)(O, inv, S, ldS, vg, D, nk); break;
+    case 3: V(pv_few_3)(O, inv, S, ldS, vg, D, nk); break;
+    case 4: V(pv_few_4)(O, inv, S, ldS, vg, D, nk); break;
+    case 5: V(pv_few_5)(O, inv, S, ldS, vg, D, nk); break;
+    case 6: V(pv_few_6)(O, inv, S, ldS, vg, D, nk); break;
+    case 7: V(pv_few_7)(O, inv, S, ldS, vg, D, nk); break;
+    default: V(pv_few_8)(O, inv, S, ldS, vg, D, nk); break;
+    }
+}
+
+/* the few-rows path for G Lq <= RF_ATT_FEW (arguments as V(attention)); the R rows of a kv head
+ * go through QK, softmax and PV in chunks of at most RF_ATT_ROWS */
+static int V(attention_few)(float *out, const float *q, const float *k, const float *v, int64_t H, int64_t Hkv,
+                            int64_t Lq, int64_t Lk, int64_t D, int64_t kv_stride, float scale, int causal) {
+    const int R = (int)(H / Hkv * Lq);
+    const int RC = R < RF_ATT_ROWS ? R : RF_ATT_ROWS;             /* rows per chunk */
+    const int64_t Dp = (D + RF_VW - 1) / RF_VW * RF_VW;
+    const int64_t ldS = (Lk + 2 * RF_VW - 1) / RF_VW * RF_VW;   /* >= Lk + RF_VW */
+    /* scratch: scores S (RC,ldS), packed scale q Qp (RC,Dp), inv (RC) */
+    const size_t nfl = (size_t)RC * ldS + (size_t)RC * Dp + RF_ATT_ROWS;
+    float stackbuf[RF_ATT_FEW_STACK] __attribute__((aligned(64)));
+    float *heap = NULL, *S = stackbuf;
+    if (nfl > RF_ATT_FEW_STACK) {
+        heap = (float *)malloc(nfl * sizeof(float));
+        if (!heap) return -1;
+        S = heap;
+    }
+    float *Qp = S + (size_t)RC * ldS, *inv = Qp + (size_t)RC * Dp;
+    for (int64_t g = 0; g < Hkv; g++) {
+        const float *kg = k + g * kv_stride, *vg = v + g * kv_stride;   /* (Lk,D) each */
+        for (int c0 = 0; c0 < R; c0 += RC) {
+            const int rc = R - c0 < RC ? R - c0 : RC;
+            /* rows c0 .. c0 + rc - 1 of the kv group: G heads x Lq positions, contiguous in q and out */
+            const float *qc = q + (g * R + c0) * D;   /* (rc,D) */
+            float *oc = out + (g * R + c0) * D;       /* (rc,D) */
+            for (int r = 0; r < rc; r++) {
+                for (int64_t d = 0; d < D; d++) Qp[r * Dp + d] = qc[r * D + d] * scale;
+                for (int64_t d = D; d < Dp; d++) Qp[r * Dp + d] = 0.0f;
+            }
+            for (int r0 = 0; r0 < rc; r0 += RF_VW)   /* portable: rows 4 at a time */
+                V(qk_few)(S + r0 * ldS, ldS, Qp + r0 * Dp, Dp, kg, D, Lk, rc - r0 < RF_VW ? rc - r0 : RF_VW);
+            for (int r = 0; r < rc; r++) {
+                int64_t n = causal ? Lk - Lq + (c0 + r) % Lq + 1 : Lk;    /* keys row c0 + r sees */
+                float l = V(softmax_few_row)(S + r * ldS, n, Lk);
+                inv[r] = l == 0.0f ? 0.0f : 1.0f / l;  /* l = 0 only if every score was -inf */
+            }
+            V(pv_few)(oc, inv, S, ldS, vg, D, Lk, rc);
+        }
+    }
+    free(heap);
+    return 0;
+}
+
 static int V(attention)(float *out /* (H,Lq,D) */, const float *q /* (H,Lq,D) */,
                         const float *k /* (Hkv,Lk,D), heads kv_stride apart */,
                         const float *v /* (Hkv,Lk,D), heads kv_stride apart */,
                         int64_t H, int64_t Hkv, int64_t Lq, int64_t Lk, int64_t D, int64_t kv_stride,
                         float scale, int causal) {
     const int64_t G = H / Hkv;
+    if (G * Lq <= RF_ATT_FEW)
+        return V(attention_few)(out, q, k, v, H, Hkv, Lq, Lk, D, kv_stride, scale, causal);
     const int64_t Dp = (D + RF_VW - 1) / RF_VW * RF_VW;     /* O and packed v row width */
     const int pack_v = Dp != D;                              /* v rows cannot be read in place */
     /* scratch: Qt (D,BR), St (BC,BR), O (BR,Dp), Vp (BC,Dp), m/l/alpha (BR), lim (BR) */

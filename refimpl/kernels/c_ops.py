@@ -156,7 +156,8 @@ def prepare_attention(q, k, v, causal=False, scale=None) -> CCall:  # [H,Lq,D],[
 
 @register("attention", "c")
 def attention(q, k, v, causal=False, scale=None):  # [H,Lq,D],[Hkv,Lk,D],[Hkv,Lk,D] -> [H,Lq,D]
-    """Flash-style attention (online softmax over 64-key tiles, 48-row query blocks, GQA in place)."""
+    """Flash-style attention (online softmax over 64-key tiles, 48-row query blocks, GQA in place);
+    blocks of <= 8 rows per kv head (decode) take a dot-product path with a two-pass softmax."""
     q, k, v, kv_stride, scale = _attention_args(q, k, v, causal, scale)
     out = np.empty_like(q)
     if q.size and lib.rf_attention_f32_strided(_fp(out), _fp(q), *_kv_pointers(k, v), q.shape[0], k.shape[0],
