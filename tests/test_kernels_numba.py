@@ -8,6 +8,7 @@ special values; data comes from a seeded generator so big arrays stay cheap.
 Tile sizes come from numba_config so the shapes straddle the real tile edges.
 """
 import math
+import re
 import subprocess
 import sys
 
@@ -382,6 +383,42 @@ def test_silu_within_bound(case):
         ref = L.silu(f64(x))
     got = get("silu", "numba")(x)
     record(assert_within(got, ref, C.silu_bound(x, ref, dt), "silu"))
+
+
+def float32_sweep(limit, stride):
+    """Every stride-th float32 of [-limit, limit] by bit pattern (both signs), plus the specials."""
+    mags = np.arange(0, F32(limit).view(np.uint32), stride, dtype=np.uint32)
+    return np.concatenate([mags.view(F32), (mags | np.uint32(0x80000000)).view(F32), np.array(SPECIALS, F32)])
+
+
+@pytest.mark.parametrize("op", ["silu", "gelu_tanh"])
+def test_activation_float32_dense_sweep(op):
+    # ~1.1M float32 values over [-110, 110]: the exp's polynomial over many binades and the
+    # gradual underflow of e^-|z| (silu(x) for x in [-91.5, -87.3] is normal, e^x is not)
+    x = float32_sweep(110.0, 2011)
+    with np.errstate(all="ignore"):
+        ref = getattr(L, op)(f64(x))
+    bound = C.silu_bound(x, ref, F32) if op == "silu" else C.gelu_tanh_bound(np.nan_to_num(x), ref, F32)
+    assert_within(get(op, "numba")(x), ref, bound, f"{op} float32 sweep")
+
+
+@pytest.mark.parametrize("op", ["silu", "gelu_tanh"])
+def test_activation_float32_kernel_vectorises(op):
+    # Not a timing test: the float32 loop must compile to vector float arithmetic with no
+    # float64 in it.  A Python literal (float64 unification -> libm exp) or a per-element
+    # ZeroDivisionError check (error_model="python") both fall back to scalar code.
+    import numba
+    from numba import types
+    kern = getattr(nk, f"_{op}_kernel")
+    opts = {k: v for k, v in kern.targetoptions.items() if k != "nopython"}
+    fresh = numba.njit(**{**opts, "cache": False})(kern.py_func)   # cached code has no IR
+    sig = (types.float32[::1], types.float32[::1])
+    fresh.compile(sig)
+    ir = fresh.inspect_llvm(sig)
+    body = ir[ir.index("define"):ir.index("define", ir.index("define") + 1)]   # the kernel, not its wrappers
+    assert "double" not in body, f"{op}: float64 arithmetic in the float32 kernel"
+    assert "ZeroDivisionError" not in ir, f"{op}: per-element division-by-zero check"
+    assert re.search(r"fdiv[^\n]*<\d+ x float>", body), f"{op}: the division is not vectorised"
 
 
 def test_activations_keep_shape_of_views():

@@ -48,6 +48,10 @@ from numba import njit
 FASTMATH_GEMM = frozenset({"contract"})                   # register-tile GEMM, attention tiles
 FASTMATH_REDUCE = frozenset({"contract", "reassoc"})      # row sums / maxima (softmax, norms)
 FASTMATH_ELEMENTWISE = frozenset({"contract"})            # gelu, silu, rope, exp polynomial
+# float "/" under Numba's default error_model="python" checks every divisor for zero and raises,
+# a branch out of the loop that stops LLVM vectorising it; "numpy" (IEEE: x/0 = inf) for kernels
+# whose divisors cannot be 0 (the logistic's 1 + e >= 1)
+ERROR_MODEL_ELEMENTWISE = "numpy"
 CACHE = True
 
 # --------------------------------------------------------------------------
@@ -74,7 +78,7 @@ ATTN_BK = 48
 # with a fingerprint of this table: edit a block size or a fastmath set and the
 # kernels recompile instead of silently loading code built with the old values.
 FINGERPRINT = hashlib.sha1(repr((
-    sorted(FASTMATH_GEMM), sorted(FASTMATH_REDUCE), sorted(FASTMATH_ELEMENTWISE),
+    sorted(FASTMATH_GEMM), sorted(FASTMATH_REDUCE), sorted(FASTMATH_ELEMENTWISE), ERROR_MODEL_ELEMENTWISE,
     GEMM_MR, GEMM_NR, GEMM_KC, GEMM_MC, GEMM_NC, GEMV_NB, ATTN_BQ, ATTN_BK)).encode()).hexdigest()[:10]
 
 

@@ -49,6 +49,15 @@ GEMV_NB = cfg.GEMV_NB
 # float64 uses libm exp (scalar).
 
 
+# the float32 exps' constants: Cody-Waite ln2 = _LN2_HI + _LN2_LO (_LN2_HI exact in
+# 9 bits, so k * _LN2_HI is exact) and the Cephes expf polynomial for e^r, |r| <= ln2/2
+_LOG2E = np.float32(1.44269504088896341)
+_LN2_HI = np.float32(0.693359375)
+_LN2_LO = np.float32(-2.12194440e-4)
+_EXP_POLY = (np.float32(1.9875691500e-4), np.float32(1.3981999507e-3), np.float32(8.3334519073e-3),
+             np.float32(4.1665795894e-2), np.float32(1.6666665459e-1), np.float32(5.0000001201e-1))
+
+
 @intrinsic
 def _f32_from_bits(typingctx, i):
     """Reinterpret the low 32 bits of an integer as a float32 (no conversion)."""
@@ -73,11 +82,8 @@ def _exp_nonpos(x):  # pragma: no cover - replaced by the overload inside jitted
 def _exp_nonpos_ov(x):
     if isinstance(x, types.Float) and x.bitwidth == 32:
         lo = np.float32(-87.33654)           # log(2^-126): below this exp(x) is subnormal -> 0
-        log2e = np.float32(1.44269504088896341)
-        c1 = np.float32(0.693359375)         # ln2 = c1 + c2, c1 exact in 9 bits
-        c2 = np.float32(-2.12194440e-4)
-        p0, p1, p2 = np.float32(1.9875691500e-4), np.float32(1.3981999507e-3), np.float32(8.3334519073e-3)
-        p3, p4, p5 = np.float32(4.1665795894e-2), np.float32(1.6666665459e-1), np.float32(5.0000001201e-1)
+        log2e, c1, c2 = _LOG2E, _LN2_HI, _LN2_LO
+        p0, p1, p2, p3, p4, p5 = _EXP_POLY
         half, one, zero = np.float32(0.5), np.float32(1.0), np.float32(0.0)
 
         def impl(x):
@@ -98,6 +104,88 @@ def _exp_nonpos_ov(x):
         return impl
     if isinstance(x, types.Float):
         return lambda x: math.exp(x)
+    return None
+
+
+# e^-|t| with gradual underflow, for the logistic function (silu, gelu).
+# _exp_nonpos flushes below e^-87.34 to 0, but silu(x) = x e^x / (1 + e^x) is still
+# a normal float32 down to x = -91.5 (silu(-88.8) = -2.4e-37 while e^-88.8 is
+# subnormal).  So this exp applies 2^n as two normal powers of two, 2^n1 2^n2
+# with n1 = floor(n/2), n2 = n - n1 (both >= -75 for n >= -150): p 2^n1 is exact
+# and the last product rounds once, into the subnormal range where it belongs
+# (absolute error <= half a subnormal ulp, 7e-46) -- as the C kernels' vexp.
+# Same reduction and polynomial as _exp_nonpos (1.0 ulp for normal results); the
+# round-to-integer by the 1.5 * 2^23 shifter instead of floor saves an instruction.
+# |t| >= 104 -> +0 (e^-104 < 2^-150); +-inf -> +0; NaN -> NaN.
+
+
+def _exp_neg_abs(t):  # pragma: no cover - replaced by the overload inside jitted code
+    """e^-|t| with gradual underflow; only callable from jitted code."""
+    raise NotImplementedError
+
+
+# Vectorising an elementwise formula in Numba takes two things besides a
+# vectorisable exp (found on the LLVM IR of freshly compiled kernels):
+#  * every constant typed float32: a Python literal (`1 + e`, `0.5 * x`, `64 - a`)
+#    unifies float32 with int64 / float64 to float64, so the formula runs in
+#    float64 from there on (half the lanes), and an exp reached by a float64
+#    argument dispatches to libm's scalar exp (the lead's first attempt: `64 - a`);
+#  * error_model="numpy" on the function holding the division: under Numba's
+#    default "python" model every float `/` tests its divisor for zero and
+#    raises ZeroDivisionError, a branch out of the loop that stops the loop
+#    vectorizer (silu 64x3072: 12 ticks/element instead of 1.0).  Here the divisor
+#    is 1 + e >= 1, so the model changes no result.
+# The error model that counts is the one of the function the division is
+# written in (an @overload's own jit_options), not its caller's.  The SLP
+# vectorizer plays no part: the loop vectorizer does it.
+_ELEMENTWISE_JIT = {"fastmath": set(cfg.FASTMATH_ELEMENTWISE), "error_model": cfg.ERROR_MODEL_ELEMENTWISE}
+
+
+@overload(_exp_neg_abs, jit_options=_ELEMENTWISE_JIT)
+def _exp_neg_abs_ov(t):
+    if isinstance(t, types.Float) and t.bitwidth == 32:
+        lo = np.float32(-104.0)
+        shifter = np.float32(12582912.0)     # 1.5 * 2^23: adding it rounds to an integer
+        log2e, c1, c2 = _LOG2E, _LN2_HI, _LN2_LO
+        p0, p1, p2, p3, p4, p5 = _EXP_POLY
+        one, bias, mant, i1 = np.float32(1.0), np.int32(127), np.int32(23), np.int32(1)
+
+        def impl(t):
+            x = -abs(t)
+            xs = x if x >= lo else lo          # -inf -> lo; NaN -> lo, so the integer path never sees NaN
+            n = (xs * log2e + shifter) - shifter   # n = round(x / ln2), in [-150, 0]
+            r = xs - n * c1
+            r = r - n * c2
+            p = p0 * r + p1
+            p = p * r + p2
+            p = p * r + p3
+            p = p * r + p4
+            p = p * r + p5
+            p = p * r * r + r + one
+            ni = np.int32(n)
+            n1 = ni >> i1
+            n2 = ni - n1
+            y = p * _f32_from_bits((n1 + bias) << mant) * _f32_from_bits((n2 + bias) << mant)
+            return y if x == x else x          # NaN -> NaN
+        return impl
+    return None
+
+
+def _logistic(z):  # pragma: no cover - replaced by the overload inside jitted code
+    """sigma(z) = 1 / (1 + e^-z); only callable from jitted code."""
+    raise NotImplementedError
+
+
+@overload(_logistic, jit_options=_ELEMENTWISE_JIT)
+def _logistic_ov(z):
+    if isinstance(z, types.Float) and z.bitwidth == 32:
+        zero, one = np.float32(0.0), np.float32(1.0)
+
+        def impl(z):
+            # e = e^-|z| <= 1, so nothing overflows: sigma(z) = 1/(1+e) for z >= 0, e/(1+e) below
+            e = _exp_neg_abs(z)
+            return (one if z >= zero else e) / (one + e)
+        return impl
     return None
 
 
@@ -538,19 +626,56 @@ def rms_norm(x, w, eps=1e-6):  # [..., D], [D] -> [..., D]
 # ==========================================================================
 # activations
 # ==========================================================================
-# libm tanh / exp are scalar calls either way (no SVML), so these evaluate the
-# oracle's formula in float64 and round once to the output dtype: the float32
-# result is within 0.5 ulp + O(2^-53) of the float64 formula, and the formula's
-# own float32 overflow (exp(-x) for x < -88.7 in silu) cannot occur.
+# float32: through the logistic function with the vectorised e^-|z| above,
+#   gelu_tanh(x) = x sigma(2y),  y = sqrt(2/pi) (x + 0.044715 x^3)   [0.5 (1 + tanh y) = sigma(2y)]
+#   silu(x)      = x sigma(x),
+# every constant a float32 (see _ELEMENTWISE_JIT for why), as the C kernels do.
+# Error: e^-|z| 1 ulp, then 1 + e, the division and the product: 3u more; for
+# gelu the rounding of y (about 4u relative) moves sigma(2y) by |2y| sigma(2y)
+# sigma(-2y) 4u <= 0.9u relative to |x|: inside contracts.silu_bound (7 ulp) and
+# gelu_tanh_bound (8 ulp of |ref| + |x|).  Special values follow the oracle:
+# NaN -> NaN, +inf -> +inf, -inf -> NaN (-inf * sigma(-inf) = -inf * 0).
+# float64: the oracle's formula through libm (scalar), rounded once.
 
 
-@cfg.kernel(cfg.FASTMATH_ELEMENTWISE)
+def _gelu_tanh(x):  # pragma: no cover - replaced by the overload inside jitted code
+    raise NotImplementedError
+
+
+@overload(_gelu_tanh, jit_options=_ELEMENTWISE_JIT)
+def _gelu_tanh_ov(x):
+    if isinstance(x, types.Float) and x.bitwidth == 32:
+        c = np.float32(math.sqrt(2.0 / math.pi))
+        a = np.float32(0.044715)
+
+        def impl(x):
+            y = (x + a * (x * x * x)) * c
+            return x * _logistic(y + y)
+        return impl
+    if isinstance(x, types.Float):
+        c = math.sqrt(2.0 / math.pi)
+        return lambda x: 0.5 * x * (1.0 + math.tanh(c * (x + 0.044715 * (x * x * x))))
+    return None
+
+
+def _silu(x):  # pragma: no cover - replaced by the overload inside jitted code
+    raise NotImplementedError
+
+
+@overload(_silu, jit_options=_ELEMENTWISE_JIT)
+def _silu_ov(x):
+    if isinstance(x, types.Float) and x.bitwidth == 32:
+        return lambda x: x * _logistic(x)
+    if isinstance(x, types.Float):
+        return lambda x: x / (1.0 + math.exp(-x))
+    return None
+
+
+@cfg.kernel(cfg.FASTMATH_ELEMENTWISE, error_model=cfg.ERROR_MODEL_ELEMENTWISE)
 def _gelu_tanh_kernel(out, x):  # out [N], x [N]
-    """0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))."""
-    c = math.sqrt(2.0 / math.pi)
+    """0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))  (float32: x sigma(2y), vectorised)."""
     for i in range(x.shape[0]):
-        xi = np.float64(x[i])
-        out[i] = 0.5 * xi * (1.0 + math.tanh(c * (xi + 0.044715 * (xi * xi * xi))))
+        out[i] = _gelu_tanh(x[i])
 
 
 @register("gelu_tanh", "numba")
@@ -561,12 +686,11 @@ def gelu_tanh(x):  # [...] -> [...]
     return out
 
 
-@cfg.kernel(cfg.FASTMATH_ELEMENTWISE)
+@cfg.kernel(cfg.FASTMATH_ELEMENTWISE, error_model=cfg.ERROR_MODEL_ELEMENTWISE)
 def _silu_kernel(out, x):  # out [N], x [N]
-    """x / (1 + exp(-x))."""
+    """x / (1 + exp(-x))  (float32: x sigma(x), vectorised)."""
     for i in range(x.shape[0]):
-        xi = np.float64(x[i])
-        out[i] = xi / (1.0 + math.exp(-xi))
+        out[i] = _silu(x[i])
 
 
 @register("silu", "numba")
