@@ -139,6 +139,51 @@ def test_softmax_nan_and_inf_rows(path, N):
     assert (got[3] == 0).all() and (want[3] == 0).all()
 
 
+def _at_offset(buf, off, shape):
+    """The view of `buf` (64-byte aligned float32) starting `off` floats in."""
+    n = int(np.prod(shape))
+    return buf[off:off + n].reshape(shape)
+
+
+def _aligned_buffer(nfloats):
+    raw = np.empty(nfloats + 16, F32)
+    start = (-raw.ctypes.data % 64) // 4
+    return raw[start:start + nfloats]
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("N", [5, 37, 4096, 4100])
+def test_softmax_every_alignment(path, N):
+    """The kernel peels a head so the vector body's accesses are aligned: every float offset of x
+    and out within a 64-byte line (independently), special values at the ends of the peeled head
+    and of the tail, and nothing written outside out."""
+    rng = np.random.default_rng(N)
+    R = 5
+    x0 = (rng.standard_normal((R, N)) * 20).astype(F32)
+    x0[0, 0] = x0[0, -1] = -INF                    # -inf -> exactly 0, in the head and the tail
+    x0[1, min(1, N - 1)] = np.nan                  # NaN in a head -> NaN row
+    x0[2, :] = -INF                                # fully masked -> zeros
+    x0[3, min(11, N - 2)] = 300.0                  # the row max inside a head (a missed max
+    x0[4, N - 1] = 300.0                           # overflows exp), and inside a tail
+    want = L.softmax(f64(x0), axis=-1)
+    bound = C.softmax_bound(x0, want, F32)
+    xbuf, obuf = _aligned_buffer(R * N + 16), _aligned_buffer(R * N + 32)
+    P = lambda a: ffi.from_buffer("float[]", a)    # noqa: E731
+    with forced_path(path), np.errstate(invalid="ignore"):
+        for ox in range(16):
+            for oy in sorted({0, 4, ox, (ox + 7) % 16}):
+                x = _at_offset(xbuf, ox, (R, N))
+                x[...] = x0
+                obuf[...] = 7.0                    # a canary around out
+                out = _at_offset(obuf, oy + 8, (R, N))
+                lib.rf_softmax_f32(P(out), P(x), R, N)
+                what = f"softmax[{path}] ({R},{N}) x at +{ox} floats, out at +{oy}"
+                assert_within(out, want, bound, what)
+                assert (out[0, [0, -1]] == 0).all() and (out[2] == 0).all(), what
+                assert (obuf[:oy + 8] == 7.0).all() and (obuf[oy + 8 + R * N:] == 7.0).all(), what
+                np.testing.assert_array_equal(x, x0, err_msg=what)
+
+
 # --------------------------------------------------------------------------
 # attention
 # --------------------------------------------------------------------------
