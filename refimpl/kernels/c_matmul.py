@@ -35,13 +35,6 @@ _C = {
 }
 
 
-def _native(x):
-    """A native-byte-order copy of a byte-swapped array (C reads native floats only)."""
-    if isinstance(x, np.ndarray) and not x.dtype.isnative:
-        return np.ascontiguousarray(x, dtype=x.dtype.newbyteorder("="))
-    return x
-
-
 def _ready(x) -> bool:
     """x already meets every input rule: a 2-D, C-contiguous, aligned ndarray of a C dtype."""
     return (type(x) is np.ndarray and x.ndim == 2 and x.dtype in _C
@@ -52,10 +45,7 @@ def _checked(a, b):
     """Validated, C-contiguous, native a (M,K) and b (K,N) and their sizes."""
     # fast path (a decode step calls this per layer): the same rules as check_matmul_args
     if not (_ready(a) and _ready(b) and a.dtype == b.dtype and a.shape[1] == b.shape[0]):
-        a, b = check_matmul_args(_native(a), _native(b))
-        # np.ascontiguousarray (in check_array) returns a C-contiguous but misaligned array
-        # as is; C must not read misaligned floats, so copy those here
-        a, b = (x if x.flags.aligned else np.array(x, order="C", copy=True) for x in (a, b))
+        a, b = check_matmul_args(a, b)     # copies byte-swapped, misaligned, non-contiguous inputs
     M, K = a.shape
     N = b.shape[1]
     if M * N > _INT64_MAX:   # M*K and K*N are sizes of arrays that exist

@@ -28,10 +28,7 @@ def _f32(name: str, x, ndim: int | None = None) -> np.ndarray:
     if isinstance(x, np.ndarray) and x.dtype == np.float64:
         raise TypeError(f"argument {name!r} has dtype float64: the C backend computes in float32 only "
                         "(use backend 'numpy', the oracle, for float64)")
-    x = check_array(name, x, dtypes=(np.float32,), ndim=ndim)
-    if not x.flags.aligned:      # np.ascontiguousarray keeps a misaligned contiguous array as is
-        x = x.copy()
-    return x
+    return check_array(name, x, dtypes=(np.float32,), ndim=ndim)   # copies misaligned / strided / swapped
 
 
 def _fp(a: np.ndarray):
