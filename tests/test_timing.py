@@ -80,8 +80,13 @@ def test_add_chain_scales_linearly():
     d1, d2 = t[1] - t[0], (t[2] - t[1]) / 2
     noise = 3 * math.sqrt(sum((m.cv * m.median) ** 2 for m in ms)) + 2 * cal.granularity_ticks
     assert abs(d1 - d2) <= noise + 0.002 * d1, (t, noise)
-    # one add per core cycle: the harness and the calibration agree on core/TSC
-    assert d1 * cal.core_per_tsc / N == pytest.approx(1.0, rel=0.02)
+    # one add per core cycle: the harness and the calibration agree on core/TSC, within the
+    # harness's reported noise and the drift of the core clock between two calibrations (the
+    # guest's core clock moves by ~1 % under host load)
+    again = calibrate(force=True)
+    drift = abs(again.core_per_tsc - cal.core_per_tsc) / cal.core_per_tsc
+    rel_noise = 3 * math.sqrt(ms[0].cv ** 2 + ms[1].cv ** 2)
+    assert d1 * cal.core_per_tsc / N == pytest.approx(1.0, rel=0.02 + rel_noise + drift)
 
 
 def test_empty_c_kernel_measures_about_zero():
