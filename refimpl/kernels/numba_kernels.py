@@ -678,12 +678,17 @@ def _gelu_tanh_kernel(out, x):  # out [N], x [N]
         out[i] = _gelu_tanh(x[i])
 
 
-@register("gelu_tanh", "numba")
-def gelu_tanh(x):  # [...] -> [...]
+def _elementwise(kernel, x):  # [...] -> [...]
+    """Check x, allocate the output, run the elementwise `kernel` over the flattened arrays."""
     x = check_array("x", x)
     out = np.empty(x.shape, dtype=x.dtype)
-    cfg.call(_gelu_tanh_kernel, x.dtype, out.reshape(-1), x.reshape(-1))
+    cfg.call(kernel, x.dtype, out.reshape(-1), x.reshape(-1))
     return out
+
+
+@register("gelu_tanh", "numba")
+def gelu_tanh(x):  # [...] -> [...]
+    return _elementwise(_gelu_tanh_kernel, x)
 
 
 @cfg.kernel(cfg.FASTMATH_ELEMENTWISE, error_model=cfg.ERROR_MODEL_ELEMENTWISE)
@@ -695,10 +700,7 @@ def _silu_kernel(out, x):  # out [N], x [N]
 
 @register("silu", "numba")
 def silu(x):  # [...] -> [...]
-    x = check_array("x", x)
-    out = np.empty(x.shape, dtype=x.dtype)
-    cfg.call(_silu_kernel, x.dtype, out.reshape(-1), x.reshape(-1))
-    return out
+    return _elementwise(_silu_kernel, x)
 
 
 # ==========================================================================

@@ -238,6 +238,19 @@ class Model:
         trace("logits", logits)
         return logits
 
+    def _causal_self_attention(self, a, i, cache, trace):  # [T,D] -> [T,D], GPT-2 names (Conv1D)
+        """W_o Attn(q, k, v) with [q | k | v] = a W_attn + b_attn: block i of GPT-2 and the classic model."""
+        h, n = f"h.{i}.", f"layers.{i}"
+        qkv = self.linear(a, h + "attn.c_attn.weight", h + "attn.c_attn.bias", layout="in_out")
+        q, k, v = (L.split_heads(t, self.config.n_heads) for t in np.split(qkv, 3, axis=-1))
+        trace(n + ".q", q); trace(n + ".k", k); trace(n + ".v", v)
+        if cache is not None:
+            k, v = cache.append(i, k, v)
+        o = self.attend(q, k, v, "causal", None, n, trace)
+        o = self.linear(o, h + "attn.c_proj.weight", h + "attn.c_proj.bias", layout="in_out")
+        trace(n + ".attn_out", o)
+        return o
+
     def _gpt2(self, ids, start, cache, trace):
         c = self.config
         pos = np.arange(start, start + ids.shape[0])
@@ -248,14 +261,7 @@ class Model:
             h, n = f"h.{i}.", f"layers.{i}"
             # pre-norm attention: x = x + W_o Attn(LN_1(x))
             a = self.norm(x, h + "ln_1"); trace(n + ".attn_norm", a)
-            qkv = self.linear(a, h + "attn.c_attn.weight", h + "attn.c_attn.bias", layout="in_out")
-            q, k, v = (L.split_heads(t, c.n_heads) for t in np.split(qkv, 3, axis=-1))
-            trace(n + ".q", q); trace(n + ".k", k); trace(n + ".v", v)
-            if cache is not None:
-                k, v = cache.append(i, k, v)
-            o = self.attend(q, k, v, "causal", None, n, trace)
-            o = self.linear(o, h + "attn.c_proj.weight", h + "attn.c_proj.bias", layout="in_out")
-            trace(n + ".attn_out", o)
+            o = self._causal_self_attention(a, i, cache, trace)
             x = x + o; trace(n + ".resid_attn", x)
             # pre-norm MLP: x = x + W_2 gelu_tanh(W_1 LN_2(x))
             m = self.norm(x, h + "ln_2"); trace(n + ".ffn_norm", m)
@@ -306,14 +312,7 @@ class Model:
         for i in range(c.n_layers):
             h, n = f"h.{i}.", f"layers.{i}"
             trace(n + ".attn_norm", x)             # post-norm: the block input is not normalised
-            qkv = self.linear(x, h + "attn.c_attn.weight", h + "attn.c_attn.bias", layout="in_out")
-            q, k, v = (L.split_heads(t, c.n_heads) for t in np.split(qkv, 3, axis=-1))
-            trace(n + ".q", q); trace(n + ".k", k); trace(n + ".v", v)
-            if cache is not None:
-                k, v = cache.append(i, k, v)
-            o = self.attend(q, k, v, "causal", None, n, trace)
-            o = self.linear(o, h + "attn.c_proj.weight", h + "attn.c_proj.bias", layout="in_out")
-            trace(n + ".attn_out", o)
+            o = self._causal_self_attention(x, i, cache, trace)
             # post-norm: x = LN_1(x + Attn(x))
             x = self.norm(x + o, h + "ln_1"); trace(n + ".resid_attn", x)
             trace(n + ".ffn_norm", x)
