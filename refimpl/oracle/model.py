@@ -131,6 +131,11 @@ class Model:
         self.ops = _kernel_ops(backend)
         self._w_io = {}                                  # linear weights as contiguous (in, out)
         self._cuts = {}                                  # column ranges of concatenated weights
+        # Llama on the C backend decodes a token in one C call (refimpl.kernels.c_decode: the same
+        # kernels in the same order as _llama, without ~15 Python-level calls a layer); set False
+        # to run the Python composition instead
+        self.fused_decode = backend == "c" and config.arch == "llama"
+        self._decode_step = None
 
     # -- small helpers: each is one line of math ----------------------------
     def p(self, name):
@@ -150,15 +155,19 @@ class Model:
         y = self.ops.matmul(np.ascontiguousarray(x), self._w(name, layout))
         return y if bias is None else y + self.p(bias)
 
-    def linears(self, x, names):  # [T,In] -> [T,Out_1], ..., [T,Out_n]
-        """Several maps of the same input, y_i = x W_i, as one product x [W_1 | ... | W_n] (one pass over x)."""
+    def concat_weight(self, names):  # -> [In, Out_1 + ... + Out_n]
+        """[W_1 | ... | W_n] as one contiguous (in, out) matrix, for Linear weights (out, in) of one input."""
         key = tuple(names)
         if key not in self._w_io:
             self._w_io[key] = np.ascontiguousarray(np.concatenate([self.params[n].T for n in names], axis=1))
             ends = np.cumsum([self.params[n].shape[0] for n in names])
             self._cuts[key] = list(zip([0, *ends[:-1]], ends))
-        y = self.ops.matmul(np.ascontiguousarray(x), self._w_io[key])
-        return [y[:, a:b] for a, b in self._cuts[key]]
+        return self._w_io[key]
+
+    def linears(self, x, names):  # [T,In] -> [T,Out_1], ..., [T,Out_n]
+        """Several maps of the same input, y_i = x W_i, as one product x [W_1 | ... | W_n] (one pass over x)."""
+        y = self.ops.matmul(np.ascontiguousarray(x), self.concat_weight(names))
+        return [y[:, a:b] for a, b in self._cuts[tuple(names)]]
 
     def norm(self, x, prefix):  # [T,D] -> [T,D]
         c = self.config
@@ -215,7 +224,7 @@ class Model:
         attention_mask [T] (1 = real token, 0 = padding).
         """
         ids = self._check_ids(ids, cache)
-        trace = trace or _no_trace
+        trace = _no_trace if trace is None else trace
         arch = self.config.arch
         if arch == "bert":
             if cache is not None:
@@ -224,6 +233,13 @@ class Model:
         if attention_mask is not None or token_type_ids is not None:
             raise ValueError(f"attention_mask/token_type_ids are BERT inputs; {arch} is a causal decoder")
         start = cache.length if cache is not None else 0
+        if self.fused_decode and cache is not None and ids.shape[0] == 1 and trace is _no_trace:
+            if self._decode_step is None:
+                from refimpl.kernels.c_decode import LlamaDecodeStep
+                self._decode_step = LlamaDecodeStep(self)
+            logits = self._decode_step(ids[0], cache)
+            cache.length += 1
+            return logits
         out = {"gpt2": self._gpt2, "llama": self._llama, "classic": self._classic}[arch](ids, start, cache, trace)
         if cache is not None:
             cache.length += ids.shape[0]

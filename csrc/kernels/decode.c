@@ -1,0 +1,110 @@
+/* One Llama decode step, float32: the composition documented in decode.h, through a table of
+ * kernels so the fast step and the _ref step share one body. */
+#include <math.h>
+#include <string.h>
+#include "decode.h"
+#include "matmul.h"
+#include "norms.h"
+#include "rope.h"
+#include "attention.h"
+#include "activations.h"
+
+typedef struct {
+    void (*rms_norm)(float *out, const float *x, const float *w, int64_t T, int64_t D, float eps);
+    void (*matmul)(float *c, const float *a, const float *b, int64_t M, int64_t K, int64_t N);
+    int (*rope)(float *out, const float *x, const int64_t *positions, int64_t H, int64_t T, int64_t D,
+                double theta, int interleaved);
+    int (*attention)(float *out, const float *q, const float *k, const float *v,
+                     int64_t H, int64_t Hkv, int64_t Lq, int64_t Lk, int64_t D,
+                     int64_t kv_stride, float scale, int causal);
+    void (*silu)(float *out, const float *x, int64_t N);
+} rf_llama_kernels;
+
+/* the reference attention has no kv stride: one call per kv head, over its group of query heads */
+static int attention_ref_strided(float *out /* (H,Lq,D) */, const float *q /* (H,Lq,D) */,
+                                 const float *k /* Hkv heads of (Lk,D), kv_stride apart */, const float *v,
+                                 int64_t H, int64_t Hkv, int64_t Lq, int64_t Lk, int64_t D,
+                                 int64_t kv_stride, float scale, int causal) {
+    const int64_t G = H / Hkv;
+    for (int64_t g = 0; g < Hkv; g++) {
+        int rc = rf_attention_f32_ref(out + g * G * Lq * D, q + g * G * Lq * D, k + g * kv_stride,
+                                      v + g * kv_stride, G, 1, Lq, Lk, D, scale, causal);
+        if (rc) return rc;
+    }
+    return 0;
+}
+
+static const rf_llama_kernels fast = {
+    rf_rms_norm_f32, rf_matmul_f32_stream, rf_rope_f32, rf_attention_f32_strided, rf_silu_f32,
+};
+static const rf_llama_kernels naive = {
+    rf_rms_norm_f32_ref, rf_matmul_f32_ref, rf_rope_f32_ref, attention_ref_strided, rf_silu_f32_ref,
+};
+
+#define RF_PAD16(n) (((n) + 15) / 16 * 16)   /* keep every scratch vector 64-byte aligned relative to the base */
+
+int64_t rf_llama_scratch_floats(const rf_llama_dims *d) {
+    const int64_t qkv = (d->H + 2 * d->Hkv) * d->Dh;
+    return 3 * RF_PAD16(d->D) + RF_PAD16(qkv) + 2 * RF_PAD16(d->H * d->Dh) + RF_PAD16(d->Hkv * d->Dh)
+           + RF_PAD16(2 * d->F) + RF_PAD16(d->F);
+}
+
+static int decode(const rf_llama_kernels *kn, float *logits /* (V,) */, const rf_llama_dims *d,
+                  const float *embed /* (V,D) */, const rf_llama_layer *layers /* (n_layers,) */,
+                  const float *final_norm /* (D,) */, const float *w_lm /* (D,V) */,
+                  int64_t token, int64_t pos, float *scratch) {
+    const int64_t D = d->D, H = d->H, Hkv = d->Hkv, Dh = d->Dh, F = d->F, S = d->S;
+    if (token < 0 || token >= d->V || pos < 0 || pos >= S) return -2;
+    const int64_t nq = H * Dh, nkv = Hkv * Dh;
+    float *x = scratch;                          /* (D,) the residual stream */
+    float *a = x + RF_PAD16(D);                  /* (D,) normalised x */
+    float *y = a + RF_PAD16(D);                  /* (D,) a sublayer's output */
+    float *qkv = y + RF_PAD16(D);                /* (H + 2 Hkv) Dh: q | k | v */
+    float *q = qkv + RF_PAD16(nq + 2 * nkv);     /* (H,1,Dh) rotated q */
+    float *att = q + RF_PAD16(nq);               /* (H,1,Dh) = (H Dh,) heads merged */
+    float *k = att + RF_PAD16(nq);               /* (Hkv,1,Dh) rotated k */
+    float *gu = k + RF_PAD16(nkv);               /* (2F,) gate | up */
+    float *f = gu + RF_PAD16(2 * F);             /* (F,) silu(gate) * up */
+    const float scale = (float)(1.0 / sqrt((double)Dh));
+    int rc;
+
+    memcpy(x, embed + token * D, (size_t)D * sizeof(float));
+    for (int64_t l = 0; l < d->n_layers; l++) {
+        const rf_llama_layer *L = &layers[l];
+        /* attention block */
+        kn->rms_norm(a, x, L->attn_norm, 1, D, d->eps);
+        kn->matmul(qkv, a, L->w_qkv, 1, D, nq + 2 * nkv);
+        if ((rc = kn->rope(q, qkv, &pos, H, 1, Dh, d->theta, d->interleaved))) return rc;
+        if ((rc = kn->rope(k, qkv + nq, &pos, Hkv, 1, Dh, d->theta, d->interleaved))) return rc;
+        for (int64_t g = 0; g < Hkv; g++) {
+            memcpy(L->k_cache + (g * S + pos) * Dh, k + g * Dh, (size_t)Dh * sizeof(float));
+            memcpy(L->v_cache + (g * S + pos) * Dh, qkv + nq + nkv + g * Dh, (size_t)Dh * sizeof(float));
+        }
+        if ((rc = kn->attention(att, q, L->k_cache, L->v_cache, H, Hkv, 1, pos + 1, Dh, S * Dh, scale, 1)))
+            return rc;
+        kn->matmul(y, att, L->w_o, 1, nq, D);
+        for (int64_t i = 0; i < D; i++) x[i] += y[i];
+        /* feed-forward block */
+        kn->rms_norm(a, x, L->ffn_norm, 1, D, d->eps);
+        kn->matmul(gu, a, L->w_gu, 1, D, 2 * F);
+        kn->silu(f, gu, F);
+        for (int64_t i = 0; i < F; i++) f[i] *= gu[F + i];
+        kn->matmul(y, f, L->w_down, 1, F, D);
+        for (int64_t i = 0; i < D; i++) x[i] += y[i];
+    }
+    kn->rms_norm(a, x, final_norm, 1, D, d->eps);
+    kn->matmul(logits, a, w_lm, 1, D, d->V);
+    return 0;
+}
+
+int rf_llama_decode_f32(float *logits, const rf_llama_dims *dims, const float *embed,
+                        const rf_llama_layer *layers, const float *final_norm, const float *w_lm,
+                        int64_t token, int64_t pos, float *scratch) {
+    return decode(&fast, logits, dims, embed, layers, final_norm, w_lm, token, pos, scratch);
+}
+
+int rf_llama_decode_f32_ref(float *logits, const rf_llama_dims *dims, const float *embed,
+                            const rf_llama_layer *layers, const float *final_norm, const float *w_lm,
+                            int64_t token, int64_t pos, float *scratch) {
+    return decode(&naive, logits, dims, embed, layers, final_norm, w_lm, token, pos, scratch);
+}

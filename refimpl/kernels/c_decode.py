@@ -1,0 +1,103 @@
+"""A Llama decode step in one C call (csrc/kernels/decode.c), for Model(backend="c").
+
+At decode (one new token) the "c" backend's Python forward calls about fifteen kernels per
+layer, and each call's Python cost (argument checks, a new output array, ~3-5 us) adds up:
+~0.3 ms a token on a llama2.c stories15M-shaped model whose weights stream from memory in
+~2 ms.  `LlamaDecodeStep` checks every weight once and packs its pointer into C structs, so a
+token is a single call.  It runs the same kernels on the same operands in the same order as
+the Python composition, so both give the same bits (tests/test_model_fast_path.py checks
+that, and the composed error bound against the float64 oracle).
+
+Letters as in decode.h: D model width, H / Hkv heads, Dh head width, F FFN width,
+V vocabulary, S cache capacity.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from refimpl._kernels import ffi, lib
+
+
+def _ptr(what: str, a: np.ndarray, shape: tuple, writable: bool = False):
+    """float* to `a`, after checking it is the float32 C-contiguous `shape` the C step indexes."""
+    if not isinstance(a, np.ndarray) or a.dtype != np.float32 or a.shape != shape or not a.flags.c_contiguous:
+        got = (type(a).__name__ if not isinstance(a, np.ndarray)
+               else f"{a.dtype} {a.shape}{'' if a.flags.c_contiguous else ' non-contiguous'}")
+        raise ValueError(f"C decode step: {what} must be a float32 C-contiguous array of shape {shape}, got {got}")
+    if writable and not a.flags.writeable:
+        raise ValueError(f"C decode step: {what} must be writable")
+    return ffi.cast("float *", ffi.from_buffer(a, require_writable=writable))
+
+
+class LlamaDecodeStep:
+    """step(token, cache) -> logits [1,V] for the token at position cache.length (the cache is
+    filled at that position; the caller advances cache.length).  `reference=True` composes the
+    naive _ref kernels instead of the fast ones (slow; for tests)."""
+
+    def __init__(self, model, reference: bool = False):
+        c = model.config
+        if c.arch != "llama" or model.dtype != np.float32:
+            raise ValueError(f"C decode step: needs a float32 llama model, got {c.arch} {model.dtype}")
+        D, H, Hkv, Dh, F, V, S = (c.d_model, c.n_heads, c.n_kv_heads, c.head_dim, c.d_ff, c.vocab_size,
+                                  c.max_seq_len)
+        self.model, self.V, self.S = model, V, S
+        self._fn = lib.rf_llama_decode_f32_ref if reference else lib.rf_llama_decode_f32
+        self.dims = ffi.new("rf_llama_dims *", dict(
+            D=D, H=H, Hkv=Hkv, Dh=Dh, F=F, V=V, S=S, n_layers=c.n_layers, eps=c.norm_eps,
+            theta=c.rope_theta, interleaved=int(c.rope_interleaved)))
+        keep = []                                   # every array a pointer points into
+
+        def ptr(what, a, shape):
+            keep.append(a)
+            return _ptr(what, a, shape)
+
+        self.layers = ffi.new("rf_llama_layer[]", c.n_layers)
+        for i in range(c.n_layers):
+            h, L = f"layers.{i}.", self.layers[i]
+            L.attn_norm = ptr(h + "input_layernorm.weight", model.p(h + "input_layernorm.weight"), (D,))
+            L.w_qkv = ptr(h + "self_attn.{q,k,v}_proj", model.concat_weight(
+                [h + f"self_attn.{w}_proj.weight" for w in "qkv"]), (D, (H + 2 * Hkv) * Dh))
+            L.w_o = ptr(h + "self_attn.o_proj.weight", model._w(h + "self_attn.o_proj.weight", "out_in"),
+                        (H * Dh, D))
+            L.ffn_norm = ptr(h + "post_attention_layernorm.weight",
+                             model.p(h + "post_attention_layernorm.weight"), (D,))
+            L.w_gu = ptr(h + "mlp.{gate,up}_proj", model.concat_weight(
+                [h + "mlp.gate_proj.weight", h + "mlp.up_proj.weight"]), (D, 2 * F))
+            L.w_down = ptr(h + "mlp.down_proj.weight", model._w(h + "mlp.down_proj.weight", "out_in"), (F, D))
+        self.embed = ptr("embed_tokens.weight", model.p("embed_tokens.weight"), (V, D))
+        self.final_norm = ptr("norm.weight", model.p("norm.weight"), (D,))
+        lm = "embed_tokens.weight" if c.tie_embeddings else "lm_head.weight"
+        self.w_lm = ptr(lm + " (as in, out)", model._w(lm, "out_in"), (D, V))
+        self.scratch = np.empty(int(lib.rf_llama_scratch_floats(self.dims)) + 16, np.float32)
+        off = (-self.scratch.ctypes.data // 4) % 16              # start it on a 64-byte line
+        self._scratch = ffi.cast("float *", ffi.from_buffer(self.scratch)) + off
+        self._keep = keep
+        self._cache = None                                       # the KVCache whose pointers are set
+
+    def _bind(self, cache):
+        """Point the layers' k_cache / v_cache at this cache's arrays (checked)."""
+        c = self.model.config
+        shape = (c.n_kv_heads, c.max_seq_len, c.head_dim)
+        for i in range(c.n_layers):
+            self.layers[i].k_cache = _ptr(f"cache.k[{i}]", cache.k[i], shape, writable=True)
+            self.layers[i].v_cache = _ptr(f"cache.v[{i}]", cache.v[i], shape, writable=True)
+        self._cache = cache
+        self._cache_arrays = (list(cache.k), list(cache.v))
+
+    def __call__(self, token: int, cache) -> np.ndarray:  # -> [1,V]
+        token, pos = int(token), int(cache.length)
+        if not 0 <= token < self.V:
+            raise ValueError(f"token {token} is out of range: vocab_size is {self.V}")
+        if not 0 <= pos < self.S:
+            raise ValueError(f"cache position {pos} is outside the context limit max_seq_len = {self.S}")
+        if (cache is not self._cache or any(a is not b for a, b in zip(cache.k, self._cache_arrays[0]))
+                or any(a is not b for a, b in zip(cache.v, self._cache_arrays[1]))):
+            self._bind(cache)
+        logits = np.empty((1, self.V), np.float32)
+        rc = self._fn(ffi.cast("float *", ffi.from_buffer(logits, require_writable=True)), self.dims,
+                      self.embed, self.layers, self.final_norm, self.w_lm, token, pos, self._scratch)
+        if rc == -1:
+            raise MemoryError("C decode step: a kernel could not allocate its scratch memory")
+        if rc:
+            raise RuntimeError(f"C decode step failed with status {rc}")
+        return logits

@@ -1,0 +1,98 @@
+"""The C Llama decode step (csrc/kernels/decode.c, refimpl/kernels/c_decode.py).
+
+It must give the same bits as the Python composition of the same C kernels (it runs the same
+kernels in the same order), stay within the composed bound of the float64 oracle (fast and
+_ref kernels alike), fill the KV cache exactly as the Python path does, and refuse bad input
+with a message naming it.  This file runs in the sanitizer lane too.
+"""
+import numpy as np
+import pytest
+
+from refimpl.kernels.c_decode import LlamaDecodeStep
+from refimpl.kernels.model_bound import logits_with_bound
+from refimpl.oracle.model import Model, random_params, tiny_config
+from refimpl.verify.compare import assert_within
+
+CONFIGS = [{}, {"n_kv_heads": 4}, {"n_kv_heads": 1, "rope_interleaved": True},
+           {"tie_embeddings": True, "n_kv_heads": 2}]       # tiny_config: GQA 4/2, untied head
+
+
+def _models(seed=0, **overrides):
+    cfg = tiny_config("llama", **overrides)
+    params = {k: v.astype(np.float32) for k, v in random_params(cfg, seed).items()}
+    fused = Model(cfg, params, "float32", backend="c")
+    python = Model(cfg, params, "float32", backend="c")
+    python.fused_decode = False
+    return cfg, params, fused, python
+
+
+@pytest.mark.parametrize("overrides", CONFIGS)
+def test_fused_step_gives_the_python_compositions_bits(overrides):
+    cfg, _, fused, python = _models(seed=2, **overrides)
+    prompt = [7, 3, 11, 5]
+    a = fused.generate(prompt, 10, return_logits=True)
+    b = python.generate(prompt, 10, return_logits=True)
+    assert fused._decode_step is not None and python._decode_step is None    # each took its own path
+    assert a.tokens == b.tokens
+    for t, (x, y) in enumerate(zip(a.logits, b.logits)):
+        assert np.array_equal(x, y), f"decode step {t}: max |diff| {np.max(np.abs(x - y)):.3e}"
+
+
+@pytest.mark.parametrize("overrides", CONFIGS[:3])
+def test_cache_filled_as_the_python_path_fills_it(overrides):
+    cfg, _, fused, python = _models(seed=5, **overrides)
+    ids = [4, 9, 2, 30, 1]
+    ca, cb = fused.new_cache(), python.new_cache()
+    fused.forward(ids[:2], ca), python.forward(ids[:2], cb)          # prefill (Python path on both)
+    for tok in ids[2:]:
+        fused.forward([tok], ca), python.forward([tok], cb)
+    assert ca.length == cb.length == len(ids)
+    for i in range(cfg.n_layers):
+        assert np.array_equal(ca.k[i], cb.k[i]) and np.array_equal(ca.v[i], cb.v[i]), f"layer {i}"
+
+
+@pytest.mark.parametrize("reference", [False, True], ids=["fast", "ref"])
+@pytest.mark.parametrize("overrides", CONFIGS[1:3])
+def test_step_within_composed_bound_of_oracle(reference, overrides):
+    cfg, params, fused, _ = _models(seed=4, **overrides)
+    oracle = Model(cfg, params, "float64")
+    ids = np.array([7, 3, 11, 40, 2, 19, 8])
+    want, bound = logits_with_bound(oracle, ids)
+    step = LlamaDecodeStep(fused, reference=reference)
+    cache = fused.new_cache()
+    got = []
+    for tok in ids:                                       # every position through the C step
+        got.append(step(tok, cache)[0])
+        cache.length += 1
+    assert_within(np.stack(got), want, bound, f"C decode step ({'ref' if reference else 'fast'}) {overrides}")
+
+
+def test_step_rejects_bad_input():
+    cfg, _, fused, _ = _models()
+    step = LlamaDecodeStep(fused)
+    cache = fused.new_cache()
+    with pytest.raises(ValueError, match=f"token {cfg.vocab_size} is out of range: vocab_size is {cfg.vocab_size}"):
+        step(cfg.vocab_size, cache)
+    cache.length = cfg.max_seq_len
+    with pytest.raises(ValueError, match="max_seq_len"):
+        step(1, cache)
+    cache = fused.new_cache()
+    cache.k[1] = cache.k[1].astype(np.float64)
+    with pytest.raises(ValueError, match=r"cache\.k\[1\] must be a float32"):
+        step(1, cache)
+    cache = fused.new_cache()
+    cache.v[0] = cache.v[0][:, ::2]
+    with pytest.raises(ValueError, match=r"cache\.v\[0\]"):
+        step(1, cache)
+    with pytest.raises(ValueError, match="float32 llama"):
+        LlamaDecodeStep(Model(tiny_config("gpt2"), random_params(tiny_config("gpt2")), "float32", backend="c"))
+
+
+def test_traced_and_prefill_calls_take_the_python_path():
+    """A trace needs every intermediate tensor, and T > 1 is prefill: both stay in Python."""
+    cfg, _, fused, python = _models()
+    seen = []
+    cache = fused.new_cache()
+    fused.forward([1, 2], cache)
+    fused.forward([3], cache, trace=lambda name, x: seen.append(name))
+    assert "layers.0.attn_norm" in seen and fused._decode_step is None
