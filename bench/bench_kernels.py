@@ -21,6 +21,7 @@ See bench/README.md for what each row means.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as _dt
 import json
 import os
@@ -54,19 +55,101 @@ def _local_measure(fn, *args, budget_s=0.25, min_samples=7, **kw):
         samples.append(time.perf_counter_ns() - t0)
     samples.sort()
     return {"median": float(samples[len(samples) // 2]), "min": float(samples[0]), "unit": "ns",
-            "cv": float(np.std(samples) / np.mean(samples)), "n": len(samples), "unstable": False}
+            "cv": float(np.std(samples) / np.mean(samples)), "n": len(samples), "unstable": False,
+            "samples": [float(x) for x in samples], "reps": 1}
 
 
-def measure(target, *args, quick=False, **kw) -> dict:
-    """{median, min, unit, cv, n, unstable} of one call: the project harness when it imports."""
-    budget = 0.08 if quick else 0.4
+def measure(target, *args, budget_s, min_samples, warmup=True, reps=None, **kw) -> dict:
+    """{median, min, unit, cv, n, unstable, samples, reps} of one call: the project harness when it imports.
+
+    warmup=False: a single warm-up call (it refills the caches after the other side of a pair ran) and
+    `reps` inner repetitions fixed by the row's first round instead of re-sized."""
     try:
         from refimpl.timing.harness import measure as harness_measure
     except ImportError:
-        return _local_measure(target, *args, budget_s=budget, **kw)
-    m = harness_measure(target, *args, budget_s=budget, min_samples=5 if quick else 15, **kw)
+        return _local_measure(target, *args, budget_s=budget_s, min_samples=min_samples, **kw)
+    extra = {} if warmup else {"warmup_s": 0.0, "warmup_calls": 1, "reps": reps}
+    m = harness_measure(target, *args, budget_s=budget_s, min_samples=min_samples, **extra, **kw)
     return {"median": m.median, "min": m.min, "unit": "ticks", "cv": m.cv, "n": m.n,
-            "unstable": m.unstable, "reasons": list(m.reasons), "kind": m.kind}
+            "unstable": m.unstable, "reasons": list(m.reasons), "kind": m.kind,
+            "samples": list(m.samples), "reps": m.reps}
+
+
+# ---------------------------------------------------------------- paired ratios
+#
+# Ours and the peer are timed in R interleaved rounds: each round measures both back to back with
+# a short budget (which side goes first alternates), and the row's ratio is the median over rounds
+# of (peer round median / ours round median).  On a machine whose load drifts on a scale of seconds
+# (other tenants, a neighbour's build) the two sides of one round see the same machine state, so
+# the drift cancels in each round's ratio instead of landing on one side of it; the median over
+# rounds then discards the rounds a burst of load hit unevenly.  This is the usual paired design
+# for comparing two programs on a noisy machine (as in interleaved A/B benchmarking).
+
+ROUNDS, ROUNDS_QUICK = 7, 3
+ROUND_BUDGET_S, ROUND_BUDGET_QUICK_S = 0.06, 0.03    # per side and round: R x 2 x budget ~ the old 2 x 0.4 s
+ROUND_MIN_SAMPLES, ROUND_MIN_SAMPLES_QUICK = 3, 2
+SPREAD_UNSTABLE = 0.10      # interquartile range of the round ratios / their median
+
+
+def ratio_summary(round_ratios, target=None) -> dict:
+    """Median, quartiles, min/max and flags of per-round ratios (peer round median / ours round median).
+
+    `unstable`: the middle half of the rounds spans more than SPREAD_UNSTABLE of the median ratio.
+    `borderline`: the target lies inside that interquartile range, so typical rounds disagree on
+    PASS/MISS (the verdict, taken on the median, could flip on a re-run)."""
+    x = np.asarray(round_ratios, dtype=np.float64)
+    if x.size == 0 or not np.all(np.isfinite(x)) or np.any(x <= 0):
+        raise ValueError(f"round_ratios must be a non-empty list of positive finite numbers, got {list(x)}")
+    med = float(np.median(x))
+    q1, q3 = (float(v) for v in np.percentile(x, [25, 75]))
+    out = {"ratio": med, "ratio_min": float(x.min()), "ratio_q1": q1, "ratio_q3": q3,
+           "ratio_max": float(x.max()), "ratio_iqr_rel": (q3 - q1) / med, "round_ratios": [float(v) for v in x]}
+    out["ratio_unstable"] = bool(out["ratio_iqr_rel"] > SPREAD_UNSTABLE)
+    out["ratio_borderline"] = bool(target is not None and q1 < target < q3)
+    return out
+
+
+def pooled(rounds) -> dict:
+    """One side's figures over all rounds: median, min and robust CV (1.4826 MAD / median, as the
+    harness) of every sample pooled (per-call time)."""
+    x = np.asarray([s for m in rounds for s in m["samples"]], dtype=np.float64)
+    med = float(np.median(x))
+    cv = 1.4826 * float(np.median(np.abs(x - med))) / med if med > 0 else 0.0
+    return {"median": med, "min": float(x.min()), "cv": cv, "n": int(x.size),
+            "unit": rounds[0]["unit"], "kind": rounds[0].get("kind"),
+            "rounds_unstable": sum(bool(m.get("unstable")) for m in rounds)}
+
+
+def time_pair(r, quick) -> None:
+    """Interleaved paired rounds of ours and the peer (see the comment above); fills r.result."""
+    n_rounds = ROUNDS_QUICK if quick else ROUNDS
+    budget = ROUND_BUDGET_QUICK_S if quick else ROUND_BUDGET_S
+    min_samples = ROUND_MIN_SAMPLES_QUICK if quick else ROUND_MIN_SAMPLES
+    sides = {"ours": (r.ours, r.ours_args, r.ours_kw), "peer": (r.peer, r.peer_args, r.peer_kw)}
+    per_side = {"ours": [], "peer": []}
+    reps = {}
+    rounds = []
+    try:
+        from refimpl.timing.harness import pinned
+        pin = pinned()
+    except ImportError:
+        pin = contextlib.nullcontext()
+    with pin:   # both sides on the same CPU all along
+        for i in range(n_rounds):
+            order = ("ours", "peer") if i % 2 == 0 else ("peer", "ours")
+            got = {}
+            for side in order:
+                fn, args, kw = sides[side]
+                first = side not in reps      # full warm-up (JIT, first-call costs) and reps sizing
+                m = measure(fn, *args, budget_s=budget, min_samples=min_samples, warmup=first,
+                            reps=reps.get(side), **kw)
+                reps.setdefault(side, m["reps"])
+                got[side] = m
+                per_side[side].append(m)
+            rounds.append({"first": order[0], "ours": got["ours"]["median"], "peer": got["peer"]["median"],
+                           "ratio": got["peer"]["median"] / got["ours"]["median"]})
+    r.result.update(ours=pooled(per_side["ours"]), peer=pooled(per_side["peer"]), rounds=rounds,
+                    **ratio_summary([x["ratio"] for x in rounds], r.target))
 
 
 # ---------------------------------------------------------------- machine
