@@ -181,9 +181,10 @@ def profile_model(model, prompt_len: int, decode: int, repeats: int = 3, seed: i
 
 
 def _profile_runs(model, ids, prompt_len, decode, repeats, seed):
+    from refimpl._clock import lib
     from refimpl.oracle.sampling import XorShift64Star
     tr = _Tracer()
-    best_pre, best_dec, best_layers = None, None, None
+    best_pre, best_dec, best_layers, best_plain = None, None, None, None
     # warm-up: compiles Numba kernels, faults in pages
     cache = model.new_cache()
     model.forward(ids, cache)
@@ -207,13 +208,27 @@ def _profile_runs(model, ids, prompt_len, decode, repeats, seed):
             tok, st["sampling"], st["softmax"] = _sample_parts(logits[-1], rng)
             steps.append(st)
         dec = {k: float(np.median([s.get(k, 0) for s in steps])) for k in steps[0]} if steps else {}
+        # the same decode steps without a trace: what generate() pays per token (forward only).  A
+        # trace needs every intermediate, so it keeps the Python composition; untraced, the C
+        # backend's Llama runs each step as one C call (refimpl.kernels.c_decode)
+        cache = model.new_cache()
+        model.forward(ids, cache)
+        plain = []
+        for _ in range(decode):
+            t0 = lib.rf_ticks_start()
+            model.forward(np.array([1]), cache)
+            plain.append(lib.rf_ticks_start() - t0)
+        if plain:
+            u = float(np.median(plain))
+            best_plain = u if best_plain is None else min(best_plain, u)
         if best_pre is None:
             best_pre, best_dec, best_layers = pre, dec, layers
         else:
             best_pre = {k: min(v, best_pre.get(k, v)) for k, v in pre.items()}
             best_dec = {k: min(v, best_dec.get(k, v)) for k, v in dec.items()}
             best_layers = {k: min(v, best_layers.get(k, v)) for k, v in layers.items()}
-    return {"prefill": best_pre, "decode": best_dec, "prefill_per_layer": best_layers}
+    return {"prefill": best_pre, "decode": best_dec, "prefill_per_layer": best_layers,
+            "decode_forward_untraced": best_plain}
 
 
 def _stage_rows(measured: dict, work: dict, T: int, machine, dtype, wbytes) -> list[dict]:
@@ -286,6 +301,8 @@ def run(path=None, backends=None, dtype="float32", prompt_len: int = 32, decode:
                 "decode": _stage_rows(meas["decode"], analytic(cfg, 1, S_dec, dtype), 1, machine, dtype, wb)
                 if decode else [],
                 "prefill_per_layer_ticks_per_token": {k: v / prompt_len for k, v in meas["prefill_per_layer"].items()},
+                "decode_forward_untraced_ticks": meas["decode_forward_untraced"],
+                "fused_decode": bool(getattr(model, "fused_decode", False)),
                 "wall_s": time.perf_counter() - t0,
             }
     if cfg is None:
@@ -328,6 +345,14 @@ def print_report(report: dict, console=None) -> None:
                           f"{r['roofline_ticks']:.0f}", r["bound"],
                           "-" if r["measured_over_bound"] is None else f"{r['measured_over_bound']:.1f}")
             console.print(t)
+            u = d.get("decode_forward_untraced_ticks")
+            if phase == "decode" and u:
+                traced = sum(r["ticks"] or 0 for r in rows if r["summed"] and r["stage"] not in ("sampling",))
+                how = ("one C call per token (refimpl.kernels.c_decode)" if d.get("fused_decode")
+                       else "the same Python composition, without trace calls")
+                console.print(f"decode forward without a trace: {_t(u)} ticks/token "
+                              f"({u / traced:.2f} of the traced stages above, sampling excluded): {how}"
+                              if traced else f"decode forward without a trace: {_t(u)} ticks/token: {how}")
 
 
 def write_json(report: dict, path: str) -> None:
