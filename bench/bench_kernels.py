@@ -12,9 +12,11 @@ Order of work (llm.c `dev/cpu/matmul_forward.c` style):
      is timed.  Otherwise print "all kernels passed".
   2. each row times ours and its peer with the same harness
      (refimpl.timing.harness.measure: pinned, warmed up, auto-sized inner
-     repetitions; the C kernels from a C loop when they offer `prepare`),
-     ratio = peer median / our median (> 1: ours is faster), compared with the
-     row's target -> PASS / MISS.
+     repetitions; the C kernels from a C loop when they offer `prepare`) in
+     7-21 short interleaved paired rounds (3-7 with --quick; which side
+     goes first alternates): ratio = median over rounds of (peer round median / our
+     round median) (> 1: ours is faster), compared with the row's target ->
+     PASS / MISS; the rounds' IQR and min..max are printed beside it.
 Rows whose kernel (or the model) is not available yet print "not available".
 See bench/README.md for what each row means.
 """
@@ -79,15 +81,25 @@ def measure(target, *args, budget_s, min_samples, warmup=True, reps=None, **kw) 
 #
 # Ours and the peer are timed in R interleaved rounds: each round measures both back to back with
 # a short budget (which side goes first alternates), and the row's ratio is the median over rounds
-# of (peer round median / ours round median).  On a machine whose load drifts on a scale of seconds
-# (other tenants, a neighbour's build) the two sides of one round see the same machine state, so
-# the drift cancels in each round's ratio instead of landing on one side of it; the median over
-# rounds then discards the rounds a burst of load hit unevenly.  This is the usual paired design
-# for comparing two programs on a noisy machine (as in interleaved A/B benchmarking).
+# of (peer round median / ours round median).  On a machine whose load drifts (other tenants, a
+# neighbour's build: here on scales from tens of ms to seconds) the two sides of one round see the
+# same machine state, so the drift cancels in each round's ratio instead of landing on one side of
+# it, and the median over rounds discards the rounds a burst of load hit unevenly.  This is the
+# usual paired design for comparing two programs on a noisy machine (interleaved A/B benchmarking).
+# Rounds are short and as many as a fixed time per row allows (PairPlan.row_budget_s, between
+# min_rounds and max_rounds): the shorter a round, the less the state can change inside it.
 
-ROUNDS, ROUNDS_QUICK = 7, 3
-ROUND_BUDGET_S, ROUND_BUDGET_QUICK_S = 0.06, 0.03    # per side and round: R x 2 x budget ~ the old 2 x 0.4 s
-ROUND_MIN_SAMPLES, ROUND_MIN_SAMPLES_QUICK = 3, 2
+@dataclass(frozen=True)
+class PairPlan:
+    side_budget_s: float      # harness budget per side and round
+    min_samples: int          # harness samples per side and round, at least
+    row_budget_s: float       # wall time per row the round count aims at (about the old 2 x 0.4 s)
+    min_rounds: int
+    max_rounds: int
+
+
+PLAN = PairPlan(side_budget_s=0.025, min_samples=3, row_budget_s=0.9, min_rounds=7, max_rounds=21)
+PLAN_QUICK = PairPlan(side_budget_s=0.012, min_samples=2, row_budget_s=0.2, min_rounds=3, max_rounds=7)
 SPREAD_UNSTABLE = 0.10      # interquartile range of the round ratios / their median
 
 
@@ -109,6 +121,14 @@ def ratio_summary(round_ratios, target=None) -> dict:
     return out
 
 
+def n_rounds(plan: PairPlan, spent_s: float, round_s: float, done: int) -> int:
+    """Odd number of rounds in [plan.min_rounds, plan.max_rounds] that fits plan.row_budget_s, given
+    `done` rounds already took `spent_s` and one more round costs about `round_s`."""
+    fit = done + (max(plan.row_budget_s - spent_s, 0.0) / round_s if round_s > 0 else plan.max_rounds)
+    n = int(min(max(fit, plan.min_rounds), plan.max_rounds))
+    return n if n % 2 else (n + 1 if n < plan.max_rounds else n - 1)
+
+
 def pooled(rounds) -> dict:
     """One side's figures over all rounds: median, min and robust CV (1.4826 MAD / median, as the
     harness) of every sample pooled (per-call time)."""
@@ -122,9 +142,7 @@ def pooled(rounds) -> dict:
 
 def time_pair(r, quick) -> None:
     """Interleaved paired rounds of ours and the peer (see the comment above); fills r.result."""
-    n_rounds = ROUNDS_QUICK if quick else ROUNDS
-    budget = ROUND_BUDGET_QUICK_S if quick else ROUND_BUDGET_S
-    min_samples = ROUND_MIN_SAMPLES_QUICK if quick else ROUND_MIN_SAMPLES
+    plan = PLAN_QUICK if quick else PLAN
     sides = {"ours": (r.ours, r.ours_args, r.ours_kw), "peer": (r.peer, r.peer_args, r.peer_kw)}
     per_side = {"ours": [], "peer": []}
     reps = {}
@@ -135,19 +153,27 @@ def time_pair(r, quick) -> None:
     except ImportError:
         pin = contextlib.nullcontext()
     with pin:   # both sides on the same CPU all along
-        for i in range(n_rounds):
+        total = plan.min_rounds
+        t_start = time.perf_counter()
+        i = 0
+        while i < total:
+            t_round = time.perf_counter()
             order = ("ours", "peer") if i % 2 == 0 else ("peer", "ours")
             got = {}
             for side in order:
                 fn, args, kw = sides[side]
                 first = side not in reps      # full warm-up (JIT, first-call costs) and reps sizing
-                m = measure(fn, *args, budget_s=budget, min_samples=min_samples, warmup=first,
-                            reps=reps.get(side), **kw)
+                m = measure(fn, *args, budget_s=plan.side_budget_s, min_samples=plan.min_samples,
+                            warmup=first, reps=reps.get(side), **kw)
                 reps.setdefault(side, m["reps"])
                 got[side] = m
                 per_side[side].append(m)
             rounds.append({"first": order[0], "ours": got["ours"]["median"], "peer": got["peer"]["median"],
                            "ratio": got["peer"]["median"] / got["ours"]["median"]})
+            i += 1
+            if i == 2:                        # round 0 includes the warm-ups: size on round 1
+                now = time.perf_counter()
+                total = n_rounds(plan, now - t_start, now - t_round, i)
     r.result.update(ours=pooled(per_side["ours"]), peer=pooled(per_side["peer"]), rounds=rounds,
                     **ratio_summary([x["ratio"] for x in rounds], r.target))
 
@@ -429,17 +455,25 @@ def verify_all(rows) -> bool:
     return ok_all
 
 
+def _spread(res) -> str:
+    """'q1..q3 [min..max]' of a row's round ratios."""
+    if "ratio_min" not in res:
+        return "-"
+    return f"{res['ratio_q1']:.2f}..{res['ratio_q3']:.2f} [{res['ratio_min']:.2f}..{res['ratio_max']:.2f}]"
+
+
 def time_rows(rows, facts, quick):
-    print("== timing (single-threaded; ratio = peer median / ours median, higher = ours faster)")
+    plan = PLAN_QUICK if quick else PLAN
+    print(f"== timing (single-threaded; {plan.min_rounds}-{plan.max_rounds} interleaved paired rounds per row, "
+          f"ratio = median over rounds of peer/ours, higher = ours faster)")
     for r in rows:
         if r.missing:
             continue
         if r.name == "C model decode":
             _time_model(r, facts, quick)
             continue
-        mo = measure(r.ours, *r.ours_args, quick=quick, **r.ours_kw)
-        mp = measure(r.peer, *r.peer_args, quick=quick, **r.peer_kw)
-        r.result.update(ours=mo, peer=mp, ratio=mp["median"] / mo["median"])
+        time_pair(r, quick)
+        mo = r.result["ours"]
         if r.flops and mo["unit"] == "ticks":
             fpt = r.flops / mo["median"]
             r.result["flop_per_tick"] = fpt
@@ -447,7 +481,8 @@ def time_rows(rows, facts, quick):
                 per_cycle = fpt / facts["core_per_tsc"]
                 r.result["flop_per_core_cycle"] = per_cycle
                 r.result["pct_peak"] = 100.0 * per_cycle / facts["peak_f32_per_cycle"]
-        print(f"  {r.name:24s} {r.shape:36s} {r.peer_name:26s} ratio {r.result['ratio']:.2f}", flush=True)
+        print(f"  {r.name:24s} {r.shape:36s} {r.peer_name:26s} ratio {r.result['ratio']:.2f} "
+              f"(rounds: {', '.join(f'{x:.2f}' for x in r.result['round_ratios'])})", flush=True)
 
 
 def _time_model(r, facts, quick):
@@ -473,6 +508,7 @@ def _time_model(r, facts, quick):
     pairs.sort()
     ratio, s_tok, bound_tok_s = pairs[reps // 2]
     facts["dram_copy_B_per_tick"] = bound_tok_s * wbytes / facts["tsc_hz"]
+    r.result.update(ratio_summary([p[0] for p in pairs], r.target))     # spread and flags, as the other rows
     r.result.update(tokens_per_s=1 / s_tok, bound_tokens_per_s=bound_tok_s, ratio=ratio,
                     ratios=[p[0] for p in pairs],
                     ours={"median": s_tok * 1e9, "unit": "ns", "n": reps},
@@ -499,21 +535,29 @@ def _ns(ns):
     return f"{ns:.0f} ns"
 
 
+def verdict(res, target) -> str:
+    """PASS/MISS on the paired median ratio, with '(unstable)' / '(borderline)' from its round spread."""
+    ratio = res.get("ratio")
+    if ratio is None:
+        return "-"
+    v = "PASS" if ratio >= target else "MISS"
+    flags = [f for f in ("unstable", "borderline") if res.get("ratio_" + f)]
+    return v + (f" ({', '.join(flags)})" if flags else "")
+
+
 def print_table(rows, facts):
-    head = ["row", "shape", "ours", "peer", "peer time", "ratio", "target", ""]
+    head = ["row", "shape", "ours", "peer", "peer time", "ratio", "rounds: IQR [min..max]", "target", ""]
     lines = []
     for r in rows:
         res = r.result
         if r.missing:
-            lines.append([r.name, r.shape, "not available", r.peer_name, "-", "-", f">= {r.target:g}x",
+            lines.append([r.name, r.shape, "not available", r.peer_name, "-", "-", "-", f">= {r.target:g}x",
                           "n/a"])
             continue
         ratio = res.get("ratio")
-        verdict = "-" if ratio is None else ("PASS" if ratio >= r.target else "MISS")
-        unstable = (res.get("ours") or {}).get("unstable") or (res.get("peer") or {}).get("unstable")
         lines.append([r.name, r.shape, _fmt_time(res.get("ours"), facts), r.peer_name,
                       _fmt_time(res.get("peer"), facts), "-" if ratio is None else f"{ratio:.2f}x",
-                      f">= {r.target:g}x", verdict + (" (unstable)" if unstable else "")])
+                      _spread(res), f">= {r.target:g}x", verdict(res, r.target)])
     widths = [max(len(str(x[i])) for x in lines + [head]) for i in range(len(head))]
     fmt = " | ".join(f"{{:{w}s}}" for w in widths)
     print()
@@ -521,6 +565,8 @@ def print_table(rows, facts):
     print("-+-".join("-" * w for w in widths))
     for ln in lines:
         print(fmt.format(*ln))
+    print(f"(ours / peer time: medians of every sample pooled over the rounds; ratio: median over rounds of "
+          f"peer/ours; unstable: IQR > {SPREAD_UNSTABLE:.0%} of the ratio; borderline: target inside the IQR)")
     extra = [r for r in rows if "flop_per_tick" in r.result]
     if extra:
         print()
@@ -548,7 +594,7 @@ def print_table(rows, facts):
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true", help="fewer repetitions (a smoke run, noisier ratios)")
+    ap.add_argument("--quick", action="store_true", help="fewer, shorter paired rounds (a smoke run, noisier ratios)")
     ap.add_argument("--json", metavar="PATH", help="also write the table and machine facts as JSON")
     ap.add_argument("--only", metavar="TEXT", help="only the rows whose name contains TEXT (e.g. numba, softmax)")
     args = ap.parse_args(argv)
@@ -573,10 +619,10 @@ def main(argv=None) -> int:
     print_table(rows, facts)
     print(f"\n({time.perf_counter() - t0:.0f} s)")
     if args.json:
-        doc = {"schema": "refimpl.bench_kernels/1", "created": _dt.datetime.now(_dt.timezone.utc).isoformat(),
+        doc = {"schema": "refimpl.bench_kernels/2", "created": _dt.datetime.now(_dt.timezone.utc).isoformat(),
                "argv": sys.argv, "quick": args.quick, "python": platform.python_version(),
                "warnings": warnings, "blas": blas, "machine": facts,
-               "rows": [{"name": r.name, "shape": r.shape, "peer": r.peer_name, "target": r.target,
+               "rows": [{"name": r.name, "shape": r.shape, "peer_name": r.peer_name, "target": r.target,
                          "available": r.missing is None, "missing": r.missing,
                          "passed": None if r.result.get("ratio") is None else r.result["ratio"] >= r.target,
                          **r.result} for r in rows]}
