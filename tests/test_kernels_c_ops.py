@@ -645,3 +645,103 @@ KV = np.zeros((2, 5, 8), F32)
 def test_bad_input(call, exc, match):
     with pytest.raises(exc, match=match):
         call()
+
+
+# --------------------------------------------------------------------------
+# softmax: the streaming route for large outputs (csrc/kernels/softmax.c: out > RF_SM_NT_BYTES =
+# 4 MiB, rows of 1024 .. 65536 floats, AVX-512 / AVX2: pass A into two scratch rows, pass B
+# streamed to out with non-temporal stores, 64-byte aligned by a per-chunk head)
+# --------------------------------------------------------------------------
+
+_SM_STREAM_SHAPES = [(33, 32000),   # 4.2 MB: rows a whole number of 64-byte lines, 8 chunks
+                     (257, 4100)]   # 4.2 MB: rows 16 bytes longer than whole lines, a 4-float chunk
+
+
+def _softmax_stream_input(R, N, last_masked):
+    """Random logits with the special rows at the places the streaming route treats apart."""
+    assert R * N * 4 > 4 << 20                     # above the kernel's threshold
+    rng = np.random.default_rng(R * N)
+    x = (rng.standard_normal((R, N)) * 20).astype(F32)
+    x[0, :] = -INF                                 # fully masked first row: zeros, nothing pending
+    x[3, N // 2] = np.nan                          # NaN -> NaN row
+    x[4, N - 1] = INF                              # +inf -> NaN row
+    x[5, :4096] = -INF                             # a fully masked chunk beside finite ones
+    x[6, :4096] = -INF
+    x[6, N - 1] = 300.0                            # ... and the row max in the last chunk
+    x[7, :] = -INF
+    x[7, 1] = np.nan                               # masked row holding a NaN -> NaN row
+    x[8, 0] = x[8, -1] = -INF
+    if last_masked:
+        x[-1, :] = -INF                            # the previous row is scaled apart
+    return x
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("R,N", _SM_STREAM_SHAPES)
+@pytest.mark.parametrize("last_masked", [False, True])
+def test_softmax_streaming_route(path, R, N, last_masked):
+    """Large outputs match the oracle, every special value keeps its rule, and (rows of whole
+    64-byte lines, where both routes split each chunk alike) the result is bit for bit that of
+    the same rows computed two at a time (small outputs: the plain route)."""
+    x = _softmax_stream_input(R, N, last_masked)
+    with forced_path(path), np.errstate(invalid="ignore"):
+        got = c_ops.softmax(x)
+        want = L.softmax(f64(x), axis=-1)
+        if N * 4 % 64 == 0:                        # out and x 16 bytes past a line, as NumPy's
+            P = lambda a: ffi.from_buffer("float[]", a)    # noqa: E731
+            xs, whole, pieces = (_at_offset(_aligned_buffer(R * N + 16), 4, (R, N)) for _ in range(3))
+            xs[...] = x
+            lib.rf_softmax_f32(P(whole), P(xs), R, N)
+            for r in range(0, R, 2):
+                lib.rf_softmax_f32(P(pieces[r:r + 2]), P(xs[r:r + 2]), min(2, R - r), N)
+            np.testing.assert_array_equal(whole, pieces)
+    nan_rows = np.zeros(R, bool)
+    nan_rows[[3, 4, 7]] = True
+    assert np.isnan(got[nan_rows]).all() and not np.isnan(got[~nan_rows]).any()
+    ok = ~nan_rows
+    assert_within(got[ok], want[ok], C.softmax_bound(x[ok], want[ok], F32), f"softmax[{path}] ({R},{N})")
+    assert (got[0] == 0).all() and (got[5, :4096] == 0).all() and (got[6, :4096] == 0).all()
+    assert got[8, 0] == 0 and got[8, -1] == 0
+    if last_masked:
+        assert (got[-1] == 0).all()
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("R,N", _SM_STREAM_SHAPES)
+def test_softmax_streaming_alignment(path, R, N):
+    """The streamed stores need 64-byte aligned addresses: out at several float offsets within a
+    line (x at the same one, as NumPy's, or another), nothing written outside out, x unchanged."""
+    x0 = _softmax_stream_input(R, N, last_masked=False)[8:]   # the finite rows (row 0 fully masked)
+    x0[0, 0] = x0[0, -1] = -INF
+    want = L.softmax(f64(x0), axis=-1)
+    bound = C.softmax_bound(x0, want, F32)
+    n = x0.size
+    xbuf, obuf = _aligned_buffer(n + 16), _aligned_buffer(n + 32)
+    P = lambda a: ffi.from_buffer("float[]", a)    # noqa: E731
+    with forced_path(path):
+        for oy, ox in [(0, 0), (1, 1), (4, 4), (15, 15), (4, 11), (9, 0)]:
+            x = _at_offset(xbuf, ox, x0.shape)
+            x[...] = x0
+            obuf[...] = 7.0                        # a canary around out
+            out = _at_offset(obuf, oy + 8, x0.shape)
+            lib.rf_softmax_f32(P(out), P(x), *x0.shape)
+            what = f"softmax[{path}] {x0.shape} x at +{ox} floats, out at +{oy}"
+            assert_within(out, want, bound, what)
+            assert out[0, 0] == 0 and out[0, -1] == 0, what
+            assert (obuf[:oy + 8] == 7.0).all() and (obuf[oy + 8 + n:] == 7.0).all(), what
+            np.testing.assert_array_equal(x, x0, err_msg=what)
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("N", [3, 40, 5000, 9000])
+def test_softmax_masked_row_nan_anywhere(path, N):
+    """A fully masked row holding a NaN anywhere (not only first) is a NaN row, as the oracle's
+    (GCC 12 -O3 once vectorized the kernel's NaN scan so that only x[0] counted)."""
+    for pos in sorted({1 % N, N // 2, N - 1}):
+        x = np.full((2, N), -INF, F32)
+        x[1, pos] = np.nan
+        with forced_path(path), np.errstate(invalid="ignore"):
+            got = c_ops.softmax(x)
+            want = L.softmax(f64(x), axis=-1)
+        assert (got[0] == 0).all() and (want[0] == 0).all()
+        assert np.isnan(got[1]).all() and np.isnan(want[1]).all(), f"softmax[{path}] N={N} NaN at {pos}"
