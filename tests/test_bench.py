@@ -98,6 +98,19 @@ def test_bench_smoke_and_json_schema(quick_json):
         if r["backend"] == "numpy":
             assert r["vs_numpy"] == pytest.approx(1.0)
     assert all(v["passed"] for v in d["verification"] if v["backend"] != "torch")
+    # round-robin timing: every row sampled in every round; the noise section describes the run
+    assert d["settings"]["rounds"] == bench.QUICK_ROUNDS
+    assert all(r["rounds"] == bench.QUICK_ROUNDS for r in d["results"])
+    noise = d["noise"]
+    for k in ("timing_wall_s", "cpu", "other_cpus_busy", "steal_s", "preempted", "migrations"):
+        assert k in noise, k
+    assert noise["timing_wall_s"] > 0 and noise["steal_s"] >= 0
+    assert noise["other_cpus_busy"] is None or 0 <= noise["other_cpus_busy"] <= 1
+    probes = noise["probes"]
+    assert set(probes) == {"core_add_chain", "l3_read"}
+    assert 0.2 < probes["core_add_chain"]["core_per_tsc"] < 10 and probes["l3_read"]["bytes_per_tick"] > 0
+    assert not any(r["op"].startswith("probe") for r in d["results"])     # probes are not rows
+    assert bench.compare_probes(d, d) == {"core_add_chain": 1.0, "l3_read": 1.0}
     # round trip: what we write is what we read
     d2 = json.loads(json.dumps(d))
     bench.write_json(d2, str(path) + ".2")
@@ -133,6 +146,11 @@ def test_compare_flags_a_2x_regression_not_a_1pct_change(tmp_path):
     noisy_old, noisy_new = _synthetic(cv=0.10), _synthetic(cv=0.10)
     noisy_new["results"][0]["median_ticks"] *= 1.3
     assert bench.compare(noisy_old, noisy_new)[0]["verdict"] == "same"
+    # the machine probes' ratios are reported beside the rows (a run-wide shift), never a verdict
+    for d, f in ((old, 1.0), (new, 1.25)):
+        d["noise"] = {"probes": {"l3_read": {"median_ticks": 1e6 * f}, "core_add_chain": {"median_ticks": 5e4}}}
+    assert bench.compare_probes(old, new) == pytest.approx({"l3_read": 1.25, "core_add_chain": 1.0})
+    assert bench.compare_probes(old, _synthetic()) == {}
     faster = copy.deepcopy(old)
     faster["results"][0]["median_ticks"] /= 2
     assert bench.compare(old, faster)[0]["verdict"] == "improvement"
@@ -143,6 +161,17 @@ def test_compare_flags_a_2x_regression_not_a_1pct_change(tmp_path):
     assert main(["bench", "compare", str(po), str(pn)]) == 1
     assert main(["bench", "compare", str(po), str(po)]) == 0
     assert main(["bench", "compare", str(po), str(tmp_path / "missing.json")]) == 2
+
+
+def test_bench_rounds_option():
+    rep = bench.run(ops=["softmax"], backends=["numpy"], quick=True, progress=False, rounds=3)
+    assert rep["settings"]["rounds"] == 3 and [r["rounds"] for r in rep["results"]] == [3]
+    one = bench.run(ops=["softmax"], backends=["numpy"], quick=True, progress=False, rounds=1)
+    assert [r["rounds"] for r in one["results"]] == [1]
+    with pytest.raises(ValueError, match="rounds"):
+        bench.run(ops=["softmax"], backends=["numpy"], quick=True, progress=False, rounds=0)
+    assert main(["bench", "--quick", "--ops", "softmax", "--backends", "numpy", "--rounds", "0",
+                 "--no-progress"]) == 2
 
 
 def test_bench_rejects_bad_options():

@@ -16,6 +16,7 @@ _EXPORTS = {
     "cycles": "refimpl.timing.counter", "calibrate": "refimpl.timing.counter",
     "Calibration": "refimpl.timing.counter",
     "measure": "refimpl.timing.harness", "Measurement": "refimpl.timing.harness",
+    "measure_interleaved": "refimpl.timing.harness",
     "empty_ccall": "refimpl.timing.harness", "add_chain_ccall": "refimpl.timing.harness",
 }
 

@@ -22,7 +22,9 @@ JSON schema "refimpl.bench/1" (`--json PATH`)
 {
   "schema": "refimpl.bench/1",
   "created": ISO-8601 UTC time, "argv": [...],
-  "settings": {"dtype", "cold", "budget_s", "threads": 1, "quick"},
+  "settings": {"dtype", "cold", "budget_s" (seconds of samples per row), "rounds" (slices
+      each row's budget is split into; see "Round-robin timing"), "max_samples" (per row),
+      "threads": 1, "quick"},
   "machine": Machine.as_dict() (refimpl.timing.machine): cpu_model, vendor,
       family, model, stepping, uarch, flags, simd_bits, n_cpus,
       peak_flop_per_cycle {dtype: FLOP per core cycle}, peak_source, caches,
@@ -33,11 +35,24 @@ JSON schema "refimpl.bench/1" (`--json PATH`)
                     unsupported (present when a fast backend refuses the dtype with a
                     TypeError, as its contract allows for float64: not timed, not a failure)}],
   "warnings": [str], "passed": bool (false: something failed verification, nothing timed),
+  "noise": {timing_wall_s, cpu (the CPU every row was pinned to), other_cpus_busy (fraction
+      of the timing phase the machine's other CPUs were busy, /proc/stat; null if unknown),
+      steal_s (hypervisor steal on the pinned CPU), preempted (samples dropped), migrations,
+      probes: two machine probes timed in the same rounds as the rows (not rows themselves):
+        core_add_chain {median_ticks, min_ticks, cv, cv_raw, n, core_per_tsc} (65536
+          dependent adds: the core clock), l3_read {..., bytes, bytes_per_tick} (one read
+          of an L3-sized buffer: shared-cache contention; with --cold it is flushed
+          first like every row, so it reads DRAM).  Between two runs, a shift of the
+          probes shows how much of a shift of every row is the machine's}
+      (absent when nothing was timed),
   "results": [ one row per timed kernel:
       op, backend, shape (label, e.g. "256x256x256" or "8x2x128x128x64c"),
       dims [ints], causal (bool), dtype, cold, kind ("c-loop"|"python"),
       median_ticks, min_ticks, mad_ticks, p90_ticks, mean_ticks, cv (robust,
-      1.4826 MAD/median), cv_raw (std/mean), n, reps, unstable, reasons,
+      1.4826 MAD/median; the `unstable` flag and `compare` use it), cv_raw (std/mean, the
+      classical CV, reported beside it), cv_within (median over the row's rounds of each
+      round's robust CV: the kernel's short-term jitter without the drift between rounds
+      that `cv` includes; null when no round had 5 samples), n, reps, rounds, unstable, reasons,
       preempted (samples dropped: the thread was switched out during them),
       median_core_cycles (estimated = ticks x core/TSC),
       flops, bytes, intensity, flop_per_tick, flop_per_core_cycle, pct_peak,
@@ -48,6 +63,22 @@ JSON schema "refimpl.bench/1" (`--json PATH`)
 }
 Every ticks figure is TSC (reference) ticks per call; the rows' `cv`/`mad_ticks`
 give the noise `compare` uses.
+
+Round-robin timing
+------------------
+The rows are not timed one after the other in one block each.  Every row is warmed
+up, then its budget is split into `rounds` slices and the rows are visited round-robin
+(row 1 slice 1, row 2 slice 1, ..., row 1 slice 2, ...; `harness.interleave_order`);
+each visit first runs the kernel untimed (>= 3 calls and >= 2 ms: the previous row
+evicted its data; without this the first samples after a switch ran up to 2x slow).
+Every row gets its whole budget (up to `max_samples` samples), fast rows included, so
+each median pools samples from every part of the run.  A
+row's statistics pool the samples of all its slices, so they describe the whole run:
+a slow drift or a burst of the host (other tenants' cache and memory traffic, the
+core clock) lands on every row alike instead of on whichever row ran during it, and
+the ratios between backends compare kernels timed in the same moments.  The price:
+a row's CV now includes the run-long variation of the machine, not only that of one
+0.2 s block.  `--rounds 1` times each row in one block, as before.
 """
 from __future__ import annotations
 
@@ -55,7 +86,9 @@ import datetime as _dt
 import functools
 import json
 import math
+import os
 import sys
+import time
 
 import numpy as np
 
@@ -65,6 +98,10 @@ from refimpl.timing.metrics import SHAPE_DIMS, roofline, work
 SCHEMA = "refimpl.bench/1"
 OUR_BACKENDS = ("numpy", "numba", "c")
 ALL_BACKENDS = OUR_BACKENDS + ("torch",)
+
+DEFAULT_ROUNDS = 10     # slices each row's budget is split into (round-robin over all rows)
+QUICK_ROUNDS = 2
+MAX_SAMPLES = 20000     # per row: high enough that the time budget, not a count, ends a fast row's sampling
 
 # (dims, causal) per op: prefill-sized and decode-sized cases of a small LLM
 DEFAULT_SHAPES = {
@@ -358,9 +395,10 @@ def plan(ops=None, backends=None, shapes=None, quick=False):
 
 
 def run(ops=None, backends=None, shapes=None, dtype="float32", cold=False, quick=False,
-        budget_s: float | None = None, progress: bool = True, console=None, argv=None) -> dict:
+        budget_s: float | None = None, progress: bool = True, console=None, argv=None,
+        rounds: int | None = None, max_samples: int | None = None) -> dict:
     """Verify, then time; returns the report dict (see the module docstring for its schema)."""
-    from refimpl.timing.harness import measure
+    from refimpl.timing.harness import cpu_times, measure_interleaved
     from refimpl.timing.machine import describe
     dtype = str(np.dtype(dtype))
     if dtype not in ("float32", "float64"):
@@ -369,12 +407,20 @@ def run(ops=None, backends=None, shapes=None, dtype="float32", cold=False, quick
         budget_s = 0.03 if quick else 0.2
     if not budget_s > 0:
         raise ValueError(f"--budget must be > 0 seconds, got {budget_s}")
+    if rounds is None:
+        rounds = QUICK_ROUNDS if quick else DEFAULT_ROUNDS
+    if not (isinstance(rounds, int) and rounds >= 1):
+        raise ValueError(f"--rounds must be an integer >= 1, got {rounds!r}")
+    if max_samples is None:
+        max_samples = MAX_SAMPLES
+    if not (isinstance(max_samples, int) and max_samples >= 15):
+        raise ValueError(f"max_samples must be an integer >= 15, got {max_samples!r}")
     jobs = plan(ops, backends, shapes, quick)
     machine = describe(bandwidth=True)
     report = {"schema": SCHEMA, "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
               "argv": list(argv) if argv is not None else None,
-              "settings": {"dtype": dtype, "cold": bool(cold), "budget_s": budget_s, "threads": 1,
-                           "quick": bool(quick)},
+              "settings": {"dtype": dtype, "cold": bool(cold), "budget_s": budget_s, "rounds": rounds,
+                           "max_samples": max_samples, "threads": 1, "quick": bool(quick)},
               "machine": machine.as_dict(), "verification": [], "results": [], "passed": False,
               "warnings": []}
     prog = _progress(console) if progress else None
@@ -410,13 +456,11 @@ def run(ops=None, backends=None, shapes=None, dtype="float32", cold=False, quick
             if failed:
                 report["failed"] = failed
                 return report
-            # 2. time
-            n_time = sum(len(b) for *_, b in jobs)
-            if prog:
-                prog.update(task, description="timing", completed=0, total=n_time)
+            # 2. time: every row round-robin (`rounds` slices of budget_s / rounds each), so a
+            # drift of the host is shared by all rows instead of hitting whichever ran during it
+            slots, targets = [], []
             for op, dims, causal, bks in jobs:
                 case = cases[(op, dims, causal)]
-                rows = {}
                 for b in bks:
                     fn = _impl(op, b)
                     prep = prepare_of(fn, op) if b == "c" else None
@@ -424,10 +468,27 @@ def run(ops=None, backends=None, shapes=None, dtype="float32", cold=False, quick
                         target = prep(*case.args, **case.kwargs)
                     else:
                         target = functools.partial(fn, *case.args, **case.kwargs)
-                    m = measure(target, name=f"{op}/{b}", cold=cold, budget_s=budget_s)
-                    rows[b] = _row(case, b, m, machine, cold)
-                    if prog:
-                        prog.advance(task)
+                    slots.append((case, b))
+                    targets.append((target, (), {}, f"{op}/{b}"))
+            probes = machine_probes()
+            targets += [(t, (), {}, f"probe/{nm}") for nm, t in probes]
+            if prog:
+                prog.update(task, description="timing", completed=0, total=len(targets) * rounds)
+            cpu0 = cpu_times()
+            w0 = time.perf_counter()
+            ms = measure_interleaved(targets, rounds=rounds, cold=cold, budget_s=budget_s, max_samples=max_samples,
+                                     on_slice=(lambda k, i: prog.advance(task)) if prog else None)
+            report["noise"] = _noise_report(ms, cpu0, cpu_times(), time.perf_counter() - w0)
+            pms, ms = ms[len(slots):], ms[:len(slots)]
+            report["noise"]["probes"] = {nm: _probe_report(nm, t, m) for (nm, t), m in zip(probes, pms)}
+            if report["noise"]["other_cpus_busy"] is not None and report["noise"]["other_cpus_busy"] > 0.2:
+                report["warnings"].append(
+                    f"other CPUs of this machine were {report['noise']['other_cpus_busy']:.0%} busy while timing "
+                    "(they share caches and memory bandwidth with the timed CPU)")
+            rows_by_case: dict = {}
+            for (case, b), m in zip(slots, ms):
+                rows_by_case.setdefault(id(case), {})[b] = _row(case, b, m, machine, cold)
+            for rows in rows_by_case.values():
                 for b, row in rows.items():
                     for ref in ("numpy", "torch"):
                         r = rows.get(ref)
@@ -441,12 +502,61 @@ def run(ops=None, backends=None, shapes=None, dtype="float32", cold=False, quick
     return report
 
 
+PROBE_ADDS = 1 << 16
+
+
+class _L3Read:
+    """Probe: one streaming read of an L3-level working set (machine.level_sizes()["L3"])."""
+
+    def __init__(self):
+        from refimpl._clock import ffi, lib
+        from refimpl.timing.machine import _aligned, level_sizes
+        self.nbytes = level_sizes().get("L3", 16 << 20)
+        self._buf = _aligned(self.nbytes)
+        self._buf[:] = 1
+        self._p = ffi.cast("void *", self._buf.ctypes.data)
+        self._sink = ffi.new("uint64_t *")
+        self._read = lib.rf_bw_read
+
+    def __call__(self):
+        self._read(self._sink, self._p, self.nbytes, 1)
+
+
+def machine_probes() -> list:
+    """[(name, target)] timed beside the rows, in the same rounds: the core clock (a dependent
+    add chain, 1 core cycle per add) and a shared-cache read (what other tenants' traffic slows)."""
+    from refimpl.timing.harness import add_chain_ccall
+    return [("core_add_chain", add_chain_ccall(PROBE_ADDS)), ("l3_read", _L3Read())]
+
+
+def _probe_report(name, target, m) -> dict:
+    d = {"median_ticks": m.median, "min_ticks": m.min, "cv": m.cv, "cv_raw": m.cv_raw, "n": m.n}
+    if name == "core_add_chain":
+        d["core_per_tsc"] = PROBE_ADDS / m.median if m.median > 0 else None
+    else:
+        d["bytes"] = target.nbytes
+        d["bytes_per_tick"] = target.nbytes / m.median if m.median > 0 else None
+    return d
+
+
+def _noise_report(ms, cpu0: dict, cpu1: dict, wall_s: float) -> dict:
+    """What the machine did around the timing phase (see the schema's "noise")."""
+    from refimpl.timing.harness import busy_fraction
+    pinned_cpu = ms[0].cpu if ms else -1
+    hz = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+    return {"timing_wall_s": wall_s, "cpu": pinned_cpu,
+            "other_cpus_busy": busy_fraction(cpu0, cpu1, exclude=(pinned_cpu,)) if len(cpu1) > 1 else None,
+            "steal_s": sum(m.steal_ticks for m in ms) / hz,
+            "preempted": sum(m.preempted for m in ms), "migrations": sum(m.migrations for m in ms)}
+
+
 def _row(case, backend, m, machine, cold) -> dict:
     rf = roofline(case.work, max(m.median, 0.0), machine, case.dtype, cold)
     return {"op": case.op, "backend": backend, "shape": case.label, "dims": list(case.dims),
             "causal": case.causal, "dtype": str(case.dtype), "cold": bool(cold), "kind": m.kind,
             "median_ticks": m.median, "min_ticks": m.min, "mad_ticks": m.mad, "p90_ticks": m.p90,
-            "mean_ticks": m.mean, "cv": m.cv, "cv_raw": m.cv_raw, "n": m.n, "reps": m.reps,
+            "mean_ticks": m.mean, "cv": m.cv, "cv_raw": m.cv_raw, "n": m.n, "reps": m.reps, "rounds": m.rounds,
+            "cv_within": m.cv_within,
             "unstable": m.unstable, "reasons": m.reasons, "preempted": m.preempted, "median_core_cycles": m.median_core,
             "flops": case.work.flops, "bytes": case.work.bytes, "intensity": rf.intensity,
             "flop_per_tick": rf.flop_per_tick, "flop_per_core_cycle": rf.flop_per_core_cycle,
@@ -523,6 +633,20 @@ def print_report(report: dict, console=None) -> None:
                   f"{r['roofline_bound'][:3]} {r['roofline_level']}", _fmt(r["measured_over_bound"], "{:.2f}"),
                   _fmt(r["vs_numpy"], "{:.2f}"), _fmt(r["vs_torch"], "{:.2f}"))
     console.print(t)
+    nz, st = report.get("noise"), report["settings"]
+    if nz:
+        busy = nz.get("other_cpus_busy")
+        rounds = st.get("rounds", 1)
+        console.print(f"timed on CPU {nz['cpu']}, {rounds} round(s) of {st['budget_s'] / rounds:.3g} s "
+                      f"per row, round-robin, {nz['timing_wall_s']:.1f} s in all; other CPUs busy "
+                      f"{'-' if busy is None else f'{busy:.0%}'}; steal {nz['steal_s']:.2f} s; "
+                      f"{nz['preempted']} preempted sample(s) dropped")
+        pr = nz.get("probes") or {}
+        if pr:
+            core, l3 = pr.get("core_add_chain") or {}, pr.get("l3_read") or {}
+            console.print(f"machine probes (same rounds): core/TSC {_fmt(core.get('core_per_tsc'), '{:.3f}')} "
+                          f"(cv {_fmt(core.get('cv'), '{:.1%}')}), L3 read {_fmt(l3.get('bytes_per_tick'), '{:.1f}')} "
+                          f"B/tick (cv {_fmt(l3.get('cv'), '{:.1%}')})")
     unstable = [r for r in report["results"] if r["unstable"]]
     if unstable:
         console.print("[red]![/] unstable: " + "; ".join(
@@ -606,7 +730,15 @@ def compare(old: dict, new: dict, sigmas: float = 3.0, min_change: float = 0.05)
     return out
 
 
-def print_compare(rows, console=None) -> None:
+def compare_probes(old: dict, new: dict) -> dict:
+    """{probe: new/old median ticks} for the machine probes both runs carry (see "noise")."""
+    po = (old.get("noise") or {}).get("probes") or {}
+    pn = (new.get("noise") or {}).get("probes") or {}
+    return {k: pn[k]["median_ticks"] / po[k]["median_ticks"] for k in po
+            if k in pn and po[k].get("median_ticks") and pn[k].get("median_ticks")}
+
+
+def print_compare(rows, console=None, probes: dict | None = None) -> None:
     from rich.console import Console
     from rich.table import Table
     console = console or Console()
@@ -621,6 +753,9 @@ def print_compare(rows, console=None) -> None:
     console.print(t)
     n_reg = sum(r["verdict"] == "regression" for r in rows)
     console.print(f"{len(rows)} rows matched; {n_reg} regression(s)")
+    if probes:
+        console.print("machine probes, new / old median ticks: " + ", ".join(
+            f"{k} {v:.3f}" for k, v in probes.items()) + " (a shift here moved every row: the machine, not the code)")
 
 
 # ------------------------------------------------------------------- plot

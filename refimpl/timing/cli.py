@@ -31,6 +31,11 @@ def add_parser(subparsers) -> None:
     b.add_argument("--cold", action="store_true", help="cold cache: flush (> L3) before every sample, 1 call each")
     b.add_argument("--quick", action="store_true", help="small shapes and a short time budget (smoke test)")
     b.add_argument("--budget", type=float, default=None, help="seconds of samples per kernel (default 0.2; quick 0.03)")
+    b.add_argument("--rounds", type=int, default=None,
+                   help="split each kernel's budget into this many slices, timed round-robin over all kernels "
+                        "so host drift is shared by every row (default 10; quick 2; 1 = each kernel in one block)")
+    b.add_argument("--max-samples", type=int, default=None,
+                   help="most samples per kernel (default 20000: the time budget ends sampling)")
     b.add_argument("--json", metavar="PATH", help="write the report as JSON (schema in refimpl.timing.bench)")
     b.add_argument("--plot", metavar="PATH", help="write a roofline PNG with every kernel placed")
     b.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -74,7 +79,8 @@ def _bench(args) -> int:
     try:
         shapes = bench.parse_shapes(args.shapes) if args.shapes else None
         report = bench.run(ops=args.ops, backends=args.backends, shapes=shapes, dtype=args.dtype,
-                           cold=args.cold, quick=args.quick, budget_s=args.budget,
+                           cold=args.cold, quick=args.quick, budget_s=args.budget, rounds=args.rounds,
+                           max_samples=args.max_samples,
                            progress=not args.no_progress and console.is_terminal, console=console,
                            argv=sys.argv)
     except ValueError as e:
@@ -99,7 +105,7 @@ def _compare(args) -> int:
         console.print(f"[red]error:[/] {e}")
         return 2
     rows = bench.compare(old, new, sigmas=args.sigmas, min_change=args.min_change)
-    bench.print_compare(rows, console)
+    bench.print_compare(rows, console, probes=bench.compare_probes(old, new))
     return 1 if any(r["verdict"] == "regression" for r in rows) else 0
 
 

@@ -28,9 +28,22 @@ Recipe (design.md "Timing on bare CPUs"):
      coefficient of variation 1.4826 MAD / median (equal to std / mean for
      normal noise): one timer interrupt or preemption inside one sample makes
      the classical std / mean meaningless, so that one is kept as `cv_raw`
-     (reported, not used for flags).  The run is `unstable` when cv >= 5 %, the CPU changed (TSC_AUX) or the
-     hypervisor's steal time for the pinned CPU grew by more than 1 % of the
-     run's wall time (/proc/stat).
+     (reported, not used for flags).  `cv_within` is the median of the robust
+     CVs of the separate slices the samples were taken in (one slice for
+     `measure()`; see `measure_interleaved`): the kernel's short-term jitter,
+     while `cv` also holds the machine's drift between slices.  The run is
+     `unstable` when cv >= 5 %, the CPU changed (TSC_AUX) or the hypervisor's
+     steal time for the pinned CPU grew by more than 1 % of the run's wall
+     time (/proc/stat).
+
+`measure_interleaved(targets, rounds=R, budget_s=B)` times several targets
+round-robin: all are warmed up (step 2-3), then `interleave_order(n, R)` is
+followed, one slice of B / R seconds per visit (its first >= 3 samples and
+>= 2 ms are discarded: the previous target evicted this one's data), and each
+target's statistics pool the samples of its R slices (`Measurement.rounds`,
+`round_sizes`).  A drift of the machine during the run is then shared by every
+target instead of landing on whichever was being timed.  `measure()` is the
+one-target, one-slice case.
 
 All figures are TSC ticks (reference ticks); `*_core` fields are estimated
 core cycles = ticks x core_per_tsc.
@@ -85,6 +98,10 @@ class Measurement:
     reasons: list = field(default_factory=list)
     core_per_tsc: float = 1.0
     samples: list = field(default_factory=list, repr=False)   # per-call ticks of every sample
+    rounds: int = 1               # separate slices the samples were taken in (measure_interleaved)
+    round_sizes: list = field(default_factory=list, repr=False)  # clean samples per slice, in order
+    cv_within: float | None = None  # median over slices (>= 5 samples) of each slice's robust CV:
+                                    # the short-term jitter; cv above also holds the drift between slices
 
     @property
     def median_core(self) -> float:
@@ -99,6 +116,7 @@ class Measurement:
         d = asdict(self)
         if not samples:
             d.pop("samples")
+            d.pop("round_sizes")
         d["median_core"] = self.median_core
         d["min_core"] = self.min_core
         return d
@@ -213,101 +231,253 @@ def _is_ccall(target) -> bool:
     return hasattr(target, "fn_addr") and hasattr(target, "ctx_addr")
 
 
+def cpu_times() -> dict:
+    """{cpu: (busy, total)} USER_HZ ticks per CPU from /proc/stat (busy = all but idle, iowait
+    and steal); {} when unknown."""
+    out = {}
+    try:
+        with open("/proc/stat") as f:
+            for line in f:
+                p = line.split()
+                if p and p[0].startswith("cpu") and p[0] != "cpu":
+                    v = [int(x) for x in p[1:]]
+                    idle = v[3] + (v[4] if len(v) > 4 else 0)
+                    steal = v[7] if len(v) > 7 else 0
+                    total = sum(v[:8])
+                    out[int(p[0][3:])] = (total - idle - steal, total)
+    except (OSError, ValueError):
+        pass
+    return out
+
+
+def busy_fraction(before: dict, after: dict, exclude=()) -> float | None:
+    """Fraction of the elapsed CPU time the CPUs not in `exclude` were busy (None if unknown)."""
+    busy = total = 0
+    for c, (b1, t1) in after.items():
+        if c in exclude or c not in before:
+            continue
+        busy += b1 - before[c][0]
+        total += t1 - before[c][1]
+    return busy / total if total > 0 else None
+
+
+def interleave_order(n_rows: int, rounds: int) -> list[tuple[int, int]]:
+    """[(round, row)]: round 0 visits rows 0..n_rows-1, then round 1 visits them again, ...
+
+    Every row gets exactly `rounds` visits, one per round, so a slow drift of the host
+    (frequency, a neighbour's cache traffic) is spread over every row instead of landing
+    on the rows that happened to be timed during it.
+    """
+    if n_rows < 0 or rounds < 1:
+        raise ValueError(f"interleave_order: n_rows={n_rows} must be >= 0 and rounds={rounds} >= 1")
+    return [(k, i) for k in range(rounds) for i in range(n_rows)]
+
+
+class Sampler:
+    """Samples of one target, possibly taken in several separate slices (`take`).
+
+    `measure()` is one `warm()` + one `take()`; `measure_interleaved()` warms every
+    target, then takes one slice of each per round.  The caller pins the thread and
+    disables the GC around the whole thing; the sampler records the CPU it must stay on.
+    """
+
+    def __init__(self, target: Any, args=(), kwargs=None, *, name: str | None = None, cold: bool = False,
+                 cpu: int = -1, reps: int | None = None, sample_factor: int = SAMPLE_FACTOR,
+                 cal: Calibration | None = None):
+        self.cal = cal or calibrate()
+        kwargs = kwargs or {}
+        self.is_c = _is_ccall(target)
+        if not self.is_c and not callable(target):
+            raise TypeError(f"measure: target must be a CCall or a callable, got {type(target).__name__}")
+        if reps is not None and reps < 1:
+            raise ValueError(f"measure: reps={reps} must be >= 1")
+        self.name = name or getattr(target, "__qualname__", None) or type(target).__name__
+        if self.is_c:
+            fn = ffi.cast("void(*)(void*)", target.fn_addr)
+            ctx = ffi.cast("void*", target.ctx_addr)
+            c0p, c1p = ffi.new("int32_t *"), ffi.new("int32_t *")
+
+            def region(r):
+                t = lib.rf_time_thunk(fn, ctx, r, c0p, c1p)
+                return int(t), c0p[0], c1p[0]
+            self.overhead = float(self.cal.overhead_ticks)
+            self.kind = "c-loop"
+        else:
+            def region(r):
+                return _py_region(target, args, kwargs, r)
+            self.overhead = python_overhead_ticks()
+            self.kind = "python"
+        self.region = region
+        self.cold, self.cpu, self.sample_factor = cold, cpu, sample_factor
+        self.r = 1 if cold else reps
+        self.per_call: list[float] = []
+        self.dropped: list[float] = []
+        self.migrations = 0
+        self.steal = 0
+        self.wall = 0.0
+        self.slices = 0
+        self.sizes: list[int] = []
+
+    def warm(self, warmup_s: float = 0.02, warmup_calls: int = 2) -> None:
+        """Call until `warmup_s` has passed (>= warmup_calls calls); size the inner repetitions."""
+        one = math.inf
+        t_end = time.perf_counter() + warmup_s
+        k = 0
+        while k < warmup_calls or (time.perf_counter() < t_end and k < 10000):
+            one = min(one, self.region(1)[0] - self.overhead)
+            k += 1
+        if self.r is None:
+            one = max(one, 1.0)
+            self.r = max(1, math.ceil(self.sample_factor * self.cal.floor_ticks / one))
+
+    def take(self, budget_s: float, min_samples: int, max_samples: int, rewarm: int = 0,
+             rewarm_s: float = 0.0, give_up_s: float | None = None) -> None:
+        """Sample until `budget_s` has passed and this slice holds >= min_samples clean samples,
+        or it holds max_samples, or `give_up_s` (default 4 x budget_s) has passed with
+        min_samples taken, preempted ones included.  The first samples are discarded until
+        `rewarm` of them and `rewarm_s` seconds have passed: after another target ran, the
+        first samples of this one ran slow (its data, code and allocator state come back)."""
+        if self.r is None:
+            self.warm()
+        r, cpu, region = self.r, self.cpu, self.region
+        steal0 = steal_of(cpu)
+        w0 = time.perf_counter()
+        # re-warm through the sampling loop itself (same code between regions as a kept
+        # sample), discarding what it measures: `rewarm` samples and `rewarm_s` seconds
+        warm_left, warm_end = rewarm, w0 + rewarm_s
+        deadline = give_up = math.inf
+        n0, d0 = len(self.per_call), len(self.dropped)
+        while len(self.per_call) - n0 < max_samples:
+            if self.cold:
+                flush_caches()
+            sw0 = _switches()
+            t, ca, cb = region(r)
+            sw1 = _switches()
+            if warm_left > 0 or (rewarm_s > 0 and deadline == math.inf and time.perf_counter() < warm_end):
+                warm_left -= 1
+                continue
+            if deadline == math.inf:
+                t0 = time.perf_counter()
+                deadline = t0 + budget_s
+                give_up = t0 + (4 * budget_s if give_up_s is None else give_up_s)
+            if cpu >= 0 and (ca != cpu or cb != cpu) and ca >= 0:
+                self.migrations += 1
+            elif cpu < 0 and ca != cb:
+                self.migrations += 1
+            x = (t - self.overhead) / r
+            (self.dropped if sw1 != sw0 else self.per_call).append(x)
+            n, now = len(self.per_call) - n0, time.perf_counter()
+            if n >= min_samples and now >= deadline:
+                break
+            if now >= give_up and n + len(self.dropped) - d0 >= min_samples:
+                break
+        self.wall += time.perf_counter() - w0
+        self.steal += steal_of(cpu) - steal0
+        self.slices += 1
+        self.sizes.append(len(self.per_call) - n0)
+
+    def result(self, min_samples: int) -> Measurement:
+        reasons = []
+        per_call = self.per_call
+        if len(per_call) < min_samples:
+            reasons.append(f"{len(self.dropped)} of {len(per_call) + len(self.dropped)} samples preempted (kept)")
+            per_call = per_call + self.dropped
+        s = stats(per_call)
+        cvs, k = [], 0
+        for n in self.sizes:
+            if n >= 5:
+                cvs.append(stats(self.per_call[k:k + n])["cv"])
+            k += n
+        if len(per_call) == len(self.per_call) and cvs:
+            s["cv_within"] = float(np.median(cvs))
+        if s["cv"] >= CV_UNSTABLE:
+            reasons.append(f"CV {s['cv']:.1%} >= {CV_UNSTABLE:.0%}")
+        if self.migrations:
+            reasons.append(f"{self.migrations} samples changed CPU")
+        hz = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+        if self.wall > 0 and self.steal / hz > STEAL_UNSTABLE * self.wall:
+            reasons.append(f"steal time grew by {self.steal / hz * 1e3:.0f} ms during {self.wall * 1e3:.0f} ms")
+        return Measurement(name=self.name, kind=self.kind, reps=self.r, n=len(per_call),
+                           overhead_ticks=self.overhead, cold=self.cold, cpu=self.cpu,
+                           migrations=self.migrations, preempted=len(self.dropped), steal_ticks=self.steal,
+                           wall_s=self.wall, unstable=bool(reasons), reasons=reasons,
+                           core_per_tsc=self.cal.core_per_tsc, samples=per_call, rounds=self.slices,
+                           round_sizes=list(self.sizes), **s)
+
+
+@contextmanager
+def _quiet(pin: bool):
+    """Pin (optionally) and disable the GC; yields the CPU (-1: not pinned)."""
+    gc_was = gc.isenabled()
+    with (pinned() if pin else _nullpin()) as cpu:
+        gc.disable()
+        try:
+            yield cpu
+        finally:
+            if gc_was:
+                gc.enable()
+
+
 def measure(target: Any, *args, name: str | None = None, cold: bool = False, pin: bool = True,
             warmup_s: float = 0.02, warmup_calls: int = 2, budget_s: float = 0.25,
             min_samples: int = 15, max_samples: int = 400, reps: int | None = None,
             sample_factor: int = SAMPLE_FACTOR, cal: Calibration | None = None,
             **kwargs) -> Measurement:
     """Time `target(*args, **kwargs)` (a callable) or a CCall; see the module docstring."""
-    cal = cal or calibrate()
-    is_c = _is_ccall(target)
-    if not is_c and not callable(target):
-        raise TypeError(f"measure: target must be a CCall or a callable, got {type(target).__name__}")
     if min_samples < 2:
         raise ValueError(f"measure: min_samples={min_samples} must be >= 2")
-    if reps is not None and reps < 1:
-        raise ValueError(f"measure: reps={reps} must be >= 1")
-    if name is None:
-        name = getattr(target, "__qualname__", None) or type(target).__name__
+    s = Sampler(target, args, kwargs, name=name, cold=cold, reps=reps, sample_factor=sample_factor, cal=cal)
+    with _quiet(pin) as cpu:
+        s.cpu = cpu
+        s.warm(warmup_s, warmup_calls)
+        s.take(budget_s, min_samples, max_samples)
+    return s.result(min_samples)
 
-    if is_c:
-        fn = ffi.cast("void(*)(void*)", target.fn_addr)
-        ctx = ffi.cast("void*", target.ctx_addr)
-        c0p, c1p = ffi.new("int32_t *"), ffi.new("int32_t *")
 
-        def region(r):
-            t = lib.rf_time_thunk(fn, ctx, r, c0p, c1p)
-            return int(t), c0p[0], c1p[0]
-        overhead = float(cal.overhead_ticks)
-        kind = "c-loop"
-    else:
-        def region(r):
-            return _py_region(target, args, kwargs, r)
-        overhead = python_overhead_ticks()
-        kind = "python"
+def measure_interleaved(targets: list, *, rounds: int = 8, cold: bool = False, pin: bool = True,
+                        warmup_s: float = 0.02, warmup_calls: int = 2, budget_s: float = 0.25,
+                        min_samples: int = 15, max_samples: int = 400, rewarm: int = 3,
+                        rewarm_s: float = 0.002, sample_factor: int = SAMPLE_FACTOR, cal: Calibration | None = None,
+                        on_slice=None) -> list[Measurement]:
+    """Time several targets round-robin: `budget_s` per target, split into `rounds` slices.
 
-    ctx_pin = pinned() if pin else _nullpin()
-    gc_was = gc.isenabled()
-    with ctx_pin as cpu:
-        gc.disable()
-        try:
-            # warm-up (includes any JIT compilation), and a first estimate of one call
-            one = math.inf
-            t_end = time.perf_counter() + warmup_s
-            k = 0
-            while k < warmup_calls or (time.perf_counter() < t_end and k < 10000):
-                one = min(one, region(1)[0] - overhead)
-                k += 1
-            one = max(one, 1.0)
-            floor = sample_factor * cal.floor_ticks
-            if cold:
-                r = 1
-            elif reps is not None:
-                r = reps
-            else:
-                r = max(1, math.ceil(floor / one))
-            steal0 = steal_of(cpu)
-            w0 = time.perf_counter()
-            deadline = w0 + budget_s
-            per_call, dropped, migr = [], [], 0
-            while True:
-                if cold:
-                    flush_caches()
-                sw0 = _switches()
-                t, ca, cb = region(r)
-                sw1 = _switches()
-                if cpu >= 0 and (ca != cpu or cb != cpu) and ca >= 0:
-                    migr += 1
-                elif cpu < 0 and ca != cb:
-                    migr += 1
-                x = (t - overhead) / r
-                (dropped if sw1 != sw0 else per_call).append(x)
-                n, now = len(per_call), time.perf_counter()
-                if n >= max_samples or (n >= min_samples and now >= deadline):
-                    break
-                if now >= w0 + 4 * budget_s and n + len(dropped) >= min_samples:
-                    break
-            wall = time.perf_counter() - w0
-            steal = steal_of(cpu) - steal0
-        finally:
-            if gc_was:
-                gc.enable()
-    reasons = []
-    if len(per_call) < min_samples:
-        reasons.append(f"{len(dropped)} of {len(per_call) + len(dropped)} samples preempted (kept)")
-        per_call = per_call + dropped
-    s = stats(per_call)
-    if s["cv"] >= CV_UNSTABLE:
-        reasons.append(f"CV {s['cv']:.1%} >= {CV_UNSTABLE:.0%}")
-    if migr:
-        reasons.append(f"{migr} samples changed CPU")
-    hz = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
-    if wall > 0 and steal / hz > STEAL_UNSTABLE * wall:
-        reasons.append(f"steal time grew by {steal / hz * 1e3:.0f} ms during {wall * 1e3:.0f} ms")
-    return Measurement(name=name, kind=kind, reps=r, n=len(per_call), overhead_ticks=overhead, cold=cold,
-                       cpu=cpu, migrations=migr, preempted=len(dropped), steal_ticks=steal, wall_s=wall,
-                       unstable=bool(reasons), reasons=reasons, core_per_tsc=cal.core_per_tsc,
-                       samples=per_call, **s)
+    `targets` is a list of (target, args, kwargs, name).  All are warmed up first (their
+    inner repetitions sized), then `interleave_order(len(targets), rounds)` is followed:
+    each visit first discards >= `rewarm` samples taken for >= `rewarm_s` seconds (the
+    previous target has evicted this one's data; measured here, the first two samples
+    after a switch ran up to 2x slow on Python-called kernels), then keeps
+    >= ceil(min_samples / rounds) samples taken for budget_s / rounds seconds.
+    Each target's statistics pool the samples of all its rounds.  `on_slice(round, i)` is
+    called after every visit (progress).  rounds=1 is the same as one `measure()` per target
+    (warm-up and sampling back to back, no rewarm).
+    """
+    cal = cal or calibrate()
+    if min_samples < 2:
+        raise ValueError(f"measure: min_samples={min_samples} must be >= 2")
+    if rounds < 1:
+        raise ValueError(f"measure_interleaved: rounds={rounds} must be >= 1")
+    samplers = [Sampler(t, a, kw, name=nm, cold=cold, sample_factor=sample_factor, cal=cal)
+                for t, a, kw, nm in targets]
+    per_min = max(1, math.ceil(min_samples / rounds))
+    per_max = max(per_min, max_samples // rounds)
+    with _quiet(pin) as cpu:
+        for s in samplers:
+            s.cpu = cpu
+        if rounds == 1:
+            for i, s in enumerate(samplers):
+                s.warm(warmup_s, warmup_calls)
+                s.take(budget_s, min_samples, max_samples)
+                if on_slice:
+                    on_slice(0, i)
+        else:
+            for s in samplers:
+                s.warm(warmup_s, warmup_calls)
+            for k, i in interleave_order(len(samplers), rounds):
+                samplers[i].take(budget_s / rounds, per_min, per_max, rewarm=0 if cold else rewarm,
+                                 rewarm_s=0.0 if cold else rewarm_s)
+                if on_slice:
+                    on_slice(k, i)
+    return [s.result(min_samples) for s in samplers]
 
 
 @contextmanager
