@@ -487,9 +487,9 @@ def time_rows(rows, facts, quick):
 
 def _time_model(r, facts, quick):
     """Median over reps of (tokens/s) / (bound tokens/s), the DRAM copy bandwidth measured right
-    before each rep: on a shared machine the bandwidth drifts, and a ratio is only fair when its
-    two sides see the same load."""
-    reps = 3 if quick else 7
+    before and right after each rep (the mean of the two is the rep's bound): on a shared machine
+    the bandwidth drifts, and a ratio is only fair when its two sides see the same load."""
+    reps = 3 if quick else 11
     r.ours()                                                   # warm-up (first-call costs)
     wbytes = r.result["weight_bytes_per_token"]
     try:
@@ -501,10 +501,13 @@ def _time_model(r, facts, quick):
         r.result.update(tokens_per_s=1 / s_tok, ratio=None, note="no DRAM bandwidth measurement")
         return
     pairs = []
+    bw_before = dram_copy_bandwidth()
     for _ in range(reps):
-        bound_tok_s = dram_copy_bandwidth() * facts["tsc_hz"] / wbytes
         s_tok = r.ours()
+        bw_after = dram_copy_bandwidth()
+        bound_tok_s = 0.5 * (bw_before + bw_after) * facts["tsc_hz"] / wbytes
         pairs.append(((1 / s_tok) / bound_tok_s, s_tok, bound_tok_s))
+        bw_before = bw_after
     pairs.sort()
     ratio, s_tok, bound_tok_s = pairs[reps // 2]
     facts["dram_copy_B_per_tick"] = bound_tok_s * wbytes / facts["tsc_hz"]
