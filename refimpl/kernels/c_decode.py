@@ -16,6 +16,7 @@ from __future__ import annotations
 import numpy as np
 
 from refimpl._kernels import ffi, lib
+from refimpl.kernels.buffers import aligned_empty
 
 
 def _ptr(what: str, a: np.ndarray, shape: tuple, writable: bool = False):
@@ -68,9 +69,8 @@ class LlamaDecodeStep:
         self.final_norm = ptr("norm.weight", model.p("norm.weight"), (D,))
         lm = "embed_tokens.weight" if c.tie_embeddings else "lm_head.weight"
         self.w_lm = ptr(lm + " (as in, out)", model._w(lm, "out_in"), (D, V))
-        self.scratch = np.empty(int(lib.rf_llama_scratch_floats(self.dims)) + 16, np.float32)
-        off = (-self.scratch.ctypes.data // 4) % 16              # start it on a 64-byte line
-        self._scratch = ffi.cast("float *", ffi.from_buffer(self.scratch)) + off
+        self.scratch = aligned_empty(int(lib.rf_llama_scratch_floats(self.dims)), np.float32)
+        self._scratch = ffi.cast("float *", ffi.from_buffer(self.scratch, require_writable=True))
         self._keep = keep
         self._cache = None                                       # the KVCache whose pointers are set
 
@@ -93,7 +93,7 @@ class LlamaDecodeStep:
         if (cache is not self._cache or any(a is not b for a, b in zip(cache.k, self._cache_arrays[0]))
                 or any(a is not b for a, b in zip(cache.v, self._cache_arrays[1]))):
             self._bind(cache)
-        logits = np.empty((1, self.V), np.float32)
+        logits = aligned_empty((1, self.V), np.float32)
         rc = self._fn(ffi.cast("float *", ffi.from_buffer(logits, require_writable=True)), self.dims,
                       self.embed, self.layers, self.final_norm, self.w_lm, token, pos, self._scratch)
         if rc == -1:
