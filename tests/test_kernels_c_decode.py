@@ -1,4 +1,4 @@
-"""The C Llama decode step (csrc/kernels/decode.c, refimpl/kernels/c_decode.py).
+"""The C Llama and GPT-2 decode steps (csrc/kernels/decode.c, refimpl/kernels/c_decode.py).
 
 It must give the same bits as the Python composition of the same C kernels (it runs the same
 kernels in the same order), stay within the composed bound of the float64 oracle (fast and
@@ -8,18 +8,19 @@ with a message naming it.  This file runs in the sanitizer lane too.
 import numpy as np
 import pytest
 
-from refimpl.kernels.c_decode import LlamaDecodeStep
+from refimpl.kernels.c_decode import LlamaDecodeStep, decode_step
 from refimpl.kernels.cdispatch import forced_path
 from refimpl.kernels.model_bound import logits_with_bound
 from refimpl.oracle.model import Model, random_params, tiny_config
 from refimpl.verify.compare import assert_within
 
-CONFIGS = [{}, {"n_kv_heads": 4}, {"n_kv_heads": 1, "rope_interleaved": True},
-           {"tie_embeddings": True, "n_kv_heads": 2}]       # tiny_config: GQA 4/2, untied head
+CONFIGS = [("llama", {}), ("llama", {"n_kv_heads": 4}), ("llama", {"n_kv_heads": 1, "rope_interleaved": True}),
+           ("llama", {"tie_embeddings": True, "n_kv_heads": 2}),    # tiny_config llama: GQA 4/2, untied head
+           ("gpt2", {}), ("gpt2", {"tie_embeddings": False})]    # tiny_config gpt2: tied head
 
 
-def _models(seed=0, **overrides):
-    cfg = tiny_config("llama", **overrides)
+def _models(arch="llama", seed=0, **overrides):
+    cfg = tiny_config(arch, **overrides)
     params = {k: v.astype(np.float32) for k, v in random_params(cfg, seed).items()}
     fused = Model(cfg, params, "float32", backend="c")
     python = Model(cfg, params, "float32", backend="c")
@@ -28,9 +29,9 @@ def _models(seed=0, **overrides):
 
 
 @pytest.mark.parametrize("path", ["auto", "avx2", "portable"])
-@pytest.mark.parametrize("overrides", CONFIGS)
-def test_fused_step_gives_the_python_compositions_bits(overrides, path):
-    cfg, _, fused, python = _models(seed=2, **overrides)
+@pytest.mark.parametrize("arch, overrides", CONFIGS)
+def test_fused_step_gives_the_python_compositions_bits(arch, overrides, path):
+    cfg, _, fused, python = _models(arch, seed=2, **overrides)
     prompt = [7, 3, 11, 5]
     with forced_path(path):                  # both sides on the same SIMD path, whichever it is
         a = fused.generate(prompt, 10, return_logits=True)
@@ -41,9 +42,9 @@ def test_fused_step_gives_the_python_compositions_bits(overrides, path):
         assert np.array_equal(x, y), f"decode step {t}: max |diff| {np.max(np.abs(x - y)):.3e}"
 
 
-@pytest.mark.parametrize("overrides", CONFIGS[:3])
-def test_cache_filled_as_the_python_path_fills_it(overrides):
-    cfg, _, fused, python = _models(seed=5, **overrides)
+@pytest.mark.parametrize("arch, overrides", CONFIGS[:3] + CONFIGS[4:5])
+def test_cache_filled_as_the_python_path_fills_it(arch, overrides):
+    cfg, _, fused, python = _models(arch, seed=5, **overrides)
     ids = [4, 9, 2, 30, 1]
     ca, cb = fused.new_cache(), python.new_cache()
     fused.forward(ids[:2], ca), python.forward(ids[:2], cb)          # prefill (Python path on both)
@@ -55,19 +56,19 @@ def test_cache_filled_as_the_python_path_fills_it(overrides):
 
 
 @pytest.mark.parametrize("reference", [False, True], ids=["fast", "ref"])
-@pytest.mark.parametrize("overrides", CONFIGS[1:3])
-def test_step_within_composed_bound_of_oracle(reference, overrides):
-    cfg, params, fused, _ = _models(seed=4, **overrides)
+@pytest.mark.parametrize("arch, overrides", CONFIGS[1:3] + CONFIGS[4:])
+def test_step_within_composed_bound_of_oracle(reference, arch, overrides):
+    cfg, params, fused, _ = _models(arch, seed=4, **overrides)
     oracle = Model(cfg, params, "float64")
     ids = np.array([7, 3, 11, 40, 2, 19, 8])
     want, bound = logits_with_bound(oracle, ids)
-    step = LlamaDecodeStep(fused, reference=reference)
+    step = decode_step(fused, reference=reference)
     cache = fused.new_cache()
     got = []
     for tok in ids:                                       # every position through the C step
         got.append(step(tok, cache)[0])
         cache.length += 1
-    assert_within(np.stack(got), want, bound, f"C decode step ({'ref' if reference else 'fast'}) {overrides}")
+    assert_within(np.stack(got), want, bound, f"C decode step ({'ref' if reference else 'fast'}) {arch} {overrides}")
 
 
 def test_step_rejects_bad_input():
@@ -87,8 +88,10 @@ def test_step_rejects_bad_input():
     cache.v[0] = cache.v[0][:, ::2]
     with pytest.raises(ValueError, match=r"cache\.v\[0\]"):
         step(1, cache)
-    with pytest.raises(ValueError, match="float32 llama"):
-        LlamaDecodeStep(Model(tiny_config("gpt2"), random_params(tiny_config("gpt2")), "float32", backend="c"))
+    with pytest.raises(ValueError, match="float32 llama or gpt2"):
+        decode_step(Model(tiny_config("classic"), random_params(tiny_config("classic")), "float32", backend="c"))
+    with pytest.raises(ValueError, match="float32 llama or gpt2"):
+        decode_step(Model(cfg, random_params(cfg), "float64"))
 
 
 def test_traced_and_prefill_calls_take_the_python_path():

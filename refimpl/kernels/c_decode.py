@@ -1,11 +1,11 @@
-"""A Llama decode step in one C call (csrc/kernels/decode.c), for Model(backend="c").
+"""A Llama or GPT-2 decode step in one C call (csrc/kernels/decode.c), for Model(backend="c").
 
 At decode (one new token) the "c" backend's Python forward calls about fifteen kernels per
 layer, and each call's Python cost (argument checks, a new output array, ~3-5 us) adds up:
 ~0.3 ms a token on a llama2.c stories15M-shaped model whose weights stream from memory in
-~2 ms.  `LlamaDecodeStep` checks every weight once and packs its pointer into C structs, so a
+~2 ms.  A decode step checks every weight once and packs its pointer into C structs, so a
 token is a single call.  It runs the same kernels on the same operands in the same order as
-the Python composition, so both give the same bits (tests/test_model_fast_path.py checks
+the Python composition, so both give the same bits (tests/test_kernels_c_decode.py checks
 that, and the composed error bound against the float64 oracle).
 
 Letters as in decode.h: D model width, H / Hkv heads, Dh head width, F FFN width,
@@ -30,49 +30,37 @@ def _ptr(what: str, a: np.ndarray, shape: tuple, writable: bool = False):
     return ffi.cast("float *", ffi.from_buffer(a, require_writable=writable))
 
 
-class LlamaDecodeStep:
+def decode_step(model, reference: bool = False):
+    """The C decode step for `model` (a float32 llama or gpt2 Model)."""
+    arch = model.config.arch
+    if arch not in _STEPS or model.dtype != np.float32:
+        raise ValueError(f"C decode step: needs a float32 llama or gpt2 model, got {arch} {model.dtype}")
+    return _STEPS[arch](model, reference)
+
+
+class _DecodeStep:
     """step(token, cache) -> logits [1,V] for the token at position cache.length (the cache is
     filled at that position; the caller advances cache.length).  `reference=True` composes the
     naive _ref kernels instead of the fast ones (slow; for tests)."""
 
+    layer_type = ""
+
     def __init__(self, model, reference: bool = False):
         c = model.config
-        if c.arch != "llama" or model.dtype != np.float32:
-            raise ValueError(f"C decode step: needs a float32 llama model, got {c.arch} {model.dtype}")
-        D, H, Hkv, Dh, F, V, S = (c.d_model, c.n_heads, c.n_kv_heads, c.head_dim, c.d_ff, c.vocab_size,
-                                  c.max_seq_len)
-        self.model, self.V, self.S = model, V, S
-        self._fn = lib.rf_llama_decode_f32_ref if reference else lib.rf_llama_decode_f32
-        self.dims = ffi.new("rf_llama_dims *", dict(
-            D=D, H=H, Hkv=Hkv, Dh=Dh, F=F, V=V, S=S, n_layers=c.n_layers, eps=c.norm_eps,
-            theta=c.rope_theta, interleaved=int(c.rope_interleaved)))
-        keep = []                                   # every array a pointer points into
-
-        def ptr(what, a, shape):
-            keep.append(a)
-            return _ptr(what, a, shape)
-
-        self.layers = ffi.new("rf_llama_layer[]", c.n_layers)
-        for i in range(c.n_layers):
-            h, L = f"layers.{i}.", self.layers[i]
-            L.attn_norm = ptr(h + "input_layernorm.weight", model.p(h + "input_layernorm.weight"), (D,))
-            L.w_qkv = ptr(h + "self_attn.{q,k,v}_proj", model.concat_weight(
-                [h + f"self_attn.{w}_proj.weight" for w in "qkv"]), (D, (H + 2 * Hkv) * Dh))
-            L.w_o = ptr(h + "self_attn.o_proj.weight", model._w(h + "self_attn.o_proj.weight", "out_in"),
-                        (H * Dh, D))
-            L.ffn_norm = ptr(h + "post_attention_layernorm.weight",
-                             model.p(h + "post_attention_layernorm.weight"), (D,))
-            L.w_gu = ptr(h + "mlp.{gate,up}_proj", model.concat_weight(
-                [h + "mlp.gate_proj.weight", h + "mlp.up_proj.weight"]), (D, 2 * F))
-            L.w_down = ptr(h + "mlp.down_proj.weight", model._w(h + "mlp.down_proj.weight", "out_in"), (F, D))
-        self.embed = ptr("embed_tokens.weight", model.p("embed_tokens.weight"), (V, D))
-        self.final_norm = ptr("norm.weight", model.p("norm.weight"), (D,))
-        lm = "embed_tokens.weight" if c.tie_embeddings else "lm_head.weight"
-        self.w_lm = ptr(lm + " (as in, out)", model._w(lm, "out_in"), (D, V))
-        self.scratch = aligned_empty(int(lib.rf_llama_scratch_floats(self.dims)), np.float32)
+        self.model, self.V, self.S = model, c.vocab_size, c.max_seq_len
+        self.dims = ffi.new("rf_decode_dims *", dict(
+            D=c.d_model, H=c.n_heads, Hkv=c.n_kv_heads, Dh=c.head_dim, F=c.d_ff, V=c.vocab_size,
+            S=c.max_seq_len, n_layers=c.n_layers, eps=c.norm_eps, theta=c.rope_theta,
+            interleaved=int(c.rope_interleaved)))
+        self._keep = []                                  # every array a pointer points into
+        self.layers = ffi.new(self.layer_type + "[]", c.n_layers)
+        self.scratch = aligned_empty(int(lib.rf_decode_scratch_floats(self.dims)), np.float32)
         self._scratch = ffi.cast("float *", ffi.from_buffer(self.scratch, require_writable=True))
-        self._keep = keep
-        self._cache = None                                       # the KVCache whose pointers are set
+        self._cache, self._cache_arrays = None, None     # the KVCache whose pointers are set
+
+    def ptr(self, what, a, shape):
+        self._keep.append(a)
+        return _ptr(what, a, shape)
 
     def _bind(self, cache):
         """Point the layers' k_cache / v_cache at this cache's arrays (checked)."""
@@ -81,8 +69,7 @@ class LlamaDecodeStep:
         for i in range(c.n_layers):
             self.layers[i].k_cache = _ptr(f"cache.k[{i}]", cache.k[i], shape, writable=True)
             self.layers[i].v_cache = _ptr(f"cache.v[{i}]", cache.v[i], shape, writable=True)
-        self._cache = cache
-        self._cache_arrays = (list(cache.k), list(cache.v))
+        self._cache, self._cache_arrays = cache, (list(cache.k), list(cache.v))
 
     def __call__(self, token: int, cache) -> np.ndarray:  # -> [1,V]
         token, pos = int(token), int(cache.length)
@@ -94,10 +81,70 @@ class LlamaDecodeStep:
                 or any(a is not b for a, b in zip(cache.v, self._cache_arrays[1]))):
             self._bind(cache)
         logits = aligned_empty((1, self.V), np.float32)
-        rc = self._fn(ffi.cast("float *", ffi.from_buffer(logits, require_writable=True)), self.dims,
-                      self.embed, self.layers, self.final_norm, self.w_lm, token, pos, self._scratch)
+        rc = self._run(ffi.cast("float *", ffi.from_buffer(logits, require_writable=True)), token, pos)
         if rc == -1:
             raise MemoryError("C decode step: a kernel could not allocate its scratch memory")
         if rc:
             raise RuntimeError(f"C decode step failed with status {rc}")
         return logits
+
+
+class LlamaDecodeStep(_DecodeStep):
+    layer_type = "rf_llama_layer"
+
+    def __init__(self, model, reference: bool = False):
+        super().__init__(model, reference)
+        c, m, ptr = model.config, model, self.ptr
+        D, H, Hkv, Dh, F, V = c.d_model, c.n_heads, c.n_kv_heads, c.head_dim, c.d_ff, c.vocab_size
+        for i in range(c.n_layers):
+            h, L = f"layers.{i}.", self.layers[i]
+            L.attn_norm = ptr(h + "input_layernorm.weight", m.p(h + "input_layernorm.weight"), (D,))
+            L.w_qkv = ptr(h + "self_attn.{q,k,v}_proj", m.concat_weight(
+                [h + f"self_attn.{w}_proj.weight" for w in "qkv"]), (D, (H + 2 * Hkv) * Dh))
+            L.w_o = ptr(h + "self_attn.o_proj.weight", m._w(h + "self_attn.o_proj.weight", "out_in"), (H * Dh, D))
+            L.ffn_norm = ptr(h + "post_attention_layernorm.weight", m.p(h + "post_attention_layernorm.weight"), (D,))
+            L.w_gu = ptr(h + "mlp.{gate,up}_proj", m.concat_weight(
+                [h + "mlp.gate_proj.weight", h + "mlp.up_proj.weight"]), (D, 2 * F))
+            L.w_down = ptr(h + "mlp.down_proj.weight", m._w(h + "mlp.down_proj.weight", "out_in"), (F, D))
+        self.embed = ptr("embed_tokens.weight", m.p("embed_tokens.weight"), (V, D))
+        self.final_norm = ptr("norm.weight", m.p("norm.weight"), (D,))
+        lm = "embed_tokens.weight" if c.tie_embeddings else "lm_head.weight"
+        self.w_lm = ptr(lm + " (as in, out)", m._w(lm, "out_in"), (D, V))
+        self._fn = lib.rf_llama_decode_f32_ref if reference else lib.rf_llama_decode_f32
+
+    def _run(self, logits, token, pos):
+        return self._fn(logits, self.dims, self.embed, self.layers, self.final_norm, self.w_lm, token, pos,
+                        self._scratch)
+
+
+class GPT2DecodeStep(_DecodeStep):
+    layer_type = "rf_gpt2_layer"
+
+    def __init__(self, model, reference: bool = False):
+        super().__init__(model, reference)
+        c, m, ptr = model.config, model, self.ptr
+        D, F, V, S = c.d_model, c.d_ff, c.vocab_size, c.max_seq_len
+        for i in range(c.n_layers):
+            h, L = f"h.{i}.", self.layers[i]
+            for field, name, shape in (("ln1_w", "ln_1.weight", (D,)), ("ln1_b", "ln_1.bias", (D,)),
+                                       ("w_attn", "attn.c_attn.weight", (D, 3 * D)),
+                                       ("b_attn", "attn.c_attn.bias", (3 * D,)),
+                                       ("w_proj", "attn.c_proj.weight", (D, D)), ("b_proj", "attn.c_proj.bias", (D,)),
+                                       ("ln2_w", "ln_2.weight", (D,)), ("ln2_b", "ln_2.bias", (D,)),
+                                       ("w_fc", "mlp.c_fc.weight", (D, F)), ("b_fc", "mlp.c_fc.bias", (F,)),
+                                       ("w_mproj", "mlp.c_proj.weight", (F, D)), ("b_mproj", "mlp.c_proj.bias", (D,))):
+                setattr(L, field, ptr(h + name, m.p(h + name), shape))      # Conv1D: already (in, out)
+        self.wte = ptr("wte.weight", m.p("wte.weight"), (V, D))
+        self.wpe = ptr("wpe.weight", m.p("wpe.weight"), (S, D))
+        self.lnf_w = ptr("ln_f.weight", m.p("ln_f.weight"), (D,))
+        self.lnf_b = ptr("ln_f.bias", m.p("ln_f.bias"), (D,))
+        lm = "wte.weight" if c.tie_embeddings else "lm_head.weight"
+        self.w_lm = ptr(lm + " (as in, out)", m._w(lm, "out_in"), (D, V))
+        self._fn = lib.rf_gpt2_decode_f32_ref if reference else lib.rf_gpt2_decode_f32
+
+    def _run(self, logits, token, pos):
+        return self._fn(logits, self.dims, self.wte, self.wpe, self.layers, self.lnf_w, self.lnf_b, self.w_lm,
+                        token, pos, self._scratch)
+
+
+_STEPS = {"llama": LlamaDecodeStep, "gpt2": GPT2DecodeStep}

@@ -131,10 +131,10 @@ class Model:
         self.ops = _kernel_ops(backend)
         self._w_io = {}                                  # linear weights as contiguous (in, out)
         self._cuts = {}                                  # column ranges of concatenated weights
-        # Llama on the C backend decodes a token in one C call (refimpl.kernels.c_decode: the same
-        # kernels in the same order as _llama, without ~15 Python-level calls a layer); set False
-        # to run the Python composition instead
-        self.fused_decode = backend == "c" and config.arch == "llama"
+        # Llama and GPT-2 on the C backend decode a token in one C call (refimpl.kernels.c_decode:
+        # the same kernels in the same order as _llama / _gpt2, without ~15 Python-level calls a
+        # layer); set False to run the Python composition instead
+        self.fused_decode = backend == "c" and config.arch in ("llama", "gpt2")
         self._decode_step = None
 
     # -- small helpers: each is one line of math ----------------------------
@@ -235,8 +235,8 @@ class Model:
         start = cache.length if cache is not None else 0
         if self.fused_decode and cache is not None and ids.shape[0] == 1 and trace is _no_trace:
             if self._decode_step is None:
-                from refimpl.kernels.c_decode import LlamaDecodeStep
-                self._decode_step = LlamaDecodeStep(self)
+                from refimpl.kernels.c_decode import decode_step
+                self._decode_step = decode_step(self)
             logits = self._decode_step(ids[0], cache)
             cache.length += 1
             return logits
