@@ -241,6 +241,12 @@ def test_attention_matches_oracle(path, case):
     (4, 2, 37, 300, 64, True),         # Lq < Lk causal (chunked prefill)
     (6, 1, 50, 77, 128, False),        # MQA
     (2, 2, 49, 65, 96, True),          # one past every tile
+    # the few-rows (decode) path
+    (8, 1, 1, 3000, 64, True),         # MQA decode, long cache: scratch from malloc
+    (16, 2, 1, 1500, 80, False),
+    (4, 1, 2, 1100, 128, True),        # 8 rows: 2 positions x 4 heads
+    (32, 8, 1, 60, 64, True),          # the GQA decode shape of the benchmark
+    (6, 6, 1, 250, 48, True),          # the MHA decode shape of the benchmark
 ])
 def test_attention_shapes(path, H, Hkv, Lq, Lk, D, causal):
     rng = np.random.default_rng(H * 1000 + Lk)
@@ -345,23 +351,6 @@ def test_attention_few_rows_match_oracle(path, case):
     with forced_path(path):
         _attention_check(q, k, v, causal, scale, f"attention few-rows[{path}] q{q.shape} k{k.shape} "
                                                  f"causal={causal} scale={scale}")
-
-
-@pytest.mark.parametrize("path", PATHS)
-@pytest.mark.parametrize("H,Hkv,Lq,Lk,D,causal", [
-    (8, 1, 1, 3000, 64, True),         # MQA decode, long cache: scratch from malloc
-    (16, 2, 1, 1500, 80, False),
-    (4, 1, 2, 1100, 128, True),        # 8 rows: 2 positions x 4 heads
-    (32, 8, 1, 60, 64, True),          # the GQA decode shape of the benchmark
-    (6, 6, 1, 250, 48, True),          # the MHA decode shape of the benchmark
-])
-def test_attention_few_rows_shapes(path, H, Hkv, Lq, Lk, D, causal):
-    rng = np.random.default_rng(Lk + D)
-    q = rng.standard_normal((H, Lq, D)).astype(F32)
-    k = rng.standard_normal((Hkv, Lk, D)).astype(F32)
-    v = rng.standard_normal((Hkv, Lk, D)).astype(F32)
-    with forced_path(path):
-        _attention_check(q, k, v, causal, None, f"attention few-rows[{path}] {(H, Hkv, Lq, Lk, D, causal)}")
 
 
 @pytest.mark.parametrize("path", PATHS)

@@ -45,7 +45,7 @@ class _DecodeStep:
 
     layer_type = ""
 
-    def __init__(self, model, reference: bool = False):
+    def __init__(self, model):
         c = model.config
         self.model, self.V, self.S = model, c.vocab_size, c.max_seq_len
         self.dims = ffi.new("rf_decode_dims *", dict(
@@ -93,7 +93,7 @@ class LlamaDecodeStep(_DecodeStep):
     layer_type = "rf_llama_layer"
 
     def __init__(self, model, reference: bool = False):
-        super().__init__(model, reference)
+        super().__init__(model)
         c, m, ptr = model.config, model, self.ptr
         D, H, Hkv, Dh, F, V = c.d_model, c.n_heads, c.n_kv_heads, c.head_dim, c.d_ff, c.vocab_size
         for i in range(c.n_layers):
@@ -121,7 +121,7 @@ class GPT2DecodeStep(_DecodeStep):
     layer_type = "rf_gpt2_layer"
 
     def __init__(self, model, reference: bool = False):
-        super().__init__(model, reference)
+        super().__init__(model)
         c, m, ptr = model.config, model, self.ptr
         D, F, V, S = c.d_model, c.d_ff, c.vocab_size, c.max_seq_len
         for i in range(c.n_layers):

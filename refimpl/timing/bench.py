@@ -93,7 +93,7 @@ import time
 import numpy as np
 
 from refimpl.kernels import contracts as C
-from refimpl.kernels.buffers import aligned_copy
+from refimpl.kernels.buffers import aligned_copy, aligned_empty
 from refimpl.timing.metrics import SHAPE_DIMS, roofline, work
 
 SCHEMA = "refimpl.bench/1"
@@ -511,9 +511,9 @@ class _L3Read:
 
     def __init__(self):
         from refimpl._clock import ffi, lib
-        from refimpl.timing.machine import _aligned, level_sizes
+        from refimpl.timing.machine import level_sizes
         self.nbytes = level_sizes().get("L3", 16 << 20)
-        self._buf = _aligned(self.nbytes)
+        self._buf = aligned_empty(self.nbytes, np.uint8)
         self._buf[:] = 1
         self._p = ffi.cast("void *", self._buf.ctypes.data)
         self._sink = ffi.new("uint64_t *")

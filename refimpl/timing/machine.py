@@ -39,6 +39,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 
 from refimpl._clock import ffi, lib
+from refimpl.kernels.buffers import aligned_empty
 from refimpl.timing.counter import calibrate
 
 # uarch -> (FMA pipes per core, FMA datapath width in bits); peak FLOP per core
@@ -185,9 +186,10 @@ def cache_sizes(cpu: int = 0) -> list[dict]:
 
 
 def _aligned(nbytes: int) -> np.ndarray:
-    raw = np.zeros(nbytes + 64, dtype=np.uint8)
-    off = (-raw.ctypes.data) % 64
-    return raw[off:off + nbytes]
+    """`nbytes` zero bytes starting on a cache line, every page touched."""
+    buf = aligned_empty(nbytes, np.uint8)
+    buf[...] = 0
+    return buf
 
 
 def level_sizes(caches=None) -> dict:
