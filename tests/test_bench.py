@@ -163,6 +163,43 @@ def test_compare_flags_a_2x_regression_not_a_1pct_change(tmp_path):
     assert main(["bench", "compare", str(po), str(tmp_path / "missing.json")]) == 2
 
 
+def test_compare_separates_a_run_wide_shift_from_one_row():
+    """Every row 20 % slower (the host) and one row 2x: the raw verdicts flag all of them, the
+    verdicts against the run-wide shift flag only the one that moved against the others."""
+    rows = [dict(_synthetic()["results"][0], shape=f"{n}x{n}x{n}") for n in (8, 16, 32, 64, 128, 256)]
+    old = {"schema": bench.SCHEMA, "results": rows}
+    new = copy.deepcopy(old)
+    for r in new["results"]:
+        r["median_ticks"] *= 1.2
+    new["results"][2]["median_ticks"] *= 2.0
+    out = bench.compare(old, new)
+    assert bench.run_shift(out) == {"ratio": pytest.approx(1.2), "n": 6, "slower": 6, "faster": 0}
+    assert [r["verdict"] for r in out] == ["regression"] * 6
+    assert [r["verdict_vs_shift"] for r in out] == ["same", "same", "regression", "same", "same", "same"]
+    assert out[2]["vs_shift"] == pytest.approx(2.0)
+    # too few rows for a median: no shift, no second verdict
+    few = bench.compare({"schema": bench.SCHEMA, "results": rows[:3]}, {"schema": bench.SCHEMA,
+                                                                       "results": new["results"][:3]})
+    assert bench.run_shift(few) is None and {r["vs_shift"] for r in few} == {None}
+
+
+def test_bench_quiet_gate_reports_what_it_left_out():
+    rep = bench.run(ops=["softmax"], backends=["numpy", "c"], quick=True, progress=False, rounds=6)
+    assert rep["settings"]["gate"] is True
+    g = rep["noise"]["gate"]
+    assert g["readings"] == 2 * 6 + 2 * 6 + g["extra_visits"] + 1      # 2 rows + 2 machine probes, 6 rounds
+    assert 0 < g["quiet_readings"] <= g["readings"] and g["level_ticks"] > 0
+    for r in rep["results"]:
+        assert len(r["round_kept"]) == r["rounds"] >= 6 and len(r["round_medians"]) == r["rounds"]
+        assert r["quiet_rounds"] is not None and r["median_all_ticks"] > 0 and r["cv_all"] >= 0
+        assert sum(r["round_kept"]) >= 3
+    off = bench.run(ops=["softmax"], backends=["numpy"], quick=True, progress=False, rounds=6, gate=False)
+    assert off["settings"]["gate"] is False and "gate" not in off["noise"]
+    assert off["results"][0]["quiet_rounds"] is None and all(off["results"][0]["round_kept"])
+    # too few rounds for a gate (quick: 2): off, whatever was asked
+    assert bench.run(ops=["softmax"], backends=["numpy"], quick=True, progress=False)["settings"]["gate"] is False
+
+
 def test_bench_rounds_option():
     rep = bench.run(ops=["softmax"], backends=["numpy"], quick=True, progress=False, rounds=3)
     assert rep["settings"]["rounds"] == 3 and [r["rounds"] for r in rep["results"]] == [3]

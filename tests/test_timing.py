@@ -302,12 +302,14 @@ def test_measure_interleaved_takes_every_target_in_every_round():
         assert all(s >= math.ceil(min_samples / rounds) for s in m.round_sizes)
         assert m.n <= 80
         # cv_within: the median of the rounds' own robust CVs (rounds of >= 5 samples)
-        k, cvs = 0, []
+        k, cvs, meds = 0, [], []
         for n in m.round_sizes:
             if n >= 5:
                 cvs.append(harness.stats(m.samples[k:k + n])["cv"])
+            meds.append(float(np.median(m.samples[k:k + n])))
             k += n
         assert m.cv_within == (pytest.approx(float(np.median(cvs))) if cvs else None)
+        assert m.round_medians == pytest.approx(meds)      # one per round, in time order
     # the calls really alternate: after the warm-up, the log walks t0, t1, t2, t0, t1, t2, ...
     runs = [log[0]]
     for x in log[1:]:
@@ -331,6 +333,100 @@ def test_measure_interleaved_one_round_is_one_block_per_target():
         harness.measure_interleaved(_logging_targets(log, 1), rounds=0)
     with pytest.raises(TypeError, match="target"):
         harness.measure_interleaved([(42, (), {}, "x")])
+
+
+# ------------------------------------------------------------------ quiet gate
+
+
+def test_quiet_readings_level_and_flags():
+    level, quiet = harness.quiet_readings([100, 101, 99, 160, 100, 170, 102, 100, 98, 165], tol=0.10, pct=10)
+    assert level == pytest.approx(np.percentile([100, 101, 99, 160, 100, 170, 102, 100, 98, 165], 10))
+    assert quiet == [True, True, True, False, True, False, True, True, True, False]
+    # an idle machine (or one busy throughout): every reading is near the level, nothing is left out
+    assert all(harness.quiet_readings([200 + (i % 3) for i in range(50)], tol=0.10)[1])
+    with pytest.raises(ValueError, match="no probe readings"):
+        harness.quiet_readings([])
+
+
+class _ScriptedHost:
+    """A host that is busy during the first `busy_rounds` rounds: the targets do 10x the work
+    then, and the probe (read between visits, as the gate does) reads 2x slower when a visit
+    on either side of it ran busy."""
+
+    def __init__(self, n_targets, busy_rounds):
+        self.n, self.busy_rounds = n_targets, busy_rounds
+        self.busy = False
+        self.readings = []
+
+    def _visit_busy(self, v):
+        return 0 <= v and v // self.n < self.busy_rounds
+
+    def read(self):
+        v = len(self.readings)                 # reading v comes before visit v, after visit v - 1
+        self.busy = self._visit_busy(v)
+        x = 200.0 if (self._visit_busy(v - 1) or self._visit_busy(v)) else 100.0
+        self.readings.append(x)
+        return x
+
+    def target(self):
+        def work():
+            s = 0
+            for i in range(10000 if self.busy else 1000):
+                s += i
+            return s
+        return work
+
+
+def test_quiet_gate_pools_the_quiet_slices_only():
+    n, rounds, busy_rounds = 3, 10, 6
+    host = _ScriptedHost(n, busy_rounds)
+    targets = [(host.target(), (), {}, f"t{i}") for i in range(n)]
+    ms = harness.measure_interleaved(targets, rounds=rounds, budget_s=0.05, min_samples=6, warmup_s=0.0,
+                                     gate=host)
+    assert len(host.readings) == n * rounds + 1
+    assert host.level == 100.0
+    for i, m in enumerate(ms):
+        # target 0's first quiet round follows a busy visit (the reading between them is busy)
+        expect = [False] * busy_rounds + [i > 0] + [True] * (rounds - busy_rounds - 1)
+        assert m.round_kept == expect
+        assert m.quiet_rounds == sum(expect) and not any("host busy" in r for r in m.reasons)
+        # the gated median is the quiet cost: under every busy round's median (10x) by more than the
+        # two modes' geometric middle (~3x)
+        assert 3 * m.median < min(m.round_medians[:busy_rounds]), (m.median, m.round_medians)
+        assert m.n == sum(sz for q, sz in zip(expect, m.round_sizes) if q)
+    # without the gate the same schedule gives the busy median
+    host2 = _ScriptedHost(n, busy_rounds)
+    ms2 = harness.measure_interleaved([(host2.target(), (), {}, "t")], rounds=rounds, budget_s=0.05, min_samples=6,
+                                      warmup_s=0.0)
+    assert ms2[0].quiet_rounds is None and ms2[0].median_all is None and all(ms2[0].round_kept)
+
+
+def test_quiet_gate_uses_the_least_busy_slices_when_too_few_are_quiet():
+    n, rounds = 2, 6
+    host = _ScriptedHost(n, busy_rounds=4)      # target 0 gets 1 quiet round, target 1 gets 2
+    ms = harness.measure_interleaved([(host.target(), (), {}, f"t{i}") for i in range(n)], rounds=rounds,
+                                     budget_s=0.02, min_samples=4, warmup_s=0.0, gate=host)
+    assert host.extra_visits == 0                # no time for extra rounds (gate_extra_s=0)
+    for i, m in enumerate(ms):
+        assert m.quiet_rounds == 1 + i < harness.GATE_MIN_ROUNDS
+        # the quiet rounds, then the earliest of the equally busy ones, up to GATE_MIN_ROUNDS
+        used = [j for j, k in enumerate(m.round_kept) if k]
+        assert len(used) == harness.GATE_MIN_ROUNDS and used[-(1 + i):] == list(range(rounds - 1 - i, rounds))
+        assert m.n == sum(m.round_sizes[j] for j in used)
+        assert m.unstable and any("host busy" in r for r in m.reasons)
+
+
+def test_quiet_gate_adds_rounds_for_targets_short_of_quiet_ones():
+    n, rounds = 3, 6
+    host = _ScriptedHost(n, busy_rounds=5)      # planned: target 0 has no quiet round, the others 1
+    ms = harness.measure_interleaved([(host.target(), (), {}, f"t{i}") for i in range(n)], rounds=rounds,
+                                     budget_s=0.02, min_samples=4, warmup_s=0.0, gate=host, gate_extra_s=5.0)
+    assert host.extra_visits > 0
+    for m in ms:
+        assert m.rounds > rounds and m.quiet_rounds >= harness.GATE_MIN_ROUNDS
+        assert not any("host busy" in r for r in m.reasons)
+        assert not any(m.round_kept[:5]) and sum(m.round_kept) == m.quiet_rounds    # the busy rounds are left out
+    assert len(host.readings) == n * rounds + host.extra_visits + 1
 
 
 def test_measure_keeps_its_fields_and_one_round():

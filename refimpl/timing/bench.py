@@ -2,7 +2,7 @@
 
     run(ops=None, backends=None, shapes=None, dtype="float32", cold=False, ...) -> report dict
     print_report(report), write_json(report, path), plot_roofline(report, path)
-    compare(old_report, new_report) -> rows; print_compare(rows)
+    compare(old_report, new_report) -> rows; run_shift(rows); print_compare(rows)
 
 Order of work (llm.c style, "check before timing"): every (op, backend, shape)
 the run will time is first computed on the same inputs as the float64 oracle
@@ -43,7 +43,12 @@ JSON schema "refimpl.bench/1" (`--json PATH`)
           dependent adds: the core clock), l3_read {..., bytes, bytes_per_tick} (one read
           of an L3-sized buffer: shared-cache contention; with --cold it is flushed
           first like every row, so it reads DRAM).  Between two runs, a shift of the
-          probes shows how much of a shift of every row is the machine's}
+          probes shows how much of a shift of every row is the machine's},
+      gate (present when the quiet gate ran, settings.gate): {probe, tol, level_pct,
+          level_ticks (the quiet level: the level_pct-th percentile of the readings),
+          readings, quiet_readings (<= (1 + tol) x level), extra_visits (slices added for
+          rows short of quiet ones, at most GATE_EXTRA_S seconds), busy_over_quiet (median
+          of the other readings / level, or null)}
       (absent when nothing was timed),
   "results": [ one row per timed kernel:
       op, backend, shape (label, e.g. "256x256x256" or "8x2x128x128x64c"),
@@ -52,7 +57,13 @@ JSON schema "refimpl.bench/1" (`--json PATH`)
       1.4826 MAD/median; the `unstable` flag and `compare` use it), cv_raw (std/mean, the
       classical CV, reported beside it), cv_within (median over the row's rounds of each
       round's robust CV: the kernel's short-term jitter without the drift between rounds
-      that `cv` includes; null when no round had 5 samples), n, reps, rounds, unstable, reasons,
+      that `cv` includes; null when no round had 5 samples), round_medians (the median
+      ticks of each round, in time order: the drift of the machine over the run as this
+      kernel saw it), round_kept (per round: pooled in the statistics), quiet_rounds (rounds
+      the gate found quiet; when fewer than harness.GATE_MIN_ROUNDS, that many least busy
+      rounds are pooled and the row is flagged; null without the gate), median_all_ticks
+      and cv_all (over every round, quiet or not; null without the gate), n, reps, rounds
+      (the rows' own: the gate may add rounds), unstable, reasons,
       preempted (samples dropped: the thread was switched out during them),
       median_core_cycles (estimated = ticks x core/TSC),
       flops, bytes, intensity, flop_per_tick, flop_per_core_cycle, pct_peak,
@@ -79,6 +90,13 @@ core clock) lands on every row alike instead of on whichever row ran during it, 
 the ratios between backends compare kernels timed in the same moments.  The price:
 a row's CV now includes the run-long variation of the machine, not only that of one
 0.2 s block.  `--rounds 1` times each row in one block, as before.
+
+Quiet gate (on by default with >= 2 x harness.GATE_MIN_ROUNDS rounds, `--no-gate` turns it off): a shared host
+alternates between a quiet and a busy state for seconds at a time, and a median pooled
+over both jumps between runs.  A short probe is read between every two slices, and each
+row's statistics pool only its slices with quiet readings on both sides
+(`refimpl.timing.harness`, "Quiet gate"); the noise section says how many readings
+were quiet and how much slower the others were.
 """
 from __future__ import annotations
 
@@ -100,9 +118,13 @@ SCHEMA = "refimpl.bench/1"
 OUR_BACKENDS = ("numpy", "numba", "c")
 ALL_BACKENDS = OUR_BACKENDS + ("torch",)
 
-DEFAULT_ROUNDS = 10     # slices each row's budget is split into (round-robin over all rows)
+DEFAULT_ROUNDS = 40     # slices each row's budget is split into (round-robin over all rows): 10 ms each,
+                        # so the quiet gate finds enough quiet ones when the host is busy half the time
+DEFAULT_BUDGET_S = 0.4  # seconds of samples per row (before the gate leaves the busy slices out)
 QUICK_ROUNDS = 2
 MAX_SAMPLES = 20000     # per row: high enough that the time budget, not a count, ends a fast row's sampling
+GATE_EXTRA_S = 15.0     # extra rounds for rows the quiet gate left short of quiet ones: at most this
+                        # long, and at most the planned sample time (budget x targets)
 
 # (dims, causal) per op: prefill-sized and decode-sized cases of a small LLM
 DEFAULT_SHAPES = {
@@ -397,15 +419,16 @@ def plan(ops=None, backends=None, shapes=None, quick=False):
 
 def run(ops=None, backends=None, shapes=None, dtype="float32", cold=False, quick=False,
         budget_s: float | None = None, progress: bool = True, console=None, argv=None,
-        rounds: int | None = None, max_samples: int | None = None) -> dict:
+        rounds: int | None = None, max_samples: int | None = None, gate: bool = True) -> dict:
     """Verify, then time; returns the report dict (see the module docstring for its schema)."""
-    from refimpl.timing.harness import cpu_times, measure_interleaved
+    from refimpl.timing.harness import (GATE_LEVEL_PCT, GATE_MIN_ROUNDS, GATE_TOL, QuietProbe, cpu_times,
+                                        measure_interleaved)
     from refimpl.timing.machine import describe
     dtype = str(np.dtype(dtype))
     if dtype not in ("float32", "float64"):
         raise ValueError(f"--dtype must be float32 or float64, got {dtype}")
     if budget_s is None:
-        budget_s = 0.03 if quick else 0.2
+        budget_s = 0.03 if quick else DEFAULT_BUDGET_S
     if not budget_s > 0:
         raise ValueError(f"--budget must be > 0 seconds, got {budget_s}")
     if rounds is None:
@@ -416,12 +439,14 @@ def run(ops=None, backends=None, shapes=None, dtype="float32", cold=False, quick
         max_samples = MAX_SAMPLES
     if not (isinstance(max_samples, int) and max_samples >= 15):
         raise ValueError(f"max_samples must be an integer >= 15, got {max_samples!r}")
+    gate = bool(gate and rounds >= 2 * GATE_MIN_ROUNDS)   # fewer rounds leave too few quiet ones
     jobs = plan(ops, backends, shapes, quick)
     machine = describe(bandwidth=True)
     report = {"schema": SCHEMA, "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
               "argv": list(argv) if argv is not None else None,
               "settings": {"dtype": dtype, "cold": bool(cold), "budget_s": budget_s, "rounds": rounds,
-                           "max_samples": max_samples, "threads": 1, "quick": bool(quick)},
+                           "max_samples": max_samples, "threads": 1, "quick": bool(quick),
+                           "gate": gate},
               "machine": machine.as_dict(), "verification": [], "results": [], "passed": False,
               "warnings": []}
     prog = _progress(console) if progress else None
@@ -477,9 +502,19 @@ def run(ops=None, backends=None, shapes=None, dtype="float32", cold=False, quick
                 prog.update(task, description="timing", completed=0, total=len(targets) * rounds)
             cpu0 = cpu_times()
             w0 = time.perf_counter()
+            probe = QuietProbe() if gate else None
             ms = measure_interleaved(targets, rounds=rounds, cold=cold, budget_s=budget_s, max_samples=max_samples,
-                                     on_slice=(lambda k, i: prog.advance(task)) if prog else None)
+                                     on_slice=(lambda k, i: prog.advance(task)) if prog else None, gate=probe,
+                                     gate_extra_s=min(GATE_EXTRA_S, budget_s * len(targets)))
             report["noise"] = _noise_report(ms, cpu0, cpu_times(), time.perf_counter() - w0)
+            if probe is not None:
+                report["noise"]["gate"] = {
+                    "probe": f"median of {probe.calls} Python-level calls of a {probe.nbytes >> 10} KiB C read",
+                    "tol": GATE_TOL, "level_pct": GATE_LEVEL_PCT, "level_ticks": probe.level,
+                    "readings": len(probe.readings), "quiet_readings": int(sum(probe.quiet)),
+                    "extra_visits": probe.extra_visits,
+                    "busy_over_quiet": (float(np.median([x for x, q in zip(probe.readings, probe.quiet) if not q]))
+                                        / probe.level if not all(probe.quiet) and probe.level > 0 else None)}
             pms, ms = ms[len(slots):], ms[:len(slots)]
             report["noise"]["probes"] = {nm: _probe_report(nm, t, m) for (nm, t), m in zip(probes, pms)}
             if report["noise"]["other_cpus_busy"] is not None and report["noise"]["other_cpus_busy"] > 0.2:
@@ -557,7 +592,8 @@ def _row(case, backend, m, machine, cold) -> dict:
             "causal": case.causal, "dtype": str(case.dtype), "cold": bool(cold), "kind": m.kind,
             "median_ticks": m.median, "min_ticks": m.min, "mad_ticks": m.mad, "p90_ticks": m.p90,
             "mean_ticks": m.mean, "cv": m.cv, "cv_raw": m.cv_raw, "n": m.n, "reps": m.reps, "rounds": m.rounds,
-            "cv_within": m.cv_within,
+            "cv_within": m.cv_within, "round_medians": m.round_medians, "round_kept": m.round_kept,
+            "quiet_rounds": m.quiet_rounds, "median_all_ticks": m.median_all, "cv_all": m.cv_all,
             "unstable": m.unstable, "reasons": m.reasons, "preempted": m.preempted, "median_core_cycles": m.median_core,
             "flops": case.work.flops, "bytes": case.work.bytes, "intensity": rf.intensity,
             "flop_per_tick": rf.flop_per_tick, "flop_per_core_cycle": rf.flop_per_core_cycle,
@@ -642,6 +678,14 @@ def print_report(report: dict, console=None) -> None:
                       f"per row, round-robin, {nz['timing_wall_s']:.1f} s in all; other CPUs busy "
                       f"{'-' if busy is None else f'{busy:.0%}'}; steal {nz['steal_s']:.2f} s; "
                       f"{nz['preempted']} preempted sample(s) dropped")
+        g = nz.get("gate")
+        if g:
+            busy = g.get("busy_over_quiet")
+            console.print(f"quiet gate: {g['quiet_readings']} of {g['readings']} probe readings within "
+                          f"{g['tol']:.0%} of the quiet level"
+                          + (f" (the others {busy:.2f}x slower: the host was busy)" if busy else "")
+                          + "; each row's statistics pool the slices with quiet readings on both sides "
+                            "(median_all_ticks: all slices; --no-gate: off)")
         pr = nz.get("probes") or {}
         if pr:
             core, l3 = pr.get("core_add_chain") or {}, pr.get("l3_read") or {}
@@ -714,6 +758,10 @@ def compare(old: dict, new: dict, sigmas: float = 3.0, min_change: float = 0.05)
     ratio < 1 / (1 + t), with t = max(sigmas x sqrt(noise_old^2 + noise_new^2),
     min_change): the rows' own noise, floored by `min_change` because separate
     runs differ by more than one run's sample noise (frequency, placement).
+    With >= SHIFT_MIN_ROWS rows, each row also carries `vs_shift` (its ratio over the
+    run-wide shift, `run_shift`) and `verdict_vs_shift` (the same test on that): what
+    moved the row against the others.  The exit status of `refimpl bench compare`
+    follows `verdict` only.
     """
     olds = {_key(r): r for r in old.get("results", [])}
     out = []
@@ -724,11 +772,36 @@ def compare(old: dict, new: dict, sigmas: float = 3.0, min_change: float = 0.05)
         noise = math.hypot(_noise(o), _noise(r))
         thr = max(sigmas * noise, min_change)
         ratio = r["median_ticks"] / o["median_ticks"] if o["median_ticks"] > 0 else math.inf
-        verdict = "regression" if ratio > 1 + thr else ("improvement" if ratio < 1 / (1 + thr) else "same")
+        verdict = _verdict(ratio, thr)
         out.append({"op": r["op"], "backend": r["backend"], "shape": r["shape"], "dtype": r["dtype"],
                     "cold": bool(r.get("cold", False)), "old_ticks": o["median_ticks"],
                     "new_ticks": r["median_ticks"], "ratio": ratio, "threshold": thr, "verdict": verdict})
+    shift = run_shift(out)
+    for row in out:
+        row["vs_shift"] = row["ratio"] / shift["ratio"] if shift else None
+        row["verdict_vs_shift"] = (_verdict(row["vs_shift"], row["threshold"]) if shift else None)
     return out
+
+
+def _verdict(ratio: float, thr: float) -> str:
+    return "regression" if ratio > 1 + thr else ("improvement" if ratio < 1 / (1 + thr) else "same")
+
+
+SHIFT_MIN_ROWS = 4
+
+
+def run_shift(rows: list[dict]) -> dict | None:
+    """The run-wide shift between two runs: the median over rows of new/old, and how many rows
+    moved each way.  When the host slows every kernel alike (other tenants' cache and memory
+    traffic, measured here at 10-20 % between back-to-back runs), every row's ratio carries it;
+    a row's ratio divided by the shift is what moved that row against the others.  A code change
+    that slows every kernel alike shows as a shift too: the shift is reported, never discounted
+    from the verdicts.  None with fewer than SHIFT_MIN_ROWS rows (no meaningful median)."""
+    ratios = [r["ratio"] for r in rows if math.isfinite(r["ratio"]) and r["ratio"] > 0]
+    if len(ratios) < SHIFT_MIN_ROWS:
+        return None
+    return {"ratio": float(np.median(ratios)), "n": len(ratios),
+            "slower": sum(x > 1 for x in ratios), "faster": sum(x < 1 for x in ratios)}
 
 
 def compare_probes(old: dict, new: dict) -> dict:
@@ -743,17 +816,33 @@ def print_compare(rows, console=None, probes: dict | None = None) -> None:
     from rich.console import Console
     from rich.table import Table
     console = console or Console()
+    shift = run_shift(rows)
     t = Table(title="refimpl bench compare (ratio = new / old median ticks)")
-    for col in ("op", "shape", "backend", "dtype", "old", "new", "ratio", "noise thr", "verdict"):
+    cols = ["op", "shape", "backend", "dtype", "old", "new", "ratio", "noise thr", "verdict"]
+    if shift:
+        cols += ["ratio / shift", "against the others"]
+    for col in cols:
         t.add_column(col)
+
+    def paint(v):
+        color = {"regression": "red", "improvement": "green"}.get(v, "")
+        return f"[{color}]{v}[/]" if color else v
+
     for r in rows:
-        color = {"regression": "red", "improvement": "green"}.get(r["verdict"], "")
-        v = f"[{color}]{r['verdict']}[/]" if color else r["verdict"]
-        t.add_row(r["op"], r["shape"], r["backend"], r["dtype"] + (" cold" if r["cold"] else ""),
-                  fmt_count(r["old_ticks"]), fmt_count(r["new_ticks"]), f"{r['ratio']:.3f}", f"±{r['threshold']:.1%}", v)
+        cells = [r["op"], r["shape"], r["backend"], r["dtype"] + (" cold" if r["cold"] else ""),
+                 fmt_count(r["old_ticks"]), fmt_count(r["new_ticks"]), f"{r['ratio']:.3f}",
+                 f"±{r['threshold']:.1%}", paint(r["verdict"])]
+        if shift:
+            cells += [f"{r['vs_shift']:.3f}", paint(r["verdict_vs_shift"])]
+        t.add_row(*cells)
     console.print(t)
     n_reg = sum(r["verdict"] == "regression" for r in rows)
     console.print(f"{len(rows)} rows matched; {n_reg} regression(s)")
+    if shift:
+        console.print(f"run-wide shift: the median row moved {shift['ratio'] - 1:+.1%} ({shift['slower']} of "
+                      f"{shift['n']} rows slower, {shift['faster']} faster); 'against the others' judges each "
+                      "row's ratio / shift with the same threshold (the host, or a change common to every kernel, "
+                      "moves all rows alike)")
     if probes:
         console.print("machine probes, new / old median ticks: " + ", ".join(
             f"{k} {v:.3f}" for k, v in probes.items()) + " (a shift here moved every row: the machine, not the code)")

@@ -30,10 +30,13 @@ def add_parser(subparsers) -> None:
     b.add_argument("--dtype", default="float32", choices=("float32", "float64"))
     b.add_argument("--cold", action="store_true", help="cold cache: flush (> L3) before every sample, 1 call each")
     b.add_argument("--quick", action="store_true", help="small shapes and a short time budget (smoke test)")
-    b.add_argument("--budget", type=float, default=None, help="seconds of samples per kernel (default 0.2; quick 0.03)")
+    b.add_argument("--budget", type=float, default=None, help="seconds of samples per kernel (default 0.4; quick 0.03)")
     b.add_argument("--rounds", type=int, default=None,
                    help="split each kernel's budget into this many slices, timed round-robin over all kernels "
-                        "so host drift is shared by every row (default 10; quick 2; 1 = each kernel in one block)")
+                        "so host drift is shared by every row (default 40; quick 2; 1 = each kernel in one block)")
+    b.add_argument("--no-gate", action="store_true",
+                   help="keep every round: no quiet gate (by default a probe read between rounds leaves out "
+                        "the rounds timed while the host was busy; see refimpl.timing.harness)")
     b.add_argument("--max-samples", type=int, default=None,
                    help="most samples per kernel (default 20000: the time budget ends sampling)")
     b.add_argument("--json", metavar="PATH", help="write the report as JSON (schema in refimpl.timing.bench)")
@@ -80,7 +83,7 @@ def _bench(args) -> int:
         shapes = bench.parse_shapes(args.shapes) if args.shapes else None
         report = bench.run(ops=args.ops, backends=args.backends, shapes=shapes, dtype=args.dtype,
                            cold=args.cold, quick=args.quick, budget_s=args.budget, rounds=args.rounds,
-                           max_samples=args.max_samples,
+                           max_samples=args.max_samples, gate=not args.no_gate,
                            progress=not args.no_progress and console.is_terminal, console=console,
                            argv=sys.argv)
     except ValueError as e:

@@ -45,6 +45,22 @@ target's statistics pool the samples of its R slices (`Measurement.rounds`,
 target instead of landing on whichever was being timed.  `measure()` is the
 one-target, one-slice case.
 
+Quiet gate (`measure_interleaved(..., gate=QuietProbe())`): on a shared host the
+machine switches between a quiet state and a busy one (another tenant on the same
+core's SMT sibling or caches) for 0.5-5 s at a time; measured here, Python-called
+code ran 1.6x and L1/L2-bound C kernels 1.2-1.3x slower in the busy state, ~50 % of
+the time.  A median pooled over both states then jumps by 10-20 % between runs,
+depending on which state held longer.  The gate reads a short probe before the first
+slice and after every slice (`QuietProbe.read`: Python-level calls of a 16 KiB C read,
+the code that showed the busy state most), and after the run calls a slice quiet when
+the readings on both sides of it are <= (1 + GATE_TOL) x the run's quiet level (the
+GATE_LEVEL_PCT-th percentile of all its readings).  Each target's statistics then
+pool its quiet slices only.  A target with fewer than GATE_MIN_ROUNDS quiet slices
+gets extra slices (up to `gate_extra_s` seconds in all); if still short, its
+GATE_MIN_ROUNDS least busy slices are pooled and it is flagged.  On an idle machine
+(or one busy throughout) nearly every slice is within the tolerance and the gate
+changes nothing; `median_all` and `cv_all` keep the statistics of every slice.
+
 All figures are TSC ticks (reference ticks); `*_core` fields are estimated
 core cycles = ticks x core_per_tsc.
 """
@@ -72,6 +88,9 @@ from refimpl.timing.counter import Calibration, calibrate, current_cpu
 CV_UNSTABLE = 0.05
 STEAL_UNSTABLE = 0.01
 SAMPLE_FACTOR = 1000
+GATE_TOL = 0.10        # a slice is quiet when the probe readings around it are <= (1 + GATE_TOL) x quiet level
+GATE_LEVEL_PCT = 10    # the quiet level: this percentile of all the run's probe readings
+GATE_MIN_ROUNDS = 3    # fewer quiet slices than this: extra slices, else the least busy ones (flagged)
 
 
 @dataclass
@@ -102,6 +121,12 @@ class Measurement:
     round_sizes: list = field(default_factory=list, repr=False)  # clean samples per slice, in order
     cv_within: float | None = None  # median over slices (>= 5 samples) of each slice's robust CV:
                                     # the short-term jitter; cv above also holds the drift between slices
+    round_medians: list = field(default_factory=list)  # median of each slice's clean samples, in order:
+                                    # the machine's drift over the run, seen by this kernel
+    round_kept: list = field(default_factory=list)     # per slice: pooled in the statistics (all True without a gate)
+    quiet_rounds: int | None = None  # slices the gate found quiet (None: no gate)
+    median_all: float | None = None  # median and robust CV over every slice, quiet or not (None: no gate)
+    cv_all: float | None = None
 
     @property
     def median_core(self) -> float:
@@ -376,19 +401,38 @@ class Sampler:
         self.slices += 1
         self.sizes.append(len(self.per_call) - n0)
 
-    def result(self, min_samples: int) -> Measurement:
+    def result(self, min_samples: int, busy: list[float] | None = None, tol: float = GATE_TOL) -> Measurement:
+        """Statistics of the samples.  `busy` (from the quiet gate: per slice, the larger probe
+        reading around it over the quiet level) keeps the quiet slices (busy <= 1 + tol) when
+        there are >= GATE_MIN_ROUNDS of them holding >= min_samples samples; else the
+        GATE_MIN_ROUNDS least busy slices, and the row is flagged."""
         reasons = []
-        per_call = self.per_call
-        if len(per_call) < min_samples:
-            reasons.append(f"{len(self.dropped)} of {len(per_call) + len(self.dropped)} samples preempted (kept)")
+        slices, k = [], 0
+        for n in self.sizes:
+            slices.append(self.per_call[k:k + n])
+            k += n
+        if busy is not None and len(busy) != len(slices):
+            raise ValueError(f"result: {len(busy)} gate readings for {len(slices)} slices")
+        flags = [b <= 1 + tol for b in busy] if busy is not None else [True] * len(slices)
+        keep = list(flags)
+        extra = {}
+        if busy is not None:
+            n_kept = sum(len(x) for x, q in zip(slices, keep) if q)
+            if not (sum(keep) >= GATE_MIN_ROUNDS and n_kept >= min_samples):
+                least = sorted(range(len(slices)), key=lambda j: (busy[j], j))[:GATE_MIN_ROUNDS]
+                keep = [j in least for j in range(len(slices))]
+                reasons.append(f"host busy: {sum(flags)} of {len(slices)} slices quiet, the {len(least)} least "
+                               "busy ones used")
+            all_s = stats(self.per_call)
+            extra = dict(quiet_rounds=sum(flags), median_all=all_s["median"], cv_all=all_s["cv"])
+        per_call = [x for sl, q in zip(slices, keep) if q for x in sl]
+        if len(self.per_call) < min_samples:
+            reasons.append(f"{len(self.dropped)} of {len(self.per_call) + len(self.dropped)} samples preempted (kept)")
             per_call = per_call + self.dropped
         s = stats(per_call)
-        cvs, k = [], 0
-        for n in self.sizes:
-            if n >= 5:
-                cvs.append(stats(self.per_call[k:k + n])["cv"])
-            k += n
-        if len(per_call) == len(self.per_call) and cvs:
+        cvs = [stats(sl)["cv"] for sl, q in zip(slices, keep) if q and len(sl) >= 5]
+        meds = [float(np.median(sl)) for sl in slices if len(sl)]
+        if len(self.per_call) >= min_samples and cvs:
             s["cv_within"] = float(np.median(cvs))
         if s["cv"] >= CV_UNSTABLE:
             reasons.append(f"CV {s['cv']:.1%} >= {CV_UNSTABLE:.0%}")
@@ -402,7 +446,8 @@ class Sampler:
                            migrations=self.migrations, preempted=len(self.dropped), steal_ticks=self.steal,
                            wall_s=self.wall, unstable=bool(reasons), reasons=reasons,
                            core_per_tsc=self.cal.core_per_tsc, samples=per_call, rounds=self.slices,
-                           round_sizes=list(self.sizes), **s)
+                           round_sizes=list(self.sizes), round_medians=meds,
+                           round_kept=[q for q, sl in zip(keep, slices) if len(sl)], **extra, **s)
 
 
 @contextmanager
@@ -438,7 +483,8 @@ def measure_interleaved(targets: list, *, rounds: int = 8, cold: bool = False, p
                         warmup_s: float = 0.02, warmup_calls: int = 2, budget_s: float = 0.25,
                         min_samples: int = 15, max_samples: int = 400, rewarm: int = 3,
                         rewarm_s: float = 0.002, sample_factor: int = SAMPLE_FACTOR, cal: Calibration | None = None,
-                        on_slice=None) -> list[Measurement]:
+                        on_slice=None, gate: QuietProbe | None = None, gate_tol: float = GATE_TOL,
+                        gate_extra_s: float = 0.0) -> list[Measurement]:
     """Time several targets round-robin: `budget_s` per target, split into `rounds` slices.
 
     `targets` is a list of (target, args, kwargs, name).  All are warmed up first (their
@@ -449,7 +495,12 @@ def measure_interleaved(targets: list, *, rounds: int = 8, cold: bool = False, p
     >= ceil(min_samples / rounds) samples taken for budget_s / rounds seconds.
     Each target's statistics pool the samples of all its rounds.  `on_slice(round, i)` is
     called after every visit (progress).  rounds=1 is the same as one `measure()` per target
-    (warm-up and sampling back to back, no rewarm).
+    (warm-up and sampling back to back, no rewarm).  With `gate` (a QuietProbe; rounds > 1),
+    the probe is read before the first visit and after every visit, and each target's
+    statistics pool its quiet slices (module docstring, "Quiet gate").  Targets left with
+    fewer than GATE_MIN_ROUNDS quiet slices get extra visits, round-robin among them, for
+    at most `gate_extra_s` seconds.  `gate.readings`, `gate.level`, `gate.quiet` and
+    `gate.extra_visits` describe the run afterwards.
     """
     cal = cal or calibrate()
     if min_samples < 2:
@@ -472,12 +523,89 @@ def measure_interleaved(targets: list, *, rounds: int = 8, cold: bool = False, p
         else:
             for s in samplers:
                 s.warm(warmup_s, warmup_calls)
-            for k, i in interleave_order(len(samplers), rounds):
+            order = interleave_order(len(samplers), rounds)
+
+            def visit(k, i):
                 samplers[i].take(budget_s / rounds, per_min, per_max, rewarm=0 if cold else rewarm,
                                  rewarm_s=0.0 if cold else rewarm_s)
+                if gate is not None:
+                    gate.read()
                 if on_slice:
                     on_slice(k, i)
+
+            if gate is not None:
+                gate.readings = []
+                gate.read()
+            for k, i in order:
+                visit(k, i)
+            if gate is not None:
+                gate.extra_visits = 0
+                t_end = time.perf_counter() + gate_extra_s
+                k = rounds
+                while time.perf_counter() < t_end:
+                    level = quiet_readings(gate.readings, gate_tol)[0]
+                    need = [i for i, q in enumerate(_slice_busy(order, gate.readings, len(samplers), level))
+                            if sum(b <= 1 + gate_tol for b in q) < GATE_MIN_ROUNDS]
+                    if not need:
+                        break
+                    for i in need:
+                        order.append((k, i))
+                        visit(k, i)
+                        gate.extra_visits += 1
+                    k += 1
+                gate.level, gate.quiet = quiet_readings(gate.readings, gate_tol)
+                busy = _slice_busy(order, gate.readings, len(samplers), gate.level)
+                return [s.result(min_samples, b, gate_tol) for s, b in zip(samplers, busy)]
     return [s.result(min_samples) for s in samplers]
+
+
+def _slice_busy(order, readings, n_targets: int, level: float) -> list[list[float]]:
+    """Per target, per slice: the larger of the two probe readings around it, over `level`
+    (visit v of `order` lies between readings v and v + 1)."""
+    out: list[list[float]] = [[] for _ in range(n_targets)]
+    for v, (_, i) in enumerate(order):
+        out[i].append(max(readings[v], readings[v + 1]) / level if level > 0 else 1.0)
+    return out
+
+
+class QuietProbe:
+    """The quiet gate's probe (see the module docstring): `read()` -> median ticks of
+    `calls` Python-level calls of a C read of `nbytes` (L1-resident), after `warm` calls.
+    About 15 us here; the busy state of the host shows as a 1.6x slower reading."""
+
+    def __init__(self, nbytes: int = 16 << 10, calls: int = 15, warm: int = 3):
+        from refimpl.kernels.buffers import aligned_empty
+        if nbytes < 64 or calls < 1 or warm < 0:
+            raise ValueError(f"QuietProbe: nbytes={nbytes} must be >= 64, calls={calls} >= 1, warm={warm} >= 0")
+        self.nbytes, self.calls, self.warm = nbytes, calls, warm
+        self._buf = aligned_empty(nbytes, np.uint8)
+        self._buf[:] = 1
+        self._p = ffi.cast("void *", self._buf.ctypes.data)
+        self._sink = ffi.new("uint64_t *")
+        self.readings: list[float] = []
+
+    def read(self) -> float:
+        read, p, sink, n = lib.rf_bw_read, self._p, self._sink, self.nbytes
+        start, stop = lib.rf_ticks_start, lib.rf_ticks_stop
+        cpu = ffi.new("int32_t *")
+        for _ in range(self.warm):
+            read(sink, p, n, 1)
+        ts = []
+        for _ in range(self.calls):
+            t0 = start()
+            read(sink, p, n, 1)
+            ts.append(stop(cpu) - t0)
+        x = float(np.median(ts))
+        self.readings.append(x)
+        return x
+
+
+def quiet_readings(readings, tol: float = GATE_TOL, pct: float = GATE_LEVEL_PCT) -> tuple[float, list[bool]]:
+    """(quiet level, [reading <= (1 + tol) x level]) with level = the pct-th percentile of readings."""
+    if not readings:
+        raise ValueError("quiet_readings: no probe readings")
+    level = float(np.percentile(np.asarray(readings, dtype=np.float64), pct))
+    return level, [x <= (1 + tol) * level for x in readings]
 
 
 @contextmanager
