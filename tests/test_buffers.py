@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 
 from refimpl.kernels import get
-from refimpl.kernels.buffers import aligned_copy, aligned_empty
+from refimpl.kernels.buffers import PAGE, aligned_copy, aligned_empty, apart_zeros
 
 
 @pytest.mark.parametrize("shape, dtype", [((3, 5), np.float32), (7, np.float64), ((0, 4), np.float32),
@@ -25,3 +25,27 @@ def test_c_outputs_start_on_a_cache_line():
         assert get("softmax", "c")(x).ctypes.data % 64 == 0
         assert get("matmul", "c")(x, x.T.copy()).ctypes.data % 64 == 0
         assert get("silu", "c")(x).ctypes.data % 64 == 0
+
+
+@pytest.mark.parametrize("like_offset", [0, 16, 64, 1000, 4032])
+def test_apart_zeros_sits_half_a_page_from_its_input(like_offset):
+    raw = aligned_empty(3 * PAGE, np.uint8)
+    like = raw[like_offset:like_offset + PAGE].view(np.float32)
+    for _ in range(20):                     # whatever NumPy's allocator hands out
+        out = apart_zeros((2, 300), np.float32, like=like)
+        assert out.shape == (2, 300) and out.dtype == np.float32 and out.flags.c_contiguous
+        assert not out.any() and out.ctypes.data % 64 == 0
+        # half a page from `like`, rounded up to the next cache line when `like` is off one
+        d = (out.ctypes.data - like.ctypes.data) % PAGE
+        assert PAGE // 2 <= d < PAGE // 2 + 64
+    with pytest.raises(ValueError, match="multiple of 64"):
+        apart_zeros(4, np.float32, like=like, apart=100)
+
+
+def test_numba_gemv_output_is_apart_from_the_matrix():
+    a = aligned_copy(np.ones((1, 64), np.float32))
+    b = aligned_copy(np.ones((64, 96), np.float32))
+    for _ in range(5):
+        out = get("matmul", "numba")(a, b)
+        assert (out.ctypes.data - b.ctypes.data) % PAGE == PAGE // 2
+        assert np.array_equal(out, np.full((1, 96), 64, np.float32))

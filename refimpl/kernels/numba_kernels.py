@@ -26,6 +26,7 @@ from numba import types
 from numba.extending import intrinsic, overload
 
 from refimpl.kernels import numba_config as cfg
+from refimpl.kernels.buffers import apart_zeros
 from refimpl.kernels.contracts import check_array, check_attention_args, check_matmul_args, check_same_dtype
 from refimpl.kernels.registry import register
 
@@ -370,11 +371,14 @@ def matmul(a, b):  # [M,K] @ [K,N] -> [M,N]
     a, b = check_matmul_args(a, b)
     M, K = a.shape
     N = b.shape[1]
+    if M * N * K > _SMALL_MATMUL and M < MR:
+        # the GEMV adds every row of b into out: out starts half a page from b (buffers.apart_zeros)
+        out = apart_zeros((M, N), a.dtype, like=b)
+        cfg.call(_matmul_few_rows, a.dtype, out, a, b)
+        return out
     out = np.zeros((M, N), dtype=a.dtype)
     if M * N * K <= _SMALL_MATMUL:
         cfg.call(_matmul_ref, a.dtype, out, a, b)
-    elif M < MR:
-        cfg.call(_matmul_few_rows, a.dtype, out, a, b)
     else:
         cfg.call(_matmul_tiled, a.dtype, out, a, b)
     return out
