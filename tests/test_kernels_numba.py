@@ -158,10 +158,47 @@ def test_matmul_ref_and_tiled_agree_with_oracle():
     rng = np.random.default_rng(7)
     a, b = randn(rng, (13, 29), F32), randn(rng, (29, 17), F32)
     bound = C.matmul_bound(a, b, F32)
-    for kern in (nk._matmul_ref, nk._matmul_tiled):
+    for kern, ws in ((nk._matmul_ref, ()), (nk._matmul_tiled, nk._gemm_workspace(F32))):
         out = np.zeros((13, 17), F32)
-        cfg.call(kern, F32, out, a, b)
+        cfg.call(kern, F32, out, a, b, *ws)
         assert_within(out, f64(a) @ f64(b), bound, kern.py_func.__name__)
+
+
+def test_matmul_workspace_is_rewritten_before_it_is_read():
+    """The packing workspace is kept between calls: whatever an earlier call (here: NaN) left
+    in it must never reach a result, whatever the edges (M, N, K off the MR, NR, KC blocks)."""
+    rng = np.random.default_rng(11)
+    for Bp in nk._gemm_workspace(F32):
+        Bp[...] = np.nan
+    for M, K, N in ((nk.MR * 3 + 1, nk.KC + 7, nk.NR * 2 + 5), (nk.MR, 5, nk.NR), (nk.MC + 1, 2 * nk.KC, 3)):
+        a, b = randn(rng, (M, K), F32), randn(rng, (K, N), F32)
+        out = get("matmul", "numba")(a, b)
+        assert_within(out, f64(a) @ f64(b), C.matmul_bound(a, b, F32), f"{M}x{K}x{N}")
+
+
+def test_matmul_from_two_threads_at_once():
+    """One workspace per thread: two threads multiplying different matrices at the same time
+    (the kernels release the GIL) each get their own product."""
+    import threading
+    rng = np.random.default_rng(12)
+    pairs = [(randn(rng, (70, 300), F32), randn(rng, (300, 40), F32)),
+             (randn(rng, (50, 260), F32), randn(rng, (260, 90), F32))]
+    errors = []
+
+    def work(a, b):
+        ref, bound = f64(a) @ f64(b), C.matmul_bound(a, b, F32)
+        try:
+            for _ in range(30):
+                assert_within(get("matmul", "numba")(a, b), ref, bound, "threaded matmul")
+        except AssertionError as e:
+            errors.append(e)
+
+    threads = [threading.Thread(target=work, args=p) for p in pairs]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors[0]
 
 
 # --------------------------------------------------------------------------
