@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 
 from refimpl.kernels import get
-from refimpl.kernels.buffers import PAGE, aligned_copy, aligned_empty, apart_zeros
+from refimpl.kernels.buffers import PAGE, aligned_copy, aligned_empty, apart_empty, apart_zeros
 
 
 @pytest.mark.parametrize("shape, dtype", [((3, 5), np.float32), (7, np.float64), ((0, 4), np.float32),
@@ -27,8 +27,21 @@ def test_c_outputs_start_on_a_cache_line():
         assert get("silu", "c")(x).ctypes.data % 64 == 0
 
 
+@pytest.mark.parametrize("backend", ["c", "numba"])
+@pytest.mark.parametrize("op", ["softmax", "gelu_tanh", "silu", "rms_norm", "layer_norm"])
+def test_outputs_start_half_a_page_after_their_input(op, backend):
+    """A C or Numba kernel's output starts 2 KiB (mod 4 KiB) after its input x, whatever the
+    allocator hands out: at 64 bytes C gelu_tanh ran 29 % slower (4K aliasing)."""
+    x = aligned_copy(np.linspace(-2, 2, 64 * 96, dtype=np.float32).reshape(64, 96))
+    args = {"rms_norm": (np.ones(96, np.float32),), "layer_norm": (np.ones(96, np.float32),
+                                                                    np.zeros(96, np.float32))}.get(op, ())
+    for _ in range(5):
+        out = get(op, backend)(x, *args)
+        assert (out.ctypes.data - x.ctypes.data) % PAGE == PAGE // 2
+
+
 @pytest.mark.parametrize("like_offset", [0, 16, 64, 1000, 4032])
-def test_apart_zeros_sits_half_a_page_from_its_input(like_offset):
+def test_apart_empty_and_zeros_sit_half_a_page_from_their_input(like_offset):
     raw = aligned_empty(3 * PAGE, np.uint8)
     like = raw[like_offset:like_offset + PAGE].view(np.float32)
     for _ in range(20):                     # whatever NumPy's allocator hands out
@@ -38,6 +51,8 @@ def test_apart_zeros_sits_half_a_page_from_its_input(like_offset):
         # half a page from `like`, rounded up to the next cache line when `like` is off one
         d = (out.ctypes.data - like.ctypes.data) % PAGE
         assert PAGE // 2 <= d < PAGE // 2 + 64
+        e = apart_empty(7, np.float64, like=like, apart=1024)
+        assert e.shape == (7,) and e.dtype == np.float64 and 1024 <= (e.ctypes.data - like.ctypes.data) % PAGE < 1088
     with pytest.raises(ValueError, match="multiple of 64"):
         apart_zeros(4, np.float32, like=like, apart=100)
 

@@ -23,7 +23,7 @@ from __future__ import annotations
 import numpy as np
 
 from refimpl._kernels import ffi, lib
-from refimpl.kernels.buffers import aligned_empty
+from refimpl.kernels.buffers import apart_empty
 from refimpl.kernels.ccall import CCall
 from refimpl.kernels.contracts import check_matmul_args
 from refimpl.kernels.registry import register
@@ -90,7 +90,7 @@ def matmul(a, b, stream=False):  # [M,K] @ [K,N] -> [M,N]
     GEMV then prefetches ahead, faster from DRAM, ~15% slower when b already sits in L3.
     """
     a, b, M, K, N = _checked(a, b)
-    return _run(aligned_empty((M, N), a.dtype), a, b, M, K, N, stream)
+    return _run(apart_empty((M, N), a.dtype, like=b), a, b, M, K, N, stream)
 
 
 def matmul_into(out, a, b):  # [M,N] <- [M,K] @ [K,N]
@@ -103,7 +103,7 @@ def matmul_into(out, a, b):  # [M,N] <- [M,K] @ [K,N]
 def prepare(a, b, out=None) -> CCall:
     """Check and pack the call once; `fn_addr(ctx_addr)` computes out = a @ b from C."""
     a, b, M, K, N = _checked(a, b)
-    out = aligned_empty((M, N), a.dtype) if out is None else _check_out(out, a, b, M, N)
+    out = apart_empty((M, N), a.dtype, like=b) if out is None else _check_out(out, a, b, M, N)
     atype, _, thunk, struct = _C[a.dtype]
     bufs = [ffi.from_buffer(atype, x) for x in (out, a, b)]
     args = ffi.new(struct)

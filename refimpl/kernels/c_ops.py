@@ -16,7 +16,7 @@ import math
 import numpy as np
 
 from refimpl._kernels import ffi, lib
-from refimpl.kernels.buffers import aligned_empty
+from refimpl.kernels.buffers import apart_empty
 from refimpl.kernels.ccall import CCall
 from refimpl.kernels.contracts import check_array, check_attention_args, check_attention_shapes
 from refimpl.kernels.registry import register
@@ -75,7 +75,7 @@ def _prepared(thunk: str, ctype: str, fields: dict, out: np.ndarray, keep: list,
 
 def prepare_softmax(x) -> CCall:  # [R,N] -> [R,N]
     x = _f32("x", x, ndim=2)
-    out = aligned_empty(x.shape, x.dtype)
+    out = apart_empty(x.shape, x.dtype, like=x)
     bufs = [_fp(out), _fp(x)] if x.size else [ffi.NULL, ffi.NULL]
     R, N = x.shape if x.size else (0, 0)
     return _prepared("rf_softmax_thunk", "rf_softmax_args",
@@ -86,7 +86,7 @@ def prepare_softmax(x) -> CCall:  # [R,N] -> [R,N]
 def softmax(x):  # [R,N] -> [R,N], over the last axis
     """Row softmax (fused max / exp-sum / scale, vector exp within EXP_ULPS)."""
     x = _f32("x", x, ndim=2)
-    out = aligned_empty(x.shape, x.dtype)
+    out = apart_empty(x.shape, x.dtype, like=x)
     if x.size:
         lib.rf_softmax_f32(_fp(out), _fp(x), *x.shape)
     return out
@@ -144,7 +144,7 @@ def prepare_attention(q, k, v, causal=False, scale=None) -> CCall:  # [H,Lq,D],[
     q, k, v, kv_stride, scale = _attention_args(q, k, v, causal, scale)
     H, Lq, D = q.shape
     Hkv, Lk, _ = k.shape
-    out = aligned_empty(q.shape, q.dtype)
+    out = apart_empty(q.shape, q.dtype, like=q)
     bufs = [_fp(out), _fp(q), *_kv_pointers(k, v)] if q.size else [ffi.NULL] * 4
     return _prepared("rf_attention_thunk", "rf_attention_args",
                      dict(out=bufs[0], q=bufs[1], k=bufs[2], v=bufs[3], H=H, Hkv=Hkv, Lq=Lq, Lk=Lk, D=D,
@@ -157,7 +157,7 @@ def attention(q, k, v, causal=False, scale=None):  # [H,Lq,D],[Hkv,Lk,D],[Hkv,Lk
     """Flash-style attention (online softmax over 64-key tiles, 48-row query blocks, GQA in place);
     blocks of <= 8 rows per kv head (decode) take a dot-product path with a two-pass softmax."""
     q, k, v, kv_stride, scale = _attention_args(q, k, v, causal, scale)
-    out = aligned_empty(q.shape, q.dtype)
+    out = apart_empty(q.shape, q.dtype, like=q)
     if q.size and lib.rf_attention_f32_strided(_fp(out), _fp(q), *_kv_pointers(k, v), q.shape[0], k.shape[0],
                                                q.shape[1], k.shape[1], q.shape[2], kv_stride, scale,
                                                int(bool(causal))):
@@ -189,7 +189,7 @@ def _norm_args(x, w, b):
 def prepare_layer_norm(x, w, b, eps=1e-5) -> CCall:  # [T,D],[D],[D] -> [T,D]
     x, w, b = _norm_args(x, w, b)
     eps = _finite("eps", eps, nonneg=True)
-    out = aligned_empty(x.shape, x.dtype)
+    out = apart_empty(x.shape, x.dtype, like=x)
     bufs = [_fp(a) for a in (out, x, w, b)] if x.size else [ffi.NULL] * 4
     T, D = x.shape if x.size else (0, 0)
     return _prepared("rf_layer_norm_thunk", "rf_norm_args",
@@ -201,7 +201,7 @@ def layer_norm(x, w, b, eps=1e-5):  # [T,D],[D],[D] -> [T,D]
     """LayerNorm over rows: (x - mean) / sqrt(var + eps) * w + b."""
     x, w, b = _norm_args(x, w, b)
     eps = _finite("eps", eps, nonneg=True)
-    out = aligned_empty(x.shape, x.dtype)
+    out = apart_empty(x.shape, x.dtype, like=x)
     if x.size:
         lib.rf_layer_norm_f32(_fp(out), _fp(x), _fp(w), _fp(b), *x.shape, eps)
     return out
@@ -213,7 +213,7 @@ layer_norm.prepare = prepare_layer_norm
 def prepare_rms_norm(x, w, eps=1e-6) -> CCall:  # [T,D],[D] -> [T,D]
     x, w, _ = _norm_args(x, w, None)
     eps = _finite("eps", eps, nonneg=True)
-    out = aligned_empty(x.shape, x.dtype)
+    out = apart_empty(x.shape, x.dtype, like=x)
     bufs = [_fp(a) for a in (out, x, w)] if x.size else [ffi.NULL] * 3
     T, D = x.shape if x.size else (0, 0)
     return _prepared("rf_rms_norm_thunk", "rf_norm_args",
@@ -225,7 +225,7 @@ def rms_norm(x, w, eps=1e-6):  # [T,D],[D] -> [T,D]
     """RMSNorm over rows: x / sqrt(mean(x^2) + eps) * w."""
     x, w, _ = _norm_args(x, w, None)
     eps = _finite("eps", eps, nonneg=True)
-    out = aligned_empty(x.shape, x.dtype)
+    out = apart_empty(x.shape, x.dtype, like=x)
     if x.size:
         lib.rf_rms_norm_f32(_fp(out), _fp(x), _fp(w), *x.shape, eps)
     return out
@@ -241,7 +241,7 @@ rms_norm.prepare = prepare_rms_norm
 
 def _prepare_act(thunk: str, x) -> CCall:
     x = _f32("x", x)
-    out = aligned_empty(x.shape, x.dtype)
+    out = apart_empty(x.shape, x.dtype, like=x)
     bufs = [_fp(out), _fp(x)] if x.size else [ffi.NULL, ffi.NULL]
     return _prepared(thunk, "rf_act_args", dict(out=bufs[0], x=bufs[1], N=x.size), out, [x, *bufs])
 
@@ -256,7 +256,7 @@ def prepare_silu(x) -> CCall:  # [...] -> [...]
 
 def _act(fn, x):
     x = _f32("x", x)
-    out = aligned_empty(x.shape, x.dtype)
+    out = apart_empty(x.shape, x.dtype, like=x)
     if x.size:
         fn(_fp(out), _fp(x), x.size)
     return out
@@ -302,7 +302,7 @@ def _rope_args(x, positions, theta):  # -> x [H,T,D], positions [T] int64, theta
 def prepare_rope(x, positions, theta=10000.0, interleaved=False) -> CCall:  # [H,T,D],[T] -> [H,T,D]
     x, p, theta = _rope_args(x, positions, theta)
     H, T, D = x.shape
-    out = aligned_empty(x.shape, x.dtype)
+    out = apart_empty(x.shape, x.dtype, like=x)
     if x.size:
         bufs = [_fp(out), _fp(x), ffi.from_buffer("int64_t[]", p)]
     else:
@@ -317,7 +317,7 @@ def prepare_rope(x, positions, theta=10000.0, interleaved=False) -> CCall:  # [H
 def rope(x, positions, theta=10000.0, interleaved=False):  # [H,T,D],[T] -> [H,T,D]
     """Rotary embedding, half-split (HF) or interleaved pairs (llama2.c); angles in double."""
     x, p, theta = _rope_args(x, positions, theta)
-    out = aligned_empty(x.shape, x.dtype)
+    out = apart_empty(x.shape, x.dtype, like=x)
     if x.size and lib.rf_rope_f32(_fp(out), _fp(x), ffi.from_buffer("int64_t[]", p), *x.shape, theta,
                                   int(bool(interleaved))):
         raise MemoryError("rf_rope_f32: could not allocate its angle table")

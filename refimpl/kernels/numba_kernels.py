@@ -27,7 +27,7 @@ from numba import types
 from numba.extending import intrinsic, overload
 
 from refimpl.kernels import numba_config as cfg
-from refimpl.kernels.buffers import aligned_empty, apart_zeros
+from refimpl.kernels.buffers import aligned_empty, apart_empty, apart_zeros
 from refimpl.kernels.contracts import check_array, check_attention_args, check_matmul_args, check_same_dtype
 from refimpl.kernels.registry import register
 
@@ -439,7 +439,7 @@ def softmax(x):  # [..., N] -> [..., N], over the last axis
     x = check_array("x", x)
     if x.ndim == 0:
         raise ValueError("softmax: argument 'x' must have at least 1 dimension")
-    out = np.empty(x.shape, dtype=x.dtype)
+    out = apart_empty(x.shape, x.dtype, like=x)
     if x.size:
         N = x.shape[-1]
         cfg.call(_softmax_kernel, x.dtype, out.reshape(-1, N), x.reshape(-1, N))
@@ -609,7 +609,7 @@ def layer_norm(x, w, b, eps=1e-5):  # [..., D], [D], [D] -> [..., D]
     if x.ndim == 0 or w.shape[0] != x.shape[-1] or b.shape[0] != x.shape[-1]:
         raise ValueError(f"layer_norm: x {x.shape}, w {w.shape}, b {b.shape}: w and b must have "
                          f"x's last size")
-    out = np.empty(x.shape, dtype=x.dtype)
+    out = apart_empty(x.shape, x.dtype, like=x)
     if x.size:
         D = x.shape[-1]
         cfg.call(_layer_norm_kernel, x.dtype, out.reshape(-1, D), x.reshape(-1, D), w, b, x.dtype.type(eps))
@@ -637,7 +637,7 @@ def rms_norm(x, w, eps=1e-6):  # [..., D], [D] -> [..., D]
     check_same_dtype(x=x, w=w)
     if x.ndim == 0 or w.shape[0] != x.shape[-1]:
         raise ValueError(f"rms_norm: x {x.shape}, w {w.shape}: w must have x's last size")
-    out = np.empty(x.shape, dtype=x.dtype)
+    out = apart_empty(x.shape, x.dtype, like=x)
     if x.size:
         D = x.shape[-1]
         cfg.call(_rms_norm_kernel, x.dtype, out.reshape(-1, D), x.reshape(-1, D), w, x.dtype.type(eps))
@@ -702,7 +702,7 @@ def _gelu_tanh_kernel(out, x):  # out [N], x [N]
 def _elementwise(kernel, x):  # [...] -> [...]
     """Check x, allocate the output, run the elementwise `kernel` over the flattened arrays."""
     x = check_array("x", x)
-    out = np.empty(x.shape, dtype=x.dtype)
+    out = apart_empty(x.shape, x.dtype, like=x)
     cfg.call(kernel, x.dtype, out.reshape(-1), x.reshape(-1))
     return out
 
@@ -771,7 +771,7 @@ def rope(x, positions, theta=10000.0, interleaved=False):  # [..., T, D], [T] ->
     if pos.dtype.kind not in "iuf" or pos.ndim != 1 or pos.shape[0] != T:
         raise ValueError(f"rope: argument 'positions' must be a 1-D array of {T} numbers (x has T={T}), "
                          f"got shape {pos.shape} dtype {pos.dtype}")
-    out = np.empty(x.shape, dtype=x.dtype)
+    out = apart_empty(x.shape, x.dtype, like=x)
     if x.size:
         cfg.call(_rope_kernel, x.dtype, out.reshape(-1, T, D), x.reshape(-1, T, D),
                  np.ascontiguousarray(pos, dtype=np.float64), float(theta), bool(interleaved))
