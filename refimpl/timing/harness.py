@@ -582,7 +582,10 @@ class QuietProbe:
         self._buf[:] = 1
         self._p = ffi.cast("void *", self._buf.ctypes.data)
         self._sink = ffi.new("uint64_t *")
-        self.readings: list[float] = []
+        self.readings: list[float] = []     # filled by measure_interleaved: one per slice boundary
+        self.level: float | None = None     # ... then the quiet level,
+        self.quiet: list[bool] = []         # which readings were quiet,
+        self.extra_visits = 0               # and the slices added for targets short of quiet ones
 
     def read(self) -> float:
         read, p, sink, n = lib.rf_bw_read, self._p, self._sink, self.nbytes
