@@ -11,11 +11,11 @@ always 0.
 `apart_empty(shape, dtype, like)` (and `apart_zeros`) places an output half a page
 (mod 4 KiB) after the input it is computed from: a load whose address matches the low
 12 bits of a pending store waits for it ("4K aliasing").  Measured, 30 interleaved
-rounds: C gelu_tanh (64, 3072) ran 205k ticks with its output 0 or 256-4032 bytes after
-x, 224k at 128 bytes and 264k (+29 %) at 64 bytes; where NumPy's allocator put the
+rounds (10th percentile of the rounds' medians): C gelu_tanh (64, 3072) ran 205k ticks
+with its output 0 or 256-4032 bytes after x, 224k at 128 bytes and 264k (+29 %) at 64; where NumPy's allocator put the
 output changed from process to process, and so did the kernel's speed.  The Numba
-GEMV, which adds each row of B into the output block, ran 423-436k ticks with the
-output 1-3 KiB after B and 495-534k at 0-256 bytes.  Every C and Numba wrapper
+GEMV, which adds each row of B into the output block, ran 423-436k ticks (median of
+25 rounds' medians) with the output 1-3 KiB after B and 495-534k at 0-256 bytes.  Every C and Numba wrapper
 allocates its outputs this way.
 """
 from __future__ import annotations
@@ -25,15 +25,21 @@ import numpy as np
 LINE = 64   # bytes: an x86-64 / Zen 4 cache line, and one AVX-512 vector
 
 
-def aligned_empty(shape, dtype=np.float32, align: int = LINE) -> np.ndarray:
-    """An uninitialised C-contiguous array whose data starts on an `align`-byte boundary
-    (an empty array has no data: its pointer is NumPy's)."""
+def _carve(shape, dtype, slack: int, offset) -> np.ndarray:
+    """A C-contiguous `shape` array cut from a byte buffer `slack` bytes longer, starting
+    `offset(address of the buffer)` bytes into it."""
     dtype = np.dtype(dtype)
     shape = (shape,) if np.isscalar(shape) else tuple(shape)
     nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
-    raw = np.empty(nbytes + align, np.uint8)
-    off = (-raw.ctypes.data) % align
+    raw = np.empty(nbytes + slack, np.uint8)
+    off = offset(raw.ctypes.data)
     return raw[off:off + nbytes].view(dtype).reshape(shape)
+
+
+def aligned_empty(shape, dtype=np.float32, align: int = LINE) -> np.ndarray:
+    """An uninitialised C-contiguous array whose data starts on an `align`-byte boundary
+    (an empty array has no data: its pointer is NumPy's)."""
+    return _carve(shape, dtype, align, lambda addr: (-addr) % align)
 
 
 def aligned_copy(a, align: int = LINE) -> np.ndarray:
@@ -52,13 +58,11 @@ def apart_empty(shape, dtype, like: np.ndarray, apart: int = PAGE // 2) -> np.nd
     after `like`'s data: an output away from the 4K aliases of the input it is computed from."""
     if apart % LINE:
         raise ValueError(f"apart_empty: apart={apart} must be a multiple of {LINE}")
-    dtype = np.dtype(dtype)
-    shape = (shape,) if np.isscalar(shape) else tuple(shape)
-    nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
-    raw = np.empty(nbytes + PAGE + LINE, np.uint8)
-    off = (like.ctypes.data % PAGE + apart - raw.ctypes.data) % PAGE
-    off += (-(raw.ctypes.data + off)) % LINE         # `like` itself may sit off a line
-    return raw[off:off + nbytes].view(dtype).reshape(shape)
+
+    def offset(addr):
+        off = (like.ctypes.data % PAGE + apart - addr) % PAGE
+        return off + (-(addr + off)) % LINE              # `like` itself may sit off a line
+    return _carve(shape, dtype, PAGE + LINE, offset)
 
 
 def apart_zeros(shape, dtype, like: np.ndarray, apart: int = PAGE // 2) -> np.ndarray:

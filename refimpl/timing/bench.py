@@ -89,7 +89,7 @@ a slow drift or a burst of the host (other tenants' cache and memory traffic, th
 core clock) lands on every row alike instead of on whichever row ran during it, and
 the ratios between backends compare kernels timed in the same moments.  The price:
 a row's CV now includes the run-long variation of the machine, not only that of one
-0.2 s block.  `--rounds 1` times each row in one block, as before.
+block of its budget.  `--rounds 1` times each row in one block, as before.
 
 Quiet gate (on by default with >= 2 x harness.GATE_MIN_ROUNDS rounds, `--no-gate` turns it off): a shared host
 alternates between a quiet and a busy state for seconds at a time, and a median pooled
@@ -111,7 +111,7 @@ import time
 import numpy as np
 
 from refimpl.kernels import contracts as C
-from refimpl.kernels.buffers import aligned_copy, aligned_empty
+from refimpl.kernels.buffers import aligned_copy
 from refimpl.timing.metrics import SHAPE_DIMS, roofline, work
 
 SCHEMA = "refimpl.bench/1"
@@ -541,28 +541,13 @@ def run(ops=None, backends=None, shapes=None, dtype="float32", cold=False, quick
 PROBE_ADDS = 1 << 16
 
 
-class _L3Read:
-    """Probe: one streaming read of an L3-level working set (machine.level_sizes()["L3"])."""
-
-    def __init__(self):
-        from refimpl._clock import ffi, lib
-        from refimpl.timing.machine import level_sizes
-        self.nbytes = level_sizes().get("L3", 16 << 20)
-        self._buf = aligned_empty(self.nbytes, np.uint8)
-        self._buf[:] = 1
-        self._p = ffi.cast("void *", self._buf.ctypes.data)
-        self._sink = ffi.new("uint64_t *")
-        self._read = lib.rf_bw_read
-
-    def __call__(self):
-        self._read(self._sink, self._p, self.nbytes, 1)
-
-
 def machine_probes() -> list:
     """[(name, target)] timed beside the rows, in the same rounds: the core clock (a dependent
     add chain, 1 core cycle per add) and a shared-cache read (what other tenants' traffic slows)."""
-    from refimpl.timing.harness import add_chain_ccall
-    return [("core_add_chain", add_chain_ccall(PROBE_ADDS)), ("l3_read", _L3Read())]
+    from refimpl.timing.harness import BufferRead, add_chain_ccall
+    from refimpl.timing.machine import level_sizes
+    return [("core_add_chain", add_chain_ccall(PROBE_ADDS)),
+            ("l3_read", BufferRead(level_sizes().get("L3", 16 << 20)))]
 
 
 def _probe_report(name, target, m) -> dict:

@@ -568,35 +568,48 @@ def _slice_busy(order, readings, n_targets: int, level: float) -> list[list[floa
     return out
 
 
-class QuietProbe:
-    """The quiet gate's probe (see the module docstring): `read()` -> median ticks of
-    `calls` Python-level calls of a C read of `nbytes` (L1-resident), after `warm` calls.
-    About 15 us here; the busy state of the host shows as a 1.6x slower reading."""
+class BufferRead:
+    """`nbytes` of a cache-line-aligned buffer read once by a C streaming read (rf_bw_read)
+    per call: a machine probe (bench's L3 read, the quiet gate's L1 read)."""
 
-    def __init__(self, nbytes: int = 16 << 10, calls: int = 15, warm: int = 3):
+    def __init__(self, nbytes: int):
         from refimpl.kernels.buffers import aligned_empty
-        if nbytes < 64 or calls < 1 or warm < 0:
-            raise ValueError(f"QuietProbe: nbytes={nbytes} must be >= 64, calls={calls} >= 1, warm={warm} >= 0")
-        self.nbytes, self.calls, self.warm = nbytes, calls, warm
+        if nbytes < 64:
+            raise ValueError(f"BufferRead: nbytes={nbytes} must be >= 64")
+        self.nbytes = nbytes
         self._buf = aligned_empty(nbytes, np.uint8)
         self._buf[:] = 1
         self._p = ffi.cast("void *", self._buf.ctypes.data)
         self._sink = ffi.new("uint64_t *")
+
+    def __call__(self):
+        lib.rf_bw_read(self._sink, self._p, self.nbytes, 1)
+
+
+class QuietProbe:
+    """The quiet gate's probe (see the module docstring): `read()` -> median ticks of
+    `calls` Python-level calls of a BufferRead of `nbytes` (L1-resident), after `warm` calls.
+    About 15 us here; the busy state of the host shows as a 1.6x slower reading."""
+
+    def __init__(self, nbytes: int = 16 << 10, calls: int = 15, warm: int = 3):
+        if calls < 1 or warm < 0:
+            raise ValueError(f"QuietProbe: calls={calls} must be >= 1, warm={warm} >= 0")
+        self.read_buffer = BufferRead(nbytes)
+        self.nbytes, self.calls, self.warm = nbytes, calls, warm
+        self._cpu = ffi.new("int32_t *")
         self.readings: list[float] = []     # filled by measure_interleaved: one per slice boundary
         self.level: float | None = None     # ... then the quiet level,
         self.quiet: list[bool] = []         # which readings were quiet,
         self.extra_visits = 0               # and the slices added for targets short of quiet ones
 
     def read(self) -> float:
-        read, p, sink, n = lib.rf_bw_read, self._p, self._sink, self.nbytes
-        start, stop = lib.rf_ticks_start, lib.rf_ticks_stop
-        cpu = ffi.new("int32_t *")
+        f, start, stop, cpu = self.read_buffer, lib.rf_ticks_start, lib.rf_ticks_stop, self._cpu
         for _ in range(self.warm):
-            read(sink, p, n, 1)
+            f()
         ts = []
         for _ in range(self.calls):
             t0 = start()
-            read(sink, p, n, 1)
+            f()
             ts.append(stop(cpu) - t0)
         x = float(np.median(ts))
         self.readings.append(x)

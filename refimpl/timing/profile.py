@@ -210,7 +210,7 @@ def _profile_runs(model, ids, prompt_len, decode, repeats, seed):
         dec = {k: float(np.median([s.get(k, 0) for s in steps])) for k in steps[0]} if steps else {}
         # the same decode steps without a trace: what generate() pays per token (forward only).  A
         # trace needs every intermediate, so it keeps the Python composition; untraced, the C
-        # backend's Llama runs each step as one C call (refimpl.kernels.c_decode)
+        # backend's Llama and GPT-2 run each step as one C call (refimpl.kernels.c_decode)
         cache = model.new_cache()
         model.forward(ids, cache)
         plain = []
