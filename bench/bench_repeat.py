@@ -1,0 +1,159 @@
+#!/usr/bin/env python3
+"""The repeatability target of `refimpl bench` (issue 4), measured.
+
+Target: two back-to-back `refimpl bench --json` runs on an otherwise idle machine agree
+within 3 % (median to median) on every kernel taking >= 100k ticks, and such kernels
+have CV <= 2 %.
+
+This script runs `refimpl bench --no-progress --json` twice, back to back, in fresh
+processes (as a user would), or scores two files you already have (`--reuse A B`),
+and prints, per row: both medians, B/A - 1, both robust CVs and which half of the
+target the row misses.  Then the counts over the rows >= the threshold, and what the
+host was doing during each run, from the runs' own `noise` sections:
+
+  - the quiet gate's busy share (probe readings more than 10 % above the run's quiet
+    level: another tenant on this core's SMT sibling or caches) and how much slower
+    the busy readings were;
+  - the other CPUs' busy share and the hypervisor's steal time during the run.
+
+A host busy for a large share of the run is not "an otherwise idle machine": the
+script says so next to the verdict rather than hiding the figures.  Exit status: 0
+when both halves of the target hold, 1 when not, 2 on bad input.
+
+usage:
+  python bench/bench_repeat.py                       # two default runs, files in ./repeat/
+  python bench/bench_repeat.py --out /tmp/r -- --ops softmax,gelu_tanh
+  python bench/bench_repeat.py --reuse A.json B.json # score two existing runs
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import subprocess
+import sys
+import time
+
+THRESHOLD_TICKS = 100_000   # rows the target covers: median >= this in both runs
+WITHIN = 0.03               # |B/A - 1| <= WITHIN
+CV_MAX = 0.02               # robust CV <= CV_MAX in both runs
+BUSY_NOT_IDLE = 0.10        # gate busy share above which the host was not idle
+
+
+def score(a: dict, b: dict, threshold: float = THRESHOLD_TICKS, within: float = WITHIN,
+          cv_max: float = CV_MAX) -> dict:
+    """Per-row agreement of two bench reports and the target's counts.
+
+    Rows are matched by (op, backend, shape, dtype, cold).  A row is covered when its
+    median is >= `threshold` ticks in either run; a covered row missing from the other
+    run fails both halves.  Returns {"rows": [...], "covered", "within", "cv_ok", "met",
+    "missing": [...]}.
+    """
+    from refimpl.timing.bench import _key
+    rb = {_key(r): r for r in b.get("results", [])}
+    ra = {_key(r): r for r in a.get("results", [])}
+    rows, missing = [], []
+    for k in list(ra) + [k for k in rb if k not in ra]:
+        x, y = ra.get(k), rb.get(k)
+        if x is None or y is None:
+            have = x or y
+            if have["median_ticks"] >= threshold:
+                missing.append(f"{have['op']}/{have['backend']} {have['shape']}: only in run {'A' if x else 'B'}")
+            continue
+        ma, mb = float(x["median_ticks"]), float(y["median_ticks"])
+        diff = mb / ma - 1 if ma > 0 else math.inf
+        covered = max(ma, mb) >= threshold
+        agree = abs(diff) <= within
+        cv_ok = max(float(x["cv"]), float(y["cv"])) <= cv_max
+        rows.append({"op": x["op"], "backend": x["backend"], "shape": x["shape"], "dtype": x["dtype"],
+                     "cold": bool(x.get("cold", False)), "median_a": ma, "median_b": mb, "diff": diff,
+                     "cv_a": float(x["cv"]), "cv_b": float(y["cv"]), "covered": covered,
+                     "within": agree, "cv_ok": cv_ok})
+    cov = [r for r in rows if r["covered"]]
+    n_within = sum(r["within"] for r in cov)
+    n_cv = sum(r["cv_ok"] for r in cov)
+    n = len(cov) + len(missing)
+    return {"rows": rows, "missing": missing, "covered": n, "within": n_within, "cv_ok": n_cv,
+            "met": n > 0 and n_within == n and n_cv == n,
+            "threshold": threshold, "within_tol": within, "cv_max": cv_max}
+
+
+def host(report: dict) -> dict:
+    """What the host did during one run, from its `noise` section (None where not recorded)."""
+    noise = report.get("noise") or {}
+    gate = noise.get("gate") or {}
+    n, q = gate.get("readings"), gate.get("quiet_readings")
+    return {"busy_share": (1 - q / n) if n else None, "busy_over_quiet": gate.get("busy_over_quiet"),
+            "other_cpus_busy": noise.get("other_cpus_busy"), "steal_s": noise.get("steal_s"),
+            "timing_wall_s": noise.get("timing_wall_s")}
+
+
+def _pct(x, spec="{:.0%}"):
+    return "n/a" if x is None else spec.format(x)
+
+
+def print_score(s: dict, hosts: tuple[dict, dict], out=None) -> None:
+    out = out or sys.stdout
+    p = lambda *a: print(*a, file=out)
+    p(f"{'op':10} {'shape':17} {'backend':7} {'median A':>11} {'median B':>11} {'B/A-1':>7} "
+      f"{'cv A':>6} {'cv B':>6}  misses")
+    for r in s["rows"]:
+        miss = ("" if r["within"] else f" diff>{s['within_tol']:.0%}") + ("" if r["cv_ok"] else f" cv>{s['cv_max']:.0%}")
+        p(f"{r['op']:10} {r['shape']:17} {r['backend']:7} {r['median_a']:11.0f} {r['median_b']:11.0f} "
+          f"{100 * r['diff']:+6.2f}% {100 * r['cv_a']:5.2f}% {100 * r['cv_b']:5.2f}% "
+          f"{' (below threshold)' if not r['covered'] else miss or ' -'}")
+    for m in s["missing"]:
+        p(f"missing: {m}")
+    for name, h in zip("AB", hosts):
+        p(f"host during run {name}: busy {_pct(h['busy_share'])} of the quiet gate's readings "
+          f"(those {_pct(h['busy_over_quiet'], '{:.2f}')}x slower), other CPUs busy {_pct(h['other_cpus_busy'])}, "
+          f"steal {_pct(h['steal_s'], '{:.2f}')} s in {_pct(h['timing_wall_s'], '{:.1f}')} s of timing")
+    n = s["covered"]
+    p(f"rows >= {s['threshold']:,.0f} ticks: {n}; medians within {s['within_tol']:.0%}: {s['within']}/{n}; "
+      f"CV <= {s['cv_max']:.0%} in both runs: {s['cv_ok']}/{n}")
+    busy = [h["busy_share"] for h in hosts if h["busy_share"] is not None]
+    idle = not busy or max(busy) <= BUSY_NOT_IDLE
+    p(f"repeatability target: {'MET' if s['met'] else 'NOT MET'}"
+      + ("" if idle else f" (the host was not idle: busy for up to {max(busy):.0%} of the gate's readings)"))
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", default="repeat", help="directory for the two JSON files (default ./repeat)")
+    ap.add_argument("--reuse", nargs=2, metavar=("A", "B"), help="score two existing bench JSON files")
+    ap.add_argument("--threshold", type=float, default=THRESHOLD_TICKS, help="ticks a row needs to be covered")
+    ap.add_argument("extra", nargs="*", help="after --: extra arguments for refimpl bench")
+    a = ap.parse_args(argv)
+    from refimpl.timing.bench import read_json
+    if a.reuse:
+        pa, pb = a.reuse
+    else:
+        os.makedirs(a.out, exist_ok=True)
+        stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime())
+        pa, pb = (os.path.join(a.out, f"{stamp}_{x}.json") for x in "AB")
+        for p in (pa, pb):
+            t0 = time.perf_counter()
+            cmd = [sys.executable, "-m", "refimpl", "bench", "--no-progress", "--json", p, *a.extra]
+            rc = subprocess.run(cmd, stdout=subprocess.DEVNULL).returncode
+            if rc != 0 or not os.path.exists(p):
+                print(f"bench_repeat: `{' '.join(cmd)}` exited with {rc}", file=sys.stderr)
+                return 2
+            print(f"{p}: {time.perf_counter() - t0:.1f} s")
+    try:
+        A, B = read_json(pa), read_json(pb)
+    except (OSError, ValueError) as e:
+        print(f"bench_repeat: {e}", file=sys.stderr)
+        return 2
+    for name, r in (("A", A), ("B", B)):
+        if not r.get("passed", True) or r.get("failed"):
+            print(f"bench_repeat: run {name} failed verification: nothing to compare", file=sys.stderr)
+            return 2
+    s = score(A, B, threshold=a.threshold)
+    print(f"A: {pa} ({A.get('created')})\nB: {pb} ({B.get('created')})")
+    print_score(s, (host(A), host(B)))
+    return 0 if s["met"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
