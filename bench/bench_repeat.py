@@ -47,7 +47,9 @@ def score(a: dict, b: dict, threshold: float = THRESHOLD_TICKS, within: float = 
     Rows are matched by (op, backend, shape, dtype, cold).  A row is covered when its
     median is >= `threshold` ticks in either run; a covered row missing from the other
     run fails both halves.  Returns {"rows": [...], "covered", "within", "cv_ok", "met",
-    "missing": [...]}.
+    "missing": [...], "within_core"}: `met` judges the medians in TSC ticks; `within_core`
+    counts the covered rows whose estimated core cycles (each run's ticks x its own core/TSC,
+    measured beside the rows) agree, which a change of the host's core clock does not move.
     """
     from refimpl.timing.bench import _key
     rb = {_key(r): r for r in b.get("results", [])}
@@ -62,11 +64,14 @@ def score(a: dict, b: dict, threshold: float = THRESHOLD_TICKS, within: float = 
             continue
         ma, mb = float(x["median_ticks"]), float(y["median_ticks"])
         diff = mb / ma - 1 if ma > 0 else math.inf
+        ca, cb = x.get("median_core_cycles"), y.get("median_core_cycles")
+        diff_core = cb / ca - 1 if ca and cb else None
         covered = max(ma, mb) >= threshold
         agree = abs(diff) <= within
         cv_ok = max(float(x["cv"]), float(y["cv"])) <= cv_max
         rows.append({"op": x["op"], "backend": x["backend"], "shape": x["shape"], "dtype": x["dtype"],
                      "cold": bool(x.get("cold", False)), "median_a": ma, "median_b": mb, "diff": diff,
+                     "diff_core": diff_core, "within_core": diff_core is not None and abs(diff_core) <= within,
                      "cv_a": float(x["cv"]), "cv_b": float(y["cv"]), "covered": covered,
                      "within": agree, "cv_ok": cv_ok})
     cov = [r for r in rows if r["covered"]]
@@ -74,6 +79,7 @@ def score(a: dict, b: dict, threshold: float = THRESHOLD_TICKS, within: float = 
     n_cv = sum(r["cv_ok"] for r in cov)
     n = len(cov) + len(missing)
     return {"rows": rows, "missing": missing, "covered": n, "within": n_within, "cv_ok": n_cv,
+            "within_core": sum(r["within_core"] for r in cov),
             "met": n > 0 and n_within == n and n_cv == n,
             "threshold": threshold, "within_tol": within, "cv_max": cv_max}
 
@@ -83,7 +89,9 @@ def host(report: dict) -> dict:
     noise = report.get("noise") or {}
     gate = noise.get("gate") or {}
     n, q = gate.get("readings"), gate.get("quiet_readings")
+    m = report.get("machine") or {}
     return {"busy_share": (1 - q / n) if n else None, "busy_over_quiet": gate.get("busy_over_quiet"),
+            "core_per_tsc": m.get("core_per_tsc"), "core_per_tsc_source": m.get("core_per_tsc_source"),
             "other_cpus_busy": noise.get("other_cpus_busy"), "steal_s": noise.get("steal_s"),
             "timing_wall_s": noise.get("timing_wall_s")}
 
@@ -95,22 +103,25 @@ def _pct(x, spec="{:.0%}"):
 def print_score(s: dict, hosts: tuple[dict, dict], out=None) -> None:
     out = out or sys.stdout
     p = lambda *a: print(*a, file=out)
-    p(f"{'op':10} {'shape':17} {'backend':7} {'median A':>11} {'median B':>11} {'B/A-1':>7} "
+    p(f"{'op':10} {'shape':17} {'backend':7} {'median A':>11} {'median B':>11} {'B/A-1':>7} {'in cyc':>7} "
       f"{'cv A':>6} {'cv B':>6}  misses")
     for r in s["rows"]:
         miss = ("" if r["within"] else f" diff>{s['within_tol']:.0%}") + ("" if r["cv_ok"] else f" cv>{s['cv_max']:.0%}")
         p(f"{r['op']:10} {r['shape']:17} {r['backend']:7} {r['median_a']:11.0f} {r['median_b']:11.0f} "
-          f"{100 * r['diff']:+6.2f}% {100 * r['cv_a']:5.2f}% {100 * r['cv_b']:5.2f}% "
+          f"{100 * r['diff']:+6.2f}% {_pct(r['diff_core'], '{:+7.2%}')} {100 * r['cv_a']:5.2f}% {100 * r['cv_b']:5.2f}% "
           f"{' (below threshold)' if not r['covered'] else miss or ' -'}")
     for m in s["missing"]:
         p(f"missing: {m}")
     for name, h in zip("AB", hosts):
         p(f"host during run {name}: busy {_pct(h['busy_share'])} of the quiet gate's readings "
           f"(those {_pct(h['busy_over_quiet'], '{:.2f}')}x slower), other CPUs busy {_pct(h['other_cpus_busy'])}, "
-          f"steal {_pct(h['steal_s'], '{:.2f}')} s in {_pct(h['timing_wall_s'], '{:.1f}')} s of timing")
+          f"steal {_pct(h['steal_s'], '{:.2f}')} s in {_pct(h['timing_wall_s'], '{:.1f}')} s of timing; "
+          f"core/TSC {_pct(h['core_per_tsc'], '{:.3f}')} ({h['core_per_tsc_source'] or 'not recorded'})")
     n = s["covered"]
     p(f"rows >= {s['threshold']:,.0f} ticks: {n}; medians within {s['within_tol']:.0%}: {s['within']}/{n}; "
       f"CV <= {s['cv_max']:.0%} in both runs: {s['cv_ok']}/{n}")
+    p(f"medians in est. core cycles (each run's ticks x its own core/TSC) within {s['within_tol']:.0%}: "
+      f"{s['within_core']}/{n} (a diagnostic: the target is judged in ticks)")
     busy = [h["busy_share"] for h in hosts if h["busy_share"] is not None]
     idle = not busy or max(busy) <= BUSY_NOT_IDLE
     p(f"repeatability target: {'MET' if s['met'] else 'NOT MET'}"

@@ -200,6 +200,38 @@ def test_bench_quiet_gate_reports_what_it_left_out():
     assert bench.run(ops=["softmax"], backends=["numpy"], quick=True, progress=False)["settings"]["gate"] is False
 
 
+def _chain_probe(monkeypatch, factor):
+    """The core_add_chain probe timed with `factor` x its adds: it reads core/TSC / factor."""
+    from refimpl.timing.harness import add_chain_ccall
+    probes = bench.machine_probes
+    monkeypatch.setattr(bench, "machine_probes", lambda: [
+        ("core_add_chain", add_chain_ccall(int(factor * bench.PROBE_ADDS)))] + probes()[1:])
+
+
+def test_core_cycles_use_the_add_chain_timed_beside_the_rows(monkeypatch):
+    _chain_probe(monkeypatch, 1.5)
+    rep = bench.run(ops=["softmax"], backends=["numpy", "c"], quick=True, progress=False)
+    m, cpt = rep["machine"], rep["noise"]["probes"]["core_add_chain"]["core_per_tsc"]
+    assert m["core_per_tsc_source"].startswith("core_add_chain") and m["core_per_tsc"] == cpt
+    assert cpt == pytest.approx(m["core_per_tsc_calibrated"] / 1.5, rel=0.2)
+    for r in rep["results"]:
+        assert r["median_core_cycles"] == pytest.approx(r["median_ticks"] * cpt)
+        assert r["flop_per_core_cycle"] == pytest.approx(r["flops"] / r["median_core_cycles"])
+        assert r["pct_peak"] == pytest.approx(
+            100 * r["flop_per_core_cycle"] / m["peak_flop_per_cycle"]["float32"])
+    assert not any("core/TSC" in w for w in rep["warnings"])
+
+
+def test_core_cycles_keep_the_calibration_when_the_probe_is_implausible(monkeypatch):
+    _chain_probe(monkeypatch, 8)          # reads 1/8 of the clock: a broken probe, not a clock
+    rep = bench.run(ops=["softmax"], backends=["numpy"], quick=True, progress=False)
+    m = rep["machine"]
+    assert m["core_per_tsc_source"] == "calibration" and m["core_per_tsc"] == m["core_per_tsc_calibrated"]
+    assert [r["median_core_cycles"] for r in rep["results"]] == pytest.approx(
+        [r["median_ticks"] * m["core_per_tsc"] for r in rep["results"]])
+    assert any("more than 2x away from the calibration" in w for w in rep["warnings"])
+
+
 def test_bench_rounds_option():
     rep = bench.run(ops=["softmax"], backends=["numpy"], quick=True, progress=False, rounds=3)
     assert rep["settings"]["rounds"] == 3 and [r["rounds"] for r in rep["results"]] == [3]

@@ -26,7 +26,7 @@ def br():
 
 def _row(op, backend, ticks, cv=0.01):
     return {"op": op, "backend": backend, "shape": "64x768", "dtype": "float32", "cold": False,
-            "median_ticks": ticks, "min_ticks": ticks * 0.95, "cv": cv, "flops": 1, "bytes": 1}
+            "median_ticks": ticks, "median_core_cycles": ticks * 1.4, "min_ticks": ticks * 0.95, "cv": cv, "flops": 1, "bytes": 1}
 
 
 def _report(rows, readings=100, quiet=100):
@@ -79,6 +79,18 @@ def test_a_covered_row_missing_from_one_run_fails(br):
 def test_no_covered_rows_is_not_met(br):
     small = [_row("rms_norm", "c", 14_000)]
     assert not br.score(_report(small), _report(copy.deepcopy(small)))["met"]
+
+
+def test_core_cycles_are_scored_beside_ticks(br):
+    """The host's core clock 20 % slower in run B: every row 1.2x the ticks at 1/1.2 the core/TSC."""
+    b = copy.deepcopy(BASE)
+    for r in b:
+        r["median_ticks"] *= 1.2
+    b[1]["median_core_cycles"] *= 1.05       # this row also moved in core cycles
+    s = br.score(_report(BASE), _report(b))
+    assert (s["within"], s["within_core"], s["met"]) == (0, 1, False)
+    assert [r["within_core"] for r in s["rows"][:2]] == [True, False]
+    assert s["rows"][1]["diff_core"] == pytest.approx(0.05)
 
 
 def test_host_reads_the_gate(br):

@@ -30,7 +30,10 @@ JSON schema "refimpl.bench/1" (`--json PATH`)
       peak_flop_per_cycle {dtype: FLOP per core cycle}, peak_source, caches,
       counter, tsc_hz, core_per_tsc, overhead_ticks, granularity_ticks,
       perf_available, perf_reason, blas (threadpoolctl), bandwidth
-      {level: {bytes, read, copy}} (B/tick),
+      {level: {bytes, read, copy}} (B/tick); core_per_tsc is the one every estimated
+      core-cycle figure of the run uses: after timing, the core_add_chain probe's (see
+      "noise"), with core_per_tsc_source saying which and core_per_tsc_calibrated the
+      one-shot calibration's (`core_clock`),
   "verification": [{op, backend, shape, dtype, passed, bound_ratio, max_ulp, nmse, error,
                     unsupported (present when a fast backend refuses the dtype with a
                     TypeError, as its contract allows for float64: not timed, not a failure)}],
@@ -65,7 +68,7 @@ JSON schema "refimpl.bench/1" (`--json PATH`)
       and cv_all (over every round, quiet or not; null without the gate), n, reps, rounds
       (the rows' own: the gate may add rounds), unstable, reasons,
       preempted (samples dropped: the thread was switched out during them),
-      median_core_cycles (estimated = ticks x core/TSC),
+      median_core_cycles (estimated = median_ticks x machine.core_per_tsc),
       flops, bytes, intensity, flop_per_tick, flop_per_core_cycle, pct_peak,
       bytes_per_tick, roofline_ticks, roofline_bound ("compute"|"memory"),
       roofline_level, measured_over_bound,
@@ -100,6 +103,7 @@ were quiet and how much slower the others were.
 """
 from __future__ import annotations
 
+import dataclasses
 import datetime as _dt
 import functools
 import json
@@ -517,6 +521,10 @@ def run(ops=None, backends=None, shapes=None, dtype="float32", cold=False, quick
                                         / probe.level if not all(probe.quiet) and probe.level > 0 else None)}
             pms, ms = ms[len(slots):], ms[:len(slots)]
             report["noise"]["probes"] = {nm: _probe_report(nm, t, m) for (nm, t), m in zip(probes, pms)}
+            machine, src, warn = core_clock(machine, report["noise"]["probes"].get("core_add_chain"))
+            report["machine"] = machine.as_dict() | src
+            if warn:
+                report["warnings"].append(warn)
             if report["noise"]["other_cpus_busy"] is not None and report["noise"]["other_cpus_busy"] > 0.2:
                 report["warnings"].append(
                     f"other CPUs of this machine were {report['noise']['other_cpus_busy']:.0%} busy while timing "
@@ -550,6 +558,29 @@ def machine_probes() -> list:
             ("l3_read", BufferRead(level_sizes().get("L3", 16 << 20)))]
 
 
+def core_clock(machine, probe: dict | None):
+    """(machine, source fields, warning) with core_per_tsc taken from the core_add_chain probe.
+
+    The calibration measures core/TSC once, before timing, in ~0.1 s; the probe is timed in
+    the same rounds as the rows, over the whole run.  On this shared host the core clock
+    moved by up to 22 % between back-to-back runs (the probe's core/TSC 1.40 in one run,
+    1.15 in the next, every row 22 % slower in TSC ticks with it), and a one-shot calibration
+    read 1.31 while its run's probe read 1.40.  Every estimated core-cycle figure of the run
+    (median_core_cycles, FLOP/cycle, % of peak, the roofline's compute roof in ticks) uses the
+    probe's value.  The calibration's stays as `core_per_tsc_calibrated`; it is used when the
+    probe did not run or read more than 2x away from it (a broken probe, not a clock)."""
+    cal = machine.core_per_tsc
+    val = (probe or {}).get("core_per_tsc")
+    src = {"core_per_tsc_calibrated": cal, "core_per_tsc_source": "calibration"}
+    if val is None:
+        return machine, src, None
+    if not (math.isfinite(val) and cal / 2 <= val <= cal * 2):
+        return machine, src, (f"core/TSC from the core_add_chain probe ({val:.3g}) is more than 2x away from "
+                               f"the calibration's ({cal:.3g}); core cycles use the calibration's")
+    src["core_per_tsc_source"] = "core_add_chain probe (same rounds as the rows)"
+    return dataclasses.replace(machine, core_per_tsc=float(val)), src, None
+
+
 def _probe_report(name, target, m) -> dict:
     d = {"median_ticks": m.median, "min_ticks": m.min, "cv": m.cv, "cv_raw": m.cv_raw, "n": m.n}
     if name == "core_add_chain":
@@ -579,7 +610,8 @@ def _row(case, backend, m, machine, cold) -> dict:
             "mean_ticks": m.mean, "cv": m.cv, "cv_raw": m.cv_raw, "n": m.n, "reps": m.reps, "rounds": m.rounds,
             "cv_within": m.cv_within, "round_medians": m.round_medians, "round_kept": m.round_kept,
             "quiet_rounds": m.quiet_rounds, "median_all_ticks": m.median_all, "cv_all": m.cv_all,
-            "unstable": m.unstable, "reasons": m.reasons, "preempted": m.preempted, "median_core_cycles": m.median_core,
+            "unstable": m.unstable, "reasons": m.reasons, "preempted": m.preempted,
+            "median_core_cycles": m.median * machine.core_per_tsc,
             "flops": case.work.flops, "bytes": case.work.bytes, "intensity": rf.intensity,
             "flop_per_tick": rf.flop_per_tick, "flop_per_core_cycle": rf.flop_per_core_cycle,
             "pct_peak": rf.pct_peak, "bytes_per_tick": rf.bytes_per_tick,
@@ -612,6 +644,13 @@ def fmt_count(x):
     return f"{x:.1f}"
 
 
+def _core_source(m: dict) -> str:
+    cal = m.get("core_per_tsc_calibrated")
+    if cal is None or m.get("core_per_tsc_source", "calibration") == "calibration":
+        return ""
+    return f"; from the add chain timed beside the rows, {cal:.3f} at calibration"
+
+
 def print_report(report: dict, console=None) -> None:
     from rich.console import Console
     from rich.table import Table
@@ -619,7 +658,7 @@ def print_report(report: dict, console=None) -> None:
     m = report["machine"]
     console.print(f"[bold]{m['cpu_model']}[/] ({m.get('uarch') or 'unknown uarch'}), counter {m['counter']} "
                   f"{m['tsc_hz'] / 1e9:.4f} GHz, core/TSC {m['core_per_tsc']:.3f} (est. core "
-                  f"{m['tsc_hz'] * m['core_per_tsc'] / 1e9:.2f} GHz), peak "
+                  f"{m['tsc_hz'] * m['core_per_tsc'] / 1e9:.2f} GHz{_core_source(m)}), peak "
                   f"{m['peak_flop_per_cycle'][report['settings']['dtype']]:g} FLOP/core cycle "
                   f"\\[{m['peak_source']}]; timer overhead {m['overhead_ticks']} ticks, step "
                   f"{m['granularity_ticks']}; PMU: {m['perf_reason'] if not m['perf_available'] else 'yes'}")
