@@ -279,6 +279,9 @@ def test_profile_smoke(tmp_path):
     assert total["ticks"] == pytest.approx(sum(r["ticks"] for r in rows.values() if r["summed"]))
     assert all(r["ticks"] > 0 for r in rows.values())
     assert total["roofline_ticks"] > 0
+    d = rep["backends"]["numpy"]           # core cycles at the core clock measured around the runs
+    assert d["core_per_tsc_source"].startswith("add chain timed before and after")
+    assert all(r["core_cycles"] == pytest.approx(r["ticks"] * d["core_per_tsc"]) for r in rows.values())
     out, png = tmp_path / "p.json", tmp_path / "p.png"
     plot = ["--plot", str(png)] if _have("matplotlib") else []
     assert main(["profile", "--backends", "numpy", "--prompt-len", "4", "--decode", "2", "--repeats", "1",

@@ -558,7 +558,7 @@ def machine_probes() -> list:
             ("l3_read", BufferRead(level_sizes().get("L3", 16 << 20)))]
 
 
-def core_clock(machine, probe: dict | None):
+def core_clock(machine, probe: dict | None, source: str = "core_add_chain probe (same rounds as the rows)"):
     """(machine, source fields, warning) with core_per_tsc taken from the core_add_chain probe.
 
     The calibration measures core/TSC once, before timing, in ~0.1 s; the probe is timed in
@@ -577,8 +577,15 @@ def core_clock(machine, probe: dict | None):
     if not (math.isfinite(val) and cal / 2 <= val <= cal * 2):
         return machine, src, (f"core/TSC from the core_add_chain probe ({val:.3g}) is more than 2x away from "
                                f"the calibration's ({cal:.3g}); core cycles use the calibration's")
-    src["core_per_tsc_source"] = "core_add_chain probe (same rounds as the rows)"
+    src["core_per_tsc_source"] = source
     return dataclasses.replace(machine, core_per_tsc=float(val)), src, None
+
+
+def core_per_tsc_now(budget_s: float = 0.05) -> float:
+    """Core/TSC from the add-chain probe timed now (the caller pins the thread)."""
+    from refimpl.timing.harness import add_chain_ccall, measure
+    m = measure(add_chain_ccall(PROBE_ADDS), pin=False, budget_s=budget_s)
+    return PROBE_ADDS / m.median if m.median > 0 else math.nan
 
 
 def _probe_report(name, target, m) -> dict:

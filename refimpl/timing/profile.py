@@ -38,9 +38,13 @@ bandwidth of the smallest cache level holding the model's weights), from
 JSON ("refimpl.profile/1", `--json PATH`): {schema, model, dtype, prompt_len,
 decode_steps, repeats, machine (as in bench), config, weight_bytes,
 skipped {backend: why}, backends {backend: {prefill: [row], decode: [row],
-prefill_per_layer_ticks_per_token {"layers.i.stage": ticks}, wall_s}}} with
-row = {stage, ticks, core_cycles (estimated), flops, bytes, roofline_ticks,
-bound, measured_over_bound, summed}; all per token; the last row is "total".
+prefill_per_layer_ticks_per_token {"layers.i.stage": ticks}, wall_s, core_per_tsc,
+core_per_tsc_source, core_per_tsc_calibrated}}} with row = {stage, ticks,
+core_cycles (estimated: ticks x the backend's core_per_tsc), flops, bytes,
+roofline_ticks, bound, measured_over_bound, summed}; all per token; the last row
+is "total".  core_per_tsc is the mean of an add-chain probe timed just before and
+just after the backend's runs (`bench.core_clock`: the host's core clock moves
+between runs, and the one-shot calibration at start-up read up to 7 % off).
 """
 from __future__ import annotations
 
@@ -265,7 +269,7 @@ def _load_model(path, dtype, backend):
 def run(path=None, backends=None, dtype="float32", prompt_len: int = 32, decode: int = 16,
         repeats: int = 3) -> dict:
     """Profile the model at `path` (or the built-in tiny Llama) on each backend."""
-    from refimpl.timing.bench import _Threads
+    from refimpl.timing.bench import _Threads, core_clock, core_per_tsc_now
     from refimpl.timing.harness import pinned
     from refimpl.timing.machine import describe
     from refimpl.kernels.registry import BACKENDS
@@ -291,18 +295,24 @@ def run(path=None, backends=None, dtype="float32", prompt_len: int = 32, decode:
                 continue
             cfg = model.config
             t0 = time.perf_counter()
+            cpt0 = core_per_tsc_now()
             meas = profile_model(model, prompt_len, decode, repeats)
+            mach, src, warn = core_clock(machine, {"core_per_tsc": (cpt0 + core_per_tsc_now()) / 2},
+                                         "add chain timed before and after this backend's runs")
+            if warn:
+                report.setdefault("warnings", []).append(f"{b}: {warn}")
             wb = weight_bytes(cfg, dtype)
             S_pre = prompt_len
             S_dec = prompt_len + max(decode, 1) // 2 + 1     # the middle decode step's context
             report["backends"][b] = {
                 "prefill": _stage_rows(meas["prefill"], analytic(cfg, prompt_len, S_pre, dtype), prompt_len,
-                                       machine, dtype, wb),
-                "decode": _stage_rows(meas["decode"], analytic(cfg, 1, S_dec, dtype), 1, machine, dtype, wb)
+                                       mach, dtype, wb),
+                "decode": _stage_rows(meas["decode"], analytic(cfg, 1, S_dec, dtype), 1, mach, dtype, wb)
                 if decode else [],
                 "prefill_per_layer_ticks_per_token": {k: v / prompt_len for k, v in meas["prefill_per_layer"].items()},
                 "decode_forward_untraced_ticks": meas["decode_forward_untraced"],
                 "fused_decode": bool(getattr(model, "fused_decode", False)),
+                "core_per_tsc": mach.core_per_tsc, **src,
                 "wall_s": time.perf_counter() - t0,
             }
     if cfg is None:
@@ -331,12 +341,15 @@ def print_report(report: dict, console=None) -> None:
                   f"prompt {report['prompt_len']} tokens, {report['decode_steps']} decode steps")
     for b, why in report["skipped"].items():
         console.print(f"[yellow]skipped {b}:[/] {why}")
+    for w in report.get("warnings", []):
+        console.print(f"[yellow]warning:[/] {w}")
     for b, d in report["backends"].items():
         for phase in ("prefill", "decode"):
             rows = d[phase]
             if not rows:
                 continue
-            t = Table(title=f"{b}: {phase}, per token (ticks = TSC ticks; cyc = est. core cycles)")
+            t = Table(title=f"{b}: {phase}, per token (ticks = TSC ticks; cyc = est. core cycles, "
+                            f"core/TSC {d.get('core_per_tsc', report['machine']['core_per_tsc']):.3f})")
             for col in ("stage", "ticks", "est. cyc", "FLOPs", "bytes", "roofline min", "bound", "measured/bound"):
                 t.add_column(col, justify="left" if col in ("stage", "bound") else "right")
             for r in rows:
