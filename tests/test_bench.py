@@ -183,6 +183,32 @@ def test_compare_separates_a_run_wide_shift_from_one_row():
     assert bench.run_shift(few) is None and {r["vs_shift"] for r in few} == {None}
 
 
+def test_compare_judges_core_cycles_when_both_runs_measured_their_clock(tmp_path, capsys):
+    """The host's core clock 20 % slower in the new run: every row 1.2x the ticks at the same core
+    cycles, and one row also 2x in core cycles (the code).  Only that row regresses in cycles."""
+    old = _synthetic()
+    for r in old["results"]:
+        r["median_core_cycles"] = r["median_ticks"] * 1.4
+    new = copy.deepcopy(old)
+    for r in new["results"]:
+        r["median_ticks"] *= 1.2
+    new["results"][1]["median_ticks"] *= 2.0
+    new["results"][1]["median_core_cycles"] *= 2.0
+    assert [r["core_ratio"] for r in bench.compare(old, new)] == [None, None]      # calibration only
+    for d in (old, new):
+        d["machine"] = {"core_per_tsc_source": "core_add_chain probe (same rounds as the rows)"}
+    out = bench.compare(old, new)
+    assert [r["verdict"] for r in out] == ["regression", "regression"]
+    assert [r["verdict_core"] for r in out] == ["same", "regression"]
+    assert [r["core_ratio"] for r in out] == pytest.approx([1.0, 2.0])
+    po, pn = tmp_path / "old.json", tmp_path / "new.json"
+    po.write_text(json.dumps(old))
+    pn.write_text(json.dumps(new))
+    assert main(["bench", "compare", str(po), str(pn)]) == 1        # the exit status follows ticks
+    assert "in estimated core cycles (each run's ticks x the core/TSC measured beside its rows): " \
+           "1 regression(s)" in " ".join(capsys.readouterr().out.split())
+
+
 def test_bench_quiet_gate_reports_what_it_left_out():
     rep = bench.run(ops=["softmax"], backends=["numpy", "c"], quick=True, progress=False, rounds=6)
     assert rep["settings"]["gate"] is True

@@ -791,10 +791,15 @@ def compare(old: dict, new: dict, sigmas: float = 3.0, min_change: float = 0.05)
     runs differ by more than one run's sample noise (frequency, placement).
     With >= SHIFT_MIN_ROWS rows, each row also carries `vs_shift` (its ratio over the
     run-wide shift, `run_shift`) and `verdict_vs_shift` (the same test on that): what
-    moved the row against the others.  The exit status of `refimpl bench compare`
-    follows `verdict` only.
+    moved the row against the others.  When both runs measured their core clock beside
+    the rows (machine.core_per_tsc_source, `core_clock`), each row also carries
+    `core_ratio` (new / old estimated core cycles) and `verdict_core`: a change of the
+    host's core clock (22 % between two back-to-back runs, measured here) moves every
+    row's ticks but not its core cycles, while a change of the code moves both.  Else
+    those two are None.  The exit status of `refimpl bench compare` follows `verdict` only.
     """
     olds = {_key(r): r for r in old.get("results", [])}
+    cycles = _probe_clock(old) and _probe_clock(new)
     out = []
     for r in new.get("results", []):
         o = olds.get(_key(r))
@@ -807,11 +812,20 @@ def compare(old: dict, new: dict, sigmas: float = 3.0, min_change: float = 0.05)
         out.append({"op": r["op"], "backend": r["backend"], "shape": r["shape"], "dtype": r["dtype"],
                     "cold": bool(r.get("cold", False)), "old_ticks": o["median_ticks"],
                     "new_ticks": r["median_ticks"], "ratio": ratio, "threshold": thr, "verdict": verdict})
+        co, cn = o.get("median_core_cycles"), r.get("median_core_cycles")
+        core = cn / co if cycles and co and cn else None
+        out[-1]["core_ratio"] = core
+        out[-1]["verdict_core"] = _verdict(core, thr) if core is not None else None
     shift = run_shift(out)
     for row in out:
         row["vs_shift"] = row["ratio"] / shift["ratio"] if shift else None
         row["verdict_vs_shift"] = (_verdict(row["vs_shift"], row["threshold"]) if shift else None)
     return out
+
+
+def _probe_clock(report: dict) -> bool:
+    """Whether the run's core cycles use a core clock measured beside its rows."""
+    return (report.get("machine") or {}).get("core_per_tsc_source", "calibration") != "calibration"
 
 
 def _verdict(ratio: float, thr: float) -> str:
@@ -852,6 +866,9 @@ def print_compare(rows, console=None, probes: dict | None = None) -> None:
     cols = ["op", "shape", "backend", "dtype", "old", "new", "ratio", "noise thr", "verdict"]
     if shift:
         cols += ["ratio / shift", "against the others"]
+    cyc = any(r.get("core_ratio") is not None for r in rows)
+    if cyc:
+        cols += ["cyc ratio", "in core cycles"]
     for col in cols:
         t.add_column(col)
 
@@ -865,6 +882,8 @@ def print_compare(rows, console=None, probes: dict | None = None) -> None:
                  f"±{r['threshold']:.1%}", paint(r["verdict"])]
         if shift:
             cells += [f"{r['vs_shift']:.3f}", paint(r["verdict_vs_shift"])]
+        if cyc:
+            cells += [_fmt(r.get("core_ratio"), "{:.3f}"), paint(r.get("verdict_core") or "-")]
         t.add_row(*cells)
     console.print(t)
     n_reg = sum(r["verdict"] == "regression" for r in rows)
@@ -874,6 +893,10 @@ def print_compare(rows, console=None, probes: dict | None = None) -> None:
                       f"{shift['n']} rows slower, {shift['faster']} faster); 'against the others' judges each "
                       "row's ratio / shift with the same threshold (the host, or a change common to every kernel, "
                       "moves all rows alike)")
+    if cyc:
+        console.print(f"in estimated core cycles (each run's ticks x the core/TSC measured beside its rows): "
+                      f"{sum(r.get('verdict_core') == 'regression' for r in rows)} regression(s); a row slower in "
+                      "ticks but not in core cycles was slowed by the host's clock, not by the code")
     if probes:
         console.print("machine probes, new / old median ticks: " + ", ".join(
             f"{k} {v:.3f}" for k, v in probes.items()) + " (a shift here moved every row: the machine, not the code)")
