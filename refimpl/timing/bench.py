@@ -564,8 +564,8 @@ def core_clock(machine, probe: dict | None, source: str = "core_add_chain probe 
     The calibration measures core/TSC once, before timing, in ~0.1 s; the probe is timed in
     the same rounds as the rows, over the whole run.  On this shared host the core clock
     moved by up to 22 % between back-to-back runs (the probe's core/TSC 1.40 in one run,
-    1.15 in the next, every row 22 % slower in TSC ticks with it), and a one-shot calibration
-    read 1.31 while its run's probe read 1.40.  Every estimated core-cycle figure of the run
+    1.15 in the next, every row 22 % slower in TSC ticks with it), and the one-shot calibration
+    differed from its own run's probe by 0-8 % (12 runs; 7-8 % in three).  Every estimated core-cycle figure of the run
     (median_core_cycles, FLOP/cycle, % of peak, the roofline's compute roof in ticks) uses the
     probe's value.  The calibration's stays as `core_per_tsc_calibrated`; it is used when the
     probe did not run or read more than 2x away from it (a broken probe, not a clock)."""

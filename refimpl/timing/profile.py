@@ -44,7 +44,8 @@ core_cycles (estimated: ticks x the backend's core_per_tsc), flops, bytes,
 roofline_ticks, bound, measured_over_bound, summed}; all per token; the last row
 is "total".  core_per_tsc is the mean of an add-chain probe timed just before and
 just after the backend's runs (`bench.core_clock`: the host's core clock moves
-between runs, and the one-shot calibration at start-up read up to 7 % off).
+between runs, and the one-shot calibration at start-up differed from a probe timed
+through the following run by up to 8 %).
 """
 from __future__ import annotations
 
