@@ -49,9 +49,11 @@ def score(a: dict, b: dict, threshold: float = THRESHOLD_TICKS, within: float = 
     run fails both halves.  Returns {"rows": [...], "covered", "within", "cv_ok", "met",
     "missing": [...], "within_core"}: `met` judges the medians in TSC ticks; `within_core`
     counts the covered rows whose estimated core cycles (each run's ticks x its own core/TSC,
-    measured beside the rows) agree, which a change of the host's core clock does not move.
+    measured beside the rows) agree, which a change of the host's core clock does not move
+    (0 unless both runs measured their clock so: `refimpl.timing.bench.compare`'s rule).
     """
-    from refimpl.timing.bench import _key
+    from refimpl.timing.bench import _key, _probe_clock
+    cycles = _probe_clock(a) and _probe_clock(b)
     rb = {_key(r): r for r in b.get("results", [])}
     ra = {_key(r): r for r in a.get("results", [])}
     rows, missing = [], []
@@ -65,7 +67,7 @@ def score(a: dict, b: dict, threshold: float = THRESHOLD_TICKS, within: float = 
         ma, mb = float(x["median_ticks"]), float(y["median_ticks"])
         diff = mb / ma - 1 if ma > 0 else math.inf
         ca, cb = x.get("median_core_cycles"), y.get("median_core_cycles")
-        diff_core = cb / ca - 1 if ca and cb else None
+        diff_core = cb / ca - 1 if cycles and ca and cb else None
         covered = max(ma, mb) >= threshold
         agree = abs(diff) <= within
         cv_ok = max(float(x["cv"]), float(y["cv"])) <= cv_max
@@ -106,9 +108,11 @@ def print_score(s: dict, hosts: tuple[dict, dict], out=None) -> None:
     p(f"{'op':10} {'shape':17} {'backend':7} {'median A':>11} {'median B':>11} {'B/A-1':>7} {'in cyc':>7} "
       f"{'cv A':>6} {'cv B':>6}  misses")
     for r in s["rows"]:
-        miss = ("" if r["within"] else f" diff>{s['within_tol']:.0%}") + ("" if r["cv_ok"] else f" cv>{s['cv_max']:.0%}")
+        miss = ("" if r["within"] else f" diff>{s['within_tol']:.0%}") + \
+               ("" if r["cv_ok"] else f" cv>{s['cv_max']:.0%}")
         p(f"{r['op']:10} {r['shape']:17} {r['backend']:7} {r['median_a']:11.0f} {r['median_b']:11.0f} "
-          f"{100 * r['diff']:+6.2f}% {_pct(r['diff_core'], '{:+7.2%}')} {100 * r['cv_a']:5.2f}% {100 * r['cv_b']:5.2f}% "
+          f"{100 * r['diff']:+6.2f}% {_pct(r['diff_core'], '{:+7.2%}')} "
+          f"{100 * r['cv_a']:5.2f}% {100 * r['cv_b']:5.2f}% "
           f"{' (below threshold)' if not r['covered'] else miss or ' -'}")
     for m in s["missing"]:
         p(f"missing: {m}")

@@ -31,6 +31,7 @@ def _row(op, backend, ticks, cv=0.01):
 
 def _report(rows, readings=100, quiet=100):
     return {"schema": SCHEMA, "created": "2026-11-28T00:00:00+00:00", "passed": True, "results": rows,
+            "machine": {"core_per_tsc": 1.4, "core_per_tsc_source": "core_add_chain probe (same rounds as the rows)"},
             "noise": {"timing_wall_s": 25.0, "other_cpus_busy": 0.01, "steal_s": 0.0,
                       "gate": {"readings": readings, "quiet_readings": quiet, "busy_over_quiet": 1.6}}}
 
@@ -91,6 +92,10 @@ def test_core_cycles_are_scored_beside_ticks(br):
     assert (s["within"], s["within_core"], s["met"]) == (0, 1, False)
     assert [r["within_core"] for r in s["rows"][:2]] == [True, False]
     assert s["rows"][1]["diff_core"] == pytest.approx(0.05)
+    old = _report(BASE)
+    old["machine"]["core_per_tsc_source"] = "calibration"      # a one-shot clock: no cycle verdicts
+    s = br.score(old, _report(b))
+    assert s["within_core"] == 0 and {r["diff_core"] for r in s["rows"]} == {None}
 
 
 def test_host_reads_the_gate(br):

@@ -92,6 +92,8 @@ def test_step_rejects_bad_input():
         decode_step(Model(tiny_config("classic"), random_params(tiny_config("classic")), "float32", backend="c"))
     with pytest.raises(ValueError, match="float32 llama or gpt2"):
         decode_step(Model(cfg, random_params(cfg), "float64"))
+    with pytest.raises(ValueError, match="got gpt2 float32"):      # a step built for the wrong arch
+        LlamaDecodeStep(_models("gpt2")[2])
 
 
 def test_traced_and_prefill_calls_take_the_python_path():

@@ -12,11 +12,11 @@ always 0.
 (mod 4 KiB) after the input it is computed from: a load whose address matches the low
 12 bits of a pending store waits for it ("4K aliasing").  Measured, 30 interleaved
 rounds (10th percentile of the rounds' medians): C gelu_tanh (64, 3072) ran 205k ticks
-with its output 0 or 256-4032 bytes after x, 224k at 128 bytes and 264k (+29 %) at 64; where NumPy's allocator put the
-output changed from process to process, and so did the kernel's speed.  The Numba
-GEMV, which adds each row of B into the output block, ran 423-436k ticks (median of
-25 rounds' medians) with the output 1-3 KiB after B and 495-534k at 0-256 bytes.  Every C and Numba wrapper
-allocates its outputs this way.
+with its output 0 or 256-4032 bytes after x, 224k at 128 bytes and 264k (+29 %) at 64;
+where NumPy's allocator put the output changed from process to process, and so did the
+kernel's speed.  The Numba GEMV, which adds each row of B into the output block, ran
+423-436k ticks (median of 25 rounds' medians) with the output 1-3 KiB after B and
+495-534k at 0-256 bytes.  Every C and Numba wrapper allocates its outputs this way.
 """
 from __future__ import annotations
 

@@ -32,10 +32,14 @@ def _ptr(what: str, a: np.ndarray, shape: tuple, writable: bool = False):
 
 def decode_step(model, reference: bool = False):
     """The C decode step for `model` (a float32 llama or gpt2 Model)."""
-    arch = model.config.arch
-    if arch not in _STEPS or model.dtype != np.float32:
-        raise ValueError(f"C decode step: needs a float32 llama or gpt2 model, got {arch} {model.dtype}")
-    return _STEPS[arch](model, reference)
+    if model.config.arch not in _STEPS:
+        raise _refused(model)
+    return _STEPS[model.config.arch](model, reference)
+
+
+def _refused(model) -> ValueError:
+    return ValueError(f"C decode step: needs a float32 {' or '.join(_STEPS)} model, "
+                      f"got {model.config.arch} {model.dtype}")
 
 
 class _DecodeStep:
@@ -43,10 +47,12 @@ class _DecodeStep:
     filled at that position; the caller advances cache.length).  `reference=True` composes the
     naive _ref kernels instead of the fast ones (slow; for tests)."""
 
-    layer_type = ""
+    arch, layer_type = None, ""
 
     def __init__(self, model):
         c = model.config
+        if c.arch != self.arch or model.dtype != np.float32:
+            raise _refused(model)
         self.model, self.V, self.S = model, c.vocab_size, c.max_seq_len
         self.dims = ffi.new("rf_decode_dims *", dict(
             D=c.d_model, H=c.n_heads, Hkv=c.n_kv_heads, Dh=c.head_dim, F=c.d_ff, V=c.vocab_size,
@@ -90,7 +96,7 @@ class _DecodeStep:
 
 
 class LlamaDecodeStep(_DecodeStep):
-    layer_type = "rf_llama_layer"
+    arch, layer_type = "llama", "rf_llama_layer"
 
     def __init__(self, model, reference: bool = False):
         super().__init__(model)
@@ -118,7 +124,7 @@ class LlamaDecodeStep(_DecodeStep):
 
 
 class GPT2DecodeStep(_DecodeStep):
-    layer_type = "rf_gpt2_layer"
+    arch, layer_type = "gpt2", "rf_gpt2_layer"
 
     def __init__(self, model, reference: bool = False):
         super().__init__(model)

@@ -564,11 +564,12 @@ def core_clock(machine, probe: dict | None, source: str = "core_add_chain probe 
     The calibration measures core/TSC once, before timing, in ~0.1 s; the probe is timed in
     the same rounds as the rows, over the whole run.  On this shared host the core clock
     moved by up to 22 % between back-to-back runs (the probe's core/TSC 1.40 in one run,
-    1.15 in the next, every row 22 % slower in TSC ticks with it), and the one-shot calibration
-    differed from its own run's probe by 0-8 % (12 runs; 7-8 % in three).  Every estimated core-cycle figure of the run
-    (median_core_cycles, FLOP/cycle, % of peak, the roofline's compute roof in ticks) uses the
-    probe's value.  The calibration's stays as `core_per_tsc_calibrated`; it is used when the
-    probe did not run or read more than 2x away from it (a broken probe, not a clock)."""
+    1.15 in the next, every row 22 % slower in TSC ticks with it), and the one-shot
+    calibration differed from its own run's probe by 0-8 % (12 runs; 7-8 % in three).
+    Every estimated core-cycle figure of the run (median_core_cycles, FLOP/cycle, % of
+    peak, the roofline's compute roof in ticks) uses the probe's value.  The calibration's
+    stays as `core_per_tsc_calibrated`; it is used when the probe did not run or read more
+    than 2x away from it (a broken probe, not a clock)."""
     cal = machine.core_per_tsc
     val = (probe or {}).get("core_per_tsc")
     src = {"core_per_tsc_calibrated": cal, "core_per_tsc_source": "calibration"}
@@ -581,17 +582,21 @@ def core_clock(machine, probe: dict | None, source: str = "core_add_chain probe 
     return dataclasses.replace(machine, core_per_tsc=float(val)), src, None
 
 
-def core_per_tsc_now(budget_s: float = 0.05) -> float:
+def _chain_core_per_tsc(median_ticks: float) -> float | None:
+    """Core cycles per tick from the median ticks of the PROBE_ADDS dependent adds (1 cycle each)."""
+    return PROBE_ADDS / median_ticks if median_ticks > 0 else None
+
+
+def core_per_tsc_now(budget_s: float = 0.05) -> float | None:
     """Core/TSC from the add-chain probe timed now (the caller pins the thread)."""
     from refimpl.timing.harness import add_chain_ccall, measure
-    m = measure(add_chain_ccall(PROBE_ADDS), pin=False, budget_s=budget_s)
-    return PROBE_ADDS / m.median if m.median > 0 else math.nan
+    return _chain_core_per_tsc(measure(add_chain_ccall(PROBE_ADDS), pin=False, budget_s=budget_s).median)
 
 
 def _probe_report(name, target, m) -> dict:
     d = {"median_ticks": m.median, "min_ticks": m.min, "cv": m.cv, "cv_raw": m.cv_raw, "n": m.n}
     if name == "core_add_chain":
-        d["core_per_tsc"] = PROBE_ADDS / m.median if m.median > 0 else None
+        d["core_per_tsc"] = _chain_core_per_tsc(m.median)
     else:
         d["bytes"] = target.nbytes
         d["bytes_per_tick"] = target.nbytes / m.median if m.median > 0 else None

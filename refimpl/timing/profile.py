@@ -298,7 +298,8 @@ def run(path=None, backends=None, dtype="float32", prompt_len: int = 32, decode:
             t0 = time.perf_counter()
             cpt0 = core_per_tsc_now()
             meas = profile_model(model, prompt_len, decode, repeats)
-            mach, src, warn = core_clock(machine, {"core_per_tsc": (cpt0 + core_per_tsc_now()) / 2},
+            clocks = [x for x in (cpt0, core_per_tsc_now()) if x is not None]
+            mach, src, warn = core_clock(machine, {"core_per_tsc": sum(clocks) / len(clocks)} if clocks else None,
                                          "add chain timed before and after this backend's runs")
             if warn:
                 report.setdefault("warnings", []).append(f"{b}: {warn}")
