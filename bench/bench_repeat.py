@@ -7,8 +7,10 @@ have CV <= 2 %.
 
 This script runs `refimpl bench --no-progress --json` twice, back to back, in fresh
 processes (as a user would), or scores two files you already have (`--reuse A B`),
-and prints, per row: both medians, B/A - 1, both robust CVs and which half of the
-target the row misses.  Then the counts over the rows >= the threshold, and what the
+and prints, per row: both medians, B/A - 1, both robust CVs, which half of the
+target the row misses, and its page faults per call in both runs when either had one
+or more (a buffer mapped again on every call: a per-process state of the allocator
+that can change a row's time between runs).  Then the counts over the rows >= the threshold, and what the
 host was doing during each run, from the runs' own `noise` sections:
 
   - the quiet gate's busy share (probe readings more than 10 % above the run's quiet
@@ -37,6 +39,7 @@ import time
 THRESHOLD_TICKS = 100_000   # rows the target covers: median >= this in both runs
 WITHIN = 0.03               # |B/A - 1| <= WITHIN
 CV_MAX = 0.02               # robust CV <= CV_MAX in both runs
+FAULTS_NOTE = 0.5           # page faults per call shown beside a row from this many
 BUSY_NOT_IDLE = 0.10        # gate busy share above which the host was not idle
 
 
@@ -75,7 +78,8 @@ def score(a: dict, b: dict, threshold: float = THRESHOLD_TICKS, within: float = 
                      "cold": bool(x.get("cold", False)), "median_a": ma, "median_b": mb, "diff": diff,
                      "diff_core": diff_core, "within_core": diff_core is not None and abs(diff_core) <= within,
                      "cv_a": float(x["cv"]), "cv_b": float(y["cv"]), "covered": covered,
-                     "within": agree, "cv_ok": cv_ok})
+                     "within": agree, "cv_ok": cv_ok,
+                     "faults_a": x.get("faults_per_call"), "faults_b": y.get("faults_per_call")})
     cov = [r for r in rows if r["covered"]]
     n_within = sum(r["within"] for r in cov)
     n_cv = sum(r["cv_ok"] for r in cov)
@@ -110,6 +114,9 @@ def print_score(s: dict, hosts: tuple[dict, dict], out=None) -> None:
     for r in s["rows"]:
         miss = ("" if r["within"] else f" diff>{s['within_tol']:.0%}") + \
                ("" if r["cv_ok"] else f" cv>{s['cv_max']:.0%}")
+        fa, fb = r["faults_a"], r["faults_b"]
+        if max(fa or 0, fb or 0) >= FAULTS_NOTE:     # a page fault per call or more: part of the time
+            miss += f" (page faults/call {_pct(fa, '{:.1f}')} -> {_pct(fb, '{:.1f}')})"
         p(f"{r['op']:10} {r['shape']:17} {r['backend']:7} {r['median_a']:11.0f} {r['median_b']:11.0f} "
           f"{100 * r['diff']:+6.2f}% {_pct(r['diff_core'], '{:+7.2%}')} "
           f"{100 * r['cv_a']:5.2f}% {100 * r['cv_b']:5.2f}% "

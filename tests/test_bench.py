@@ -95,6 +95,7 @@ def test_bench_smoke_and_json_schema(quick_json):
         for k in need:
             assert k in r, k
         assert r["min_ticks"] <= r["median_ticks"]
+        assert r["faults_per_call"] is None or r["faults_per_call"] >= 0
         if r["backend"] == "numpy":
             assert r["vs_numpy"] == pytest.approx(1.0)
     assert all(v["passed"] for v in d["verification"] if v["backend"] != "torch")

@@ -1,6 +1,7 @@
 """bench/bench_repeat.py: scoring two bench reports against the repeatability target (no timing)."""
 import copy
 import importlib.util
+import io
 import json
 import pathlib
 import sys
@@ -121,3 +122,18 @@ def test_main_exit_status_and_host_line(br, tmp_path, capsys):
     pc.write_text("{}")
     assert br.main(["--reuse", str(pa), str(pc)]) == 2
     assert "not a refimpl bench file" in capsys.readouterr().err
+
+
+def test_page_faults_per_call_shown_beside_a_row(br):
+    a, b = copy.deepcopy(BASE), copy.deepcopy(BASE)
+    a[1]["faults_per_call"], b[1]["faults_per_call"] = 0.01, 60.0     # an output mapped again per call
+    b[1]["median_ticks"] = 800_000
+    a[0]["faults_per_call"] = b[0]["faults_per_call"] = 0.01
+    s = br.score(_report(a), _report(b))
+    assert (s["rows"][1]["faults_a"], s["rows"][1]["faults_b"]) == (0.01, 60.0)
+    out = io.StringIO()
+    br.print_score(s, (br.host(_report(a)), br.host(_report(b))), out=out)
+    text = out.getvalue().splitlines()
+    assert text[2].endswith("diff>3% (page faults/call 0.0 -> 60.0)")
+    assert text[1].endswith(" -")                                   # a row without faults: nothing added
+    assert br.score(_report(BASE), _report(BASE))["rows"][0]["faults_a"] is None   # files without the field

@@ -437,6 +437,25 @@ def test_measure_keeps_its_fields_and_one_round():
     assert "samples" in m.as_dict(samples=True)
 
 
+@pytest.mark.skipif(harness._RUSAGE_THREAD is None, reason="no per-thread getrusage on this platform")
+def test_page_faults_per_call_counted_inside_the_samples():
+    import mmap
+    pages = 16
+
+    def fresh_pages():                 # maps 16 pages the process never had, touches each, gives them back
+        with mmap.mmap(-1, pages * mmap.PAGESIZE) as mm:
+            for i in range(pages):
+                mm[i * mmap.PAGESIZE] = 1
+    m = harness.measure(fresh_pages, budget_s=0.02, min_samples=10)
+    assert pages <= m.faults_per_call < pages + 2
+    buf = bytearray(pages * mmap.PAGESIZE)
+
+    def same_pages():                  # touches pages already mapped
+        for i in range(pages):
+            buf[i * mmap.PAGESIZE] = 1
+    assert harness.measure(same_pages, budget_s=0.02, min_samples=10).faults_per_call < 0.5
+
+
 def test_busy_fraction_of_other_cpus():
     before = {0: (100, 1000), 1: (50, 1000)}
     after = {0: (180, 1100), 1: (60, 1100)}

@@ -68,6 +68,10 @@ JSON schema "refimpl.bench/1" (`--json PATH`)
       and cv_all (over every round, quiet or not; null without the gate), n, reps, rounds
       (the rows' own: the gate may add rounds), unstable, reasons,
       preempted (samples dropped: the thread was switched out during them),
+      faults_per_call (page faults, minor + major, per call inside the timed samples: an
+      output buffer the allocator gave back to the kernel and maps again on every call
+      costs ~1-4k ticks per 4 KiB page on this VM; null where getrusage has no per-thread
+      figures),
       median_core_cycles (estimated = median_ticks x machine.core_per_tsc),
       flops, bytes, intensity, flop_per_tick, flop_per_core_cycle, pct_peak,
       bytes_per_tick, roofline_ticks, roofline_bound ("compute"|"memory"),
@@ -126,6 +130,7 @@ DEFAULT_ROUNDS = 40     # slices each row's budget is split into (round-robin ov
                         # so the quiet gate finds enough quiet ones when the host is busy half the time
 DEFAULT_BUDGET_S = 0.4  # seconds of samples per row (before the gate leaves the busy slices out)
 QUICK_ROUNDS = 2
+FAULTS_NOTE = 0.5       # rows with at least this many page faults per call are listed under the table
 MAX_SAMPLES = 20000     # per row: high enough that the time budget, not a count, ends a fast row's sampling
 GATE_EXTRA_S = 15.0     # extra rounds for rows the quiet gate left short of quiet ones: at most this
                         # long, and at most the planned sample time (budget x targets)
@@ -623,6 +628,7 @@ def _row(case, backend, m, machine, cold) -> dict:
             "cv_within": m.cv_within, "round_medians": m.round_medians, "round_kept": m.round_kept,
             "quiet_rounds": m.quiet_rounds, "median_all_ticks": m.median_all, "cv_all": m.cv_all,
             "unstable": m.unstable, "reasons": m.reasons, "preempted": m.preempted,
+            "faults_per_call": m.faults_per_call,
             "median_core_cycles": m.median * machine.core_per_tsc,
             "flops": case.work.flops, "bytes": case.work.bytes, "intensity": rf.intensity,
             "flop_per_tick": rf.flop_per_tick, "flop_per_core_cycle": rf.flop_per_core_cycle,
@@ -728,6 +734,10 @@ def print_report(report: dict, console=None) -> None:
             console.print(f"machine probes (same rounds): core/TSC {_fmt(core.get('core_per_tsc'), '{:.3f}')} "
                           f"(cv {_fmt(core.get('cv'), '{:.1%}')}), L3 read {_fmt(l3.get('bytes_per_tick'), '{:.1f}')} "
                           f"B/tick (cv {_fmt(l3.get('cv'), '{:.1%}')})")
+    faulting = [r for r in report["results"] if (r.get("faults_per_call") or 0) >= FAULTS_NOTE]
+    if faulting:
+        console.print("page faults per call (each maps a 4 KiB page again: part of the row's time): " + "; ".join(
+            f"{r['op']}/{r['backend']} {r['shape']} {r['faults_per_call']:.1f}" for r in faulting))
     unstable = [r for r in report["results"] if r["unstable"]]
     if unstable:
         console.print("[red]![/] unstable: " + "; ".join(

@@ -21,6 +21,9 @@ Recipe (design.md "Timing on bare CPUs"):
      process too: it is dropped and counted in `preempted`; sampling goes on
      until `min_samples` clean samples exist (or 4 x the budget has passed,
      then the preempted ones are kept and the run is flagged);
+  4c. the same getrusage call counts the thread's page faults around each sample:
+     `faults_per_call` (a buffer the allocator returned to the kernel and maps
+     again on every call pays for each page, on this VM ~1-4k ticks per 4 KiB);
   5. per-call ticks of a sample = (sample ticks - region overhead) / reps,
      where the region overhead is the calibrated empty-region minimum (C
      loop) or the empty-loop minimum measured from Python (Python targets);
@@ -127,6 +130,7 @@ class Measurement:
     quiet_rounds: int | None = None  # slices the gate found quiet (None: no gate)
     median_all: float | None = None  # median and robust CV over every slice, quiet or not (None: no gate)
     cv_all: float | None = None
+    faults_per_call: float | None = None  # page faults per call inside the samples (None: unknown)
 
     @property
     def median_core(self) -> float:
@@ -222,11 +226,14 @@ def flush_caches() -> None:
 # --------------------------------------------------------------- sampling
 
 
-def _switches() -> int:
-    """Involuntary context switches of this thread so far (-1 if unknown)."""
+def _switches() -> tuple[int, int]:
+    """(involuntary context switches, page faults) of this thread so far ((-1, -1) if unknown).
+    Page faults are minor + major: a minor fault maps a page the process had given back to
+    the kernel (an output buffer freed and allocated again per call), ~1-4k ticks each here."""
     if _RUSAGE_THREAD is None:
-        return -1
-    return resource.getrusage(_RUSAGE_THREAD).ru_nivcsw
+        return -1, -1
+    ru = resource.getrusage(_RUSAGE_THREAD)
+    return ru.ru_nivcsw, ru.ru_minflt + ru.ru_majflt
 
 _PY_OVERHEAD: float | None = None
 
@@ -342,6 +349,8 @@ class Sampler:
         self.wall = 0.0
         self.slices = 0
         self.sizes: list[int] = []
+        self.faults = 0           # page faults inside the timed samples (rewarm excluded)
+        self.calls = 0            # calls inside those samples
 
     def warm(self, warmup_s: float = 0.02, warmup_calls: int = 2) -> None:
         """Call until `warmup_s` has passed (>= warmup_calls calls); size the inner repetitions."""
@@ -375,9 +384,9 @@ class Sampler:
         while len(self.per_call) - n0 < max_samples:
             if self.cold:
                 flush_caches()
-            sw0 = _switches()
+            sw0, pf0 = _switches()
             t, ca, cb = region(r)
-            sw1 = _switches()
+            sw1, pf1 = _switches()
             if warm_left > 0 or (rewarm_s > 0 and deadline == math.inf and time.perf_counter() < warm_end):
                 warm_left -= 1
                 continue
@@ -391,6 +400,8 @@ class Sampler:
                 self.migrations += 1
             x = (t - self.overhead) / r
             (self.dropped if sw1 != sw0 else self.per_call).append(x)
+            self.faults += pf1 - pf0
+            self.calls += r
             n, now = len(self.per_call) - n0, time.perf_counter()
             if n >= min_samples and now >= deadline:
                 break
@@ -447,7 +458,9 @@ class Sampler:
                            wall_s=self.wall, unstable=bool(reasons), reasons=reasons,
                            core_per_tsc=self.cal.core_per_tsc, samples=per_call, rounds=self.slices,
                            round_sizes=list(self.sizes), round_medians=meds,
-                           round_kept=[q for q, sl in zip(keep, slices) if len(sl)], **extra, **s)
+                           round_kept=[q for q, sl in zip(keep, slices) if len(sl)],
+                           faults_per_call=self.faults / self.calls if self.calls and _RUSAGE_THREAD else None,
+                           **extra, **s)
 
 
 @contextmanager
