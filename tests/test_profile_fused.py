@@ -10,6 +10,10 @@ def test_profile_reports_untraced_decode_and_its_path():
         d = rep["backends"][b]
         assert d["fused_decode"] is fused
         assert isinstance(d["decode_forward_untraced_ticks"], float) and d["decode_forward_untraced_ticks"] > 0
+    ps = profile.plot_series(rep)          # the plot marks the untraced decode on each decode bar only
+    assert ps["labels"] == ["numpy\nprefill", "numpy\ndecode", "c\nprefill", "c\ndecode"]
+    assert ps["untraced"] == [None, rep["backends"]["numpy"]["decode_forward_untraced_ticks"],
+                              None, rep["backends"]["c"]["decode_forward_untraced_ticks"]]
 
 
 def test_profile_without_decode_steps_has_no_untraced_figure():

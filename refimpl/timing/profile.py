@@ -376,29 +376,45 @@ def write_json(report: dict, path: str) -> None:
         f.write("\n")
 
 
-def plot(report: dict, path: str) -> None:
-    """Stacked bars: ticks per token by stage, prefill and decode, per backend; roofline minimum marked."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    labels, data, roofs = [], [], []
+def plot_series(report: dict) -> dict:
+    """What `plot` draws, one entry per bar (backend x phase): labels, per-stage ticks per
+    token (the summed stages), the roofline minimum, and the decode forward without a trace
+    (None for prefill, or when not measured): on the C backend that is one C call per token,
+    several times below the traced Python composition the bar is made of."""
+    out = {"labels": [], "stages": [], "roofline": [], "untraced": []}
     for b, d in report["backends"].items():
         for phase in ("prefill", "decode"):
             if d[phase]:
-                labels.append(f"{b}\n{phase}")
-                data.append({r["stage"]: (r["ticks"] or 0) for r in d[phase] if r["summed"]})
-                roofs.append(next(r["roofline_ticks"] for r in d[phase] if r["stage"] == "total"))
-    fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(labels)), 5))
+                out["labels"].append(f"{b}\n{phase}")
+                out["stages"].append({r["stage"]: (r["ticks"] or 0) for r in d[phase] if r["summed"]})
+                out["roofline"].append(next(r["roofline_ticks"] for r in d[phase] if r["stage"] == "total"))
+                out["untraced"].append(d.get("decode_forward_untraced_ticks") if phase == "decode" else None)
+    return out
+
+
+def plot(report: dict, path: str) -> None:
+    """Stacked bars: ticks per token by stage, prefill and decode, per backend; the roofline
+    minimum and the untraced decode forward marked."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    ps = plot_series(report)
+    labels, data, roofs = ps["labels"], ps["stages"], ps["roofline"]
+    fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(labels)) + 3, 5))
     bottom = np.zeros(len(labels))
     for st in STAGES:
         vals = np.array([dd.get(st, 0) for dd in data], dtype=float)
         ax.bar(labels, vals, bottom=bottom, label=st)
         bottom += vals
     ax.scatter(labels, roofs, marker="_", s=600, c="k", label="roofline minimum", zorder=3)
+    fwd = [(lb, u) for lb, u in zip(labels, ps["untraced"]) if u]
+    if fwd:
+        ax.scatter([lb for lb, _ in fwd], [u for _, u in fwd], marker="_", s=600, c="k", linestyle="--",
+                   linewidths=2.5, alpha=0.55, label="decode forward without a trace (sampling excluded)", zorder=3)
     ax.set_ylabel("TSC ticks per token")
     ax.set_title(f"refimpl profile: {report['config']['arch']} D={report['config']['d_model']} "
                  f"({report['dtype']})")
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
