@@ -74,6 +74,18 @@ def _have(module):
         return False
 
 
+def test_roofline_labels_one_per_column():
+    def row(op, backend, ai, y, shape="16x256"):
+        return {"op": op, "backend": backend, "shape": shape, "intensity": ai, "flop_per_tick": y}
+    rows = [row("matmul", b, 10.7, y, "64x64x64") for b, y in (("numpy", 30.0), ("c", 35.0), ("torch", 20.0))]
+    rows += [row("silu", "c", 0.50, 5.0), row("rms_norm", "c", 0.48, 15.0), row("silu", "numpy", 0.50, 1.2),
+             row("softmax", "c", 0.62, 7.0), row("gelu_tanh", "numba", 1.1, float("nan"))]
+    labels = bench.roofline_labels(rows)
+    assert labels == [(0.48, 15.0, "rms_norm 16x256\nsilu 16x256"),   # within 1.25x: one label, top point
+                      (0.62, 7.0, "softmax 16x256"),
+                      (10.7, 35.0, "matmul 64x64x64")]                   # three backends, one label; NaN row left out
+
+
 def test_bench_roofline_plot(quick_json):
     require("matplotlib")
     png = quick_json[1]

@@ -920,6 +920,25 @@ def print_compare(rows, console=None, probes: dict | None = None) -> None:
 # ------------------------------------------------------------------- plot
 
 
+def roofline_labels(rows: list[dict], spread: float = 1.25) -> list[tuple[float, float, str]]:
+    """Labels of the roofline plot: (intensity, FLOP/tick, text), one per column of points.
+    Every backend of one (op, shape) has the same intensity, so its points stand in one
+    column told apart by marker; columns within `spread`x of each other in intensity share
+    one label, "op shape" lines in intensity order, above the column's highest point."""
+    pts = sorted((r["intensity"], r["flop_per_tick"], f"{r['op']} {r['shape']}") for r in rows
+                 if r.get("intensity") and r.get("flop_per_tick")
+                 and math.isfinite(r["intensity"]) and math.isfinite(r["flop_per_tick"]))
+    out, group = [], []
+    for p in pts + [None]:
+        if group and (p is None or p[0] > spread * group[0][0]):
+            names = list(dict.fromkeys(t for _, _, t in group))
+            out.append((group[0][0], max(y for _, y, _ in group), "\n".join(names)))
+            group = []
+        if p is not None:
+            group.append(p)
+    return out
+
+
 def plot_roofline(report: dict, path: str) -> None:
     """Roofline PNG: FLOP/tick against FLOP/byte, log-log, every timed kernel placed."""
     import matplotlib
@@ -944,8 +963,8 @@ def plot_roofline(report: dict, path: str) -> None:
         if not (y and math.isfinite(y)):
             continue
         ax.plot(r["intensity"], y, markers.get(r["backend"], "x"), ms=7, color=colors.get(r["backend"], "k"))
-        ax.annotate(f"{r['op']}/{r['backend']}\n{r['shape']}", (r["intensity"], y), fontsize=6,
-                    xytext=(3, 3), textcoords="offset points")
+    for x0, y0, text in roofline_labels(rows):
+        ax.annotate(text, (x0, y0), fontsize=6, xytext=(4, 4), textcoords="offset points", va="bottom")
     ax.set_xscale("log")
     ax.set_yscale("log")
     ax.set_xlabel("arithmetic intensity (FLOP / byte)")
