@@ -232,6 +232,24 @@ def test_work_formulas():
         metrics.causal_pairs(5, 3)
 
 
+def test_l3_tested_inside_the_level_and_levels_chosen_by_capacity():
+    import dataclasses
+    caches = [{"level": 1, "size": 32 << 10}, {"level": 2, "size": 1 << 20}, {"level": 3, "size": 32 << 20}]
+    assert machine.level_sizes(caches) == {"L1": 16 << 10, "L2": 512 << 10, "L3": 4 << 20, "DRAM": 128 << 20}
+    small = [{"level": 2, "size": 1 << 20}, {"level": 3, "size": 4 << 20}]          # L3/8 < 2 x L2 <= L3/2
+    assert machine.level_sizes(small)["L3"] == 2 << 20
+    bw = {"L1": {"bytes": 16 << 10, "capacity": 32 << 10, "read": 80.0, "copy": 50.0},
+          "L2": {"bytes": 512 << 10, "capacity": 1 << 20, "read": 44.0, "copy": 43.0},
+          "L3": {"bytes": 4 << 20, "capacity": 32 << 20, "read": 36.0, "copy": 37.0},
+          "DRAM": {"bytes": 128 << 20, "capacity": None, "read": 10.0, "copy": 9.0}}
+    m = dataclasses.replace(machine.describe(), bandwidth=bw)
+    assert m.bandwidth_for(768 * 3072 * 4) == ("L3", 37.0)        # a 9.4 MB GEMV: inside the 32 MiB L3
+    assert m.bandwidth_for(33 << 20) == ("DRAM", 10.0)
+    assert m.bandwidth_for(1 << 20) == ("L2", 44.0)
+    old = {lv: {k: v for k, v in d.items() if k != "capacity"} for lv, d in bw.items()}
+    assert dataclasses.replace(m, bandwidth=old).bandwidth_for(768 * 3072 * 4)[0] == "DRAM"  # 2 x test size
+
+
 def test_roofline_bound_side():
     m = machine.describe(bandwidth=True)
     big = metrics.work("matmul", (512, 512, 512))

@@ -30,7 +30,8 @@ JSON schema "refimpl.bench/1" (`--json PATH`)
       peak_flop_per_cycle {dtype: FLOP per core cycle}, peak_source, caches,
       counter, tsc_hz, core_per_tsc, overhead_ticks, granularity_ticks,
       perf_available, perf_reason, blas (threadpoolctl), bandwidth
-      {level: {bytes, read, copy}} (B/tick); core_per_tsc is the one every estimated
+      {level: {bytes (test size), capacity (the cache's size; null for DRAM), read, copy}}
+      (B/tick); core_per_tsc is the one every estimated
       core-cycle figure of the run uses: after timing, the core_add_chain probe's (see
       "noise"), with core_per_tsc_source saying which and core_per_tsc_calibrated the
       one-shot calibration's (`core_clock`),
@@ -556,11 +557,13 @@ PROBE_ADDS = 1 << 16
 
 def machine_probes() -> list:
     """[(name, target)] timed beside the rows, in the same rounds: the core clock (a dependent
-    add chain, 1 core cycle per add) and a shared-cache read (what other tenants' traffic slows)."""
+    add chain, 1 core cycle per add) and a shared-cache read of half the L3 (what other tenants'
+    traffic and occupancy of the L3 slow)."""
     from refimpl.timing.harness import BufferRead, add_chain_ccall
-    from refimpl.timing.machine import level_sizes
+    from refimpl.timing.machine import cache_sizes
+    l3 = next((c["size"] for c in cache_sizes() if c["level"] == 3), 32 << 20)
     return [("core_add_chain", add_chain_ccall(PROBE_ADDS)),
-            ("l3_read", BufferRead(level_sizes().get("L3", 16 << 20)))]
+            ("l3_read", BufferRead(l3 // 2))]
 
 
 def core_clock(machine, probe: dict | None, source: str = "core_add_chain probe (same rounds as the rows)"):
