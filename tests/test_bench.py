@@ -176,6 +176,22 @@ def test_compare_flags_a_2x_regression_not_a_1pct_change(tmp_path):
     assert main(["bench", "compare", str(po), str(tmp_path / "missing.json")]) == 2
 
 
+def test_compare_shows_page_faults_that_moved(capsys):
+    from rich.console import Console
+    old, new = _synthetic(), _synthetic()
+    for d, f in ((old, 0.01), (new, 60.0)):
+        d["results"][0]["faults_per_call"] = f
+    old["results"][1]["faults_per_call"] = new["results"][1]["faults_per_call"] = 0.01
+    rows = bench.compare(old, new)
+    assert [(r["old_faults"], r["new_faults"]) for r in rows] == [(0.01, 60.0), (0.01, 0.01)]
+    bench.print_compare(rows, Console(width=300))
+    out = capsys.readouterr().out
+    assert "page faults per call, old -> new: matmul/c 8x8x8 0.0 -> 60.0 (" in out and "matmul/numpy" not in out.split(
+        "page faults")[1]
+    bench.print_compare(bench.compare(_synthetic(), _synthetic()), Console(width=300))   # no field: no line
+    assert "page faults" not in capsys.readouterr().out
+
+
 def test_compare_separates_a_run_wide_shift_from_one_row():
     """Every row 20 % slower (the host) and one row 2x: the raw verdicts flag all of them, the
     verdicts against the run-wide shift flag only the one that moved against the others."""

@@ -814,7 +814,9 @@ def compare(old: dict, new: dict, sigmas: float = 3.0, min_change: float = 0.05)
     `core_ratio` (new / old estimated core cycles) and `verdict_core`: a change of the
     host's core clock (22 % between two back-to-back runs, measured here) moves every
     row's ticks but not its core cycles, while a change of the code moves both.  Else
-    those two are None.  The exit status of `refimpl bench compare` follows `verdict` only.
+    those two are None.  `old_faults` / `new_faults` are the rows' page faults per call
+    (None when a run did not record them).  The exit status of `refimpl bench compare`
+    follows `verdict` only.
     """
     olds = {_key(r): r for r in old.get("results", [])}
     cycles = _probe_clock(old) and _probe_clock(new)
@@ -834,6 +836,7 @@ def compare(old: dict, new: dict, sigmas: float = 3.0, min_change: float = 0.05)
         core = cn / co if cycles and co and cn else None
         out[-1]["core_ratio"] = core
         out[-1]["verdict_core"] = _verdict(core, thr) if core is not None else None
+        out[-1]["old_faults"], out[-1]["new_faults"] = o.get("faults_per_call"), r.get("faults_per_call")
     shift = run_shift(out)
     for row in out:
         row["vs_shift"] = row["ratio"] / shift["ratio"] if shift else None
@@ -915,6 +918,12 @@ def print_compare(rows, console=None, probes: dict | None = None) -> None:
         console.print(f"in estimated core cycles (each run's ticks x the core/TSC measured beside its rows): "
                       f"{sum(r.get('verdict_core') == 'regression' for r in rows)} regression(s); a row slower in "
                       "ticks but not in core cycles was slowed by the host's clock, not by the code")
+    moved = [r for r in rows if abs((r.get("new_faults") or 0) - (r.get("old_faults") or 0)) >= FAULTS_NOTE]
+    if moved:
+        console.print("page faults per call, old -> new: " + "; ".join(
+            f"{r['op']}/{r['backend']} {r['shape']} {_fmt(r['old_faults'], '{:.1f}')} -> "
+            f"{_fmt(r['new_faults'], '{:.1f}')}" for r in moved)
+            + " (each maps a 4 KiB page again on every call: the process's heap state, not the kernel's code)")
     if probes:
         console.print("machine probes, new / old median ticks: " + ", ".join(
             f"{k} {v:.3f}" for k, v in probes.items()) + " (a shift here moved every row: the machine, not the code)")
