@@ -34,11 +34,36 @@ def test_tsc_hz_matches_the_kernel():
     assert abs(got - hz) <= 0.01 * hz, f"tsc_hz {got:.6g} vs {hz:.6g} from {source}"
 
 
+def test_counter_frequency_source_follows_the_counter(monkeypatch):
+    from refimpl._clock import lib
+    if counter.COUNTER == "rdtsc":
+        assert lib.rf_counter_nominal_hz() == 0          # the TSC's rate is the kernel's to tell
+
+    class Stub:
+        hz = 25_000_000
+
+        def rf_counter_nominal_hz(self):
+            return self.hz
+    stub = Stub()
+    monkeypatch.setattr(counter, "lib", stub)
+    monkeypatch.setattr(counter, "COUNTER", "cntvct")
+    hz, source = counter.kernel_tsc_hz()
+    assert hz == 25e6 and "CNTFRQ_EL0" in source
+    stub.hz = 0
+    hz, source = counter.kernel_tsc_hz()
+    assert hz is None and "reads 0" in source
+    stub.hz = 10 ** 9
+    monkeypatch.setattr(counter, "COUNTER", "clock_gettime")
+    assert counter.kernel_tsc_hz()[0] == 1e9
+
+
 def test_overhead_and_granularity_positive_and_stable():
     a = calibrate(force=True)
     b = calibrate(force=True)
     for c in (a, b):
-        assert c.overhead_ticks > 0
+        # a fenced region costs nanoseconds: a counter ticking faster than 2 ns must see it; a
+        # coarse one (aarch64's generic timer runs at 24 MHz-1 GHz) may honestly read 0 ticks
+        assert c.overhead_ticks > 0 or (c.overhead_ticks == 0 and c.tsc_hz < 500e6)
         assert c.granularity_ticks > 0
         assert c.overhead_ticks % c.granularity_ticks == 0   # the overhead is a whole number of steps
         assert c.n_empty_regions >= 10000
@@ -50,7 +75,9 @@ def test_overhead_and_granularity_positive_and_stable():
 
 def test_core_per_tsc_is_sane_and_perf_reason_given():
     c = calibrate()
-    assert 0.2 < c.core_per_tsc < 10
+    # the core's clock (core/tick x ticks/s) is between 100 MHz and 10 GHz; core/tick alone
+    # depends on the counter: ~1.4 on this TSC, ~30-150 on a 24-100 MHz aarch64 generic timer
+    assert 1e8 < c.core_per_tsc * c.tsc_hz < 1e10
     # the spread is the host's as much as ours: a noisy moment (a neighbour's burst) gets two
     # more calibrations before it counts as a failure
     best = c.core_per_tsc_spread
@@ -106,8 +133,9 @@ def test_empty_c_kernel_measures_about_zero():
     cal = calibrate()
     m = harness.measure(harness.empty_ccall(), budget_s=0.05)
     assert m.kind == "c-loop" and m.reps > 1
-    # per call: the C loop's call + return, well below one fenced counter region
-    assert m.median < cal.overhead_ticks
+    # per call: the C loop's call + return, well below one fenced counter region (or one
+    # tick of a counter coarser than a region)
+    assert m.median < max(cal.overhead_ticks, cal.granularity_ticks)
     py = harness.measure(lambda: None, budget_s=0.05)
     assert py.kind == "python"
     assert m.median < py.median / 5                    # no Python call inside the C-timed region
@@ -205,6 +233,9 @@ def test_bandwidth_levels_ordered():
     assert set(bw) >= {"DRAM"}
     for d in bw.values():
         assert d["read"] > 0 and d["copy"] > 0
+    if len(bw) == 1:                  # sysfs lists no caches here: the model knows DRAM only
+        assert not machine.cache_sizes()
+        return
     first = next(iter(bw))
     assert bw[first]["read"] > bw["DRAM"]["read"]          # the smallest level streams faster than DRAM
 

@@ -6,6 +6,7 @@
 
 #if defined(__x86_64__) || defined(__i386__)
 #define RF_COUNTER "rdtsc"
+static inline uint64_t rf__nominal_hz(void) { return 0; }   /* the kernel knows the TSC's rate */
 static inline uint64_t rf__start(void) {
     uint32_t lo, hi;
     __asm__ __volatile__("lfence\n\trdtsc" : "=a"(lo), "=d"(hi) : : "memory");
@@ -30,6 +31,11 @@ static inline uint64_t rf__stop(int32_t *cpu) {
     if (cpu) *cpu = -1;
     return v;
 }
+static inline uint64_t rf__nominal_hz(void) {
+    uint64_t f;
+    __asm__ __volatile__("mrs %0, cntfrq_el0" : "=r"(f));
+    return f;
+}
 #else
 #define RF_COUNTER "clock_gettime"
 static inline uint64_t rf__start(void) {
@@ -41,5 +47,6 @@ static inline uint64_t rf__stop(int32_t *cpu) {
     if (cpu) *cpu = -1;
     return rf__start();
 }
+static inline uint64_t rf__nominal_hz(void) { return 1000000000ull; }
 #endif
 #endif

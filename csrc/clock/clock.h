@@ -14,6 +14,10 @@
 
 /* which counter this build reads: "rdtsc", "cntvct", or "clock_gettime" */
 const char *rf_counter_name(void);
+/* the counter's nominal frequency in Hz, where the hardware states it: CNTFRQ_EL0
+ * (aarch64), 1e9 (clock_gettime counts nanoseconds); 0 on x86-64, where the TSC's
+ * rate is the kernel's to tell (refimpl.timing.counter.kernel_tsc_hz) */
+uint64_t rf_counter_nominal_hz(void);
 /* one fenced read for the start of a region */
 uint64_t rf_ticks_start(void);
 /* one fenced read for the end of a region; *cpu <- TSC_AUX (cpu id) or -1 */

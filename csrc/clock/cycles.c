@@ -16,6 +16,7 @@
 #endif
 
 const char *rf_counter_name(void) { return RF_COUNTER; }
+uint64_t rf_counter_nominal_hz(void) { return rf__nominal_hz(); }
 uint64_t rf_ticks_start(void) { return rf__start(); }
 uint64_t rf_ticks_stop(int32_t *cpu) { return rf__stop(cpu); }
 

@@ -185,15 +185,24 @@ def calibrate(force: bool = False, hz_seconds: float = 0.1, n_empty: int = 20000
 
 
 def kernel_tsc_hz() -> tuple[float | None, str]:
-    """The kernel's own TSC frequency, where Linux exposes it: (Hz, source) or (None, why not).
+    """The counter's frequency as the hardware or the kernel states it: (Hz, source) or (None, why not).
 
-    Sources, in order: /sys/devices/system/cpu/cpu0/tsc_freq_khz (some kernels);
+    The counter is not always a TSC: aarch64's generic timer states its own rate in
+    CNTFRQ_EL0 (24 MHz to 1 GHz on real parts), and clock_gettime counts nanoseconds.
+    For the TSC, sources in order: /sys/devices/system/cpu/cpu0/tsc_freq_khz (some kernels);
     a `tsc` line in /proc/cpuinfo; and, on a KVM guest whose TSC frequency the
     hypervisor announced (flags `hypervisor` + `tsc_known_freq`, no
     `aperfmperf`), the `cpu MHz` line, which is then cpu_khz = tsc_khz (both
     come from the hypervisor's TSC frequency leaf and the kernel cannot
     measure a different core clock without APERF/MPERF).
     """
+    nominal = int(lib.rf_counter_nominal_hz())
+    if COUNTER == "cntvct":
+        if nominal > 0:
+            return float(nominal), "CNTFRQ_EL0 (the generic timer's frequency register)"
+        return None, "CNTFRQ_EL0 reads 0: the firmware did not set the generic timer's frequency"
+    if COUNTER == "clock_gettime":
+        return float(nominal), "clock_gettime(CLOCK_MONOTONIC) counts nanoseconds"
     try:
         with open("/sys/devices/system/cpu/cpu0/tsc_freq_khz") as f:
             return float(f.read().strip()) * 1e3, "/sys/devices/system/cpu/cpu0/tsc_freq_khz"
