@@ -13,19 +13,15 @@ from hypothesis import strategies as st
 
 from refimpl.kernels import get
 from refimpl.kernels import c_matmul as cm
-from refimpl.kernels.cdispatch import forced_path
+from refimpl.kernels.cdispatch import forced_path, runnable_paths
 from refimpl.kernels.contracts import matmul_bound
 from refimpl.verify.compare import assert_within
 
 matmul = get("matmul", "c")
 
 
-def _runnable(path):
-    with forced_path(path) as got:
-        return got == path
-
-
-PATHS = [pytest.param(p, marks=pytest.mark.skipif(not _runnable(p), reason=f"CPU cannot run the {p} path"))
+RUNNABLE = runnable_paths()      # on aarch64: "portable" (which simd_path() calls "neon")
+PATHS = [pytest.param(p, marks=pytest.mark.skipif(p not in RUNNABLE, reason=f"CPU cannot run the {p} path"))
          for p in ("portable", "avx2", "avx512")]
 
 # sizes around every tile (MR 2/6/8, NR 16/32) and block (KC 256/512, MC 128/144): 1, primes, off-by-one

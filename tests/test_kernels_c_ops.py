@@ -12,21 +12,12 @@ from refimpl._kernels import ffi, lib
 from refimpl.kernels import c_ops
 from refimpl.kernels import contracts as C
 from refimpl.kernels import registry
-from refimpl.kernels.cdispatch import forced_path
+from refimpl.kernels.cdispatch import forced_path, runnable_paths
 from refimpl.oracle import layers as L
 from refimpl.verify.compare import assert_within
 
 
-def _paths():
-    have = []
-    for name in ("portable", "avx2", "avx512"):
-        with forced_path(name) as got:
-            if got == name or (name == "portable" and got == "neon"):
-                have.append(name)
-    return have
-
-
-PATHS = _paths()
+PATHS = runnable_paths()
 F32 = np.float32
 INF = float("inf")
 
@@ -58,6 +49,13 @@ def unaligned(a):
     view[...] = a
     assert not view.flags.aligned
     return view
+
+
+def test_runnable_paths_start_with_portable_and_reach_the_best():
+    from refimpl.kernels.cdispatch import simd_path
+    best = simd_path()                    # the automatic choice
+    assert PATHS[0] == "portable"         # every CPU runs it (as "neon" on aarch64)
+    assert PATHS[-1] == ("portable" if best == "neon" else best)
 
 
 def test_registered():

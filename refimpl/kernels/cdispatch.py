@@ -2,6 +2,10 @@
 
     simd_path()            -> "avx512" | "avx2" | "neon" | "portable"
     with forced_path("portable"): ...   # run every C kernel on a narrower path (tests)
+    runnable_paths()       -> the names forced_path takes that this CPU runs
+
+On aarch64 the portable C path is the only one (the compiler vectorizes it for NEON,
+which every aarch64 CPU has); simd_path() calls it "neon" there.
 
 A path the CPU cannot run is never forced: the request is clamped to the
 best path available and `forced_path` yields the path actually in force.
@@ -29,3 +33,14 @@ def forced_path(name: str):
         yield simd_path()
     finally:
         lib.rf_cpu_force_path(before)
+
+
+def runnable_paths() -> list[str]:
+    """The paths this CPU runs, by the names `forced_path` takes, narrowest first.  The
+    portable path counts when forcing it gives "neon" (its name on an aarch64 CPU)."""
+    have = []
+    for name in ("portable", "avx2", "avx512"):
+        with forced_path(name) as got:
+            if got == name or (name == "portable" and got == "neon"):
+                have.append(name)
+    return have
