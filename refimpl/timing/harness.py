@@ -226,7 +226,7 @@ def flush_caches() -> None:
 # --------------------------------------------------------------- sampling
 
 
-def _switches() -> tuple[int, int]:
+def _switches_and_faults() -> tuple[int, int]:
     """(involuntary context switches, page faults) of this thread so far ((-1, -1) if unknown).
     Page faults are minor + major: a minor fault maps a page the process had given back to
     the kernel (an output buffer freed and allocated again per call), ~1-4k ticks each here."""
@@ -384,9 +384,9 @@ class Sampler:
         while len(self.per_call) - n0 < max_samples:
             if self.cold:
                 flush_caches()
-            sw0, pf0 = _switches()
+            sw0, pf0 = _switches_and_faults()
             t, ca, cb = region(r)
-            sw1, pf1 = _switches()
+            sw1, pf1 = _switches_and_faults()
             if warm_left > 0 or (rewarm_s > 0 and deadline == math.inf and time.perf_counter() < warm_end):
                 warm_left -= 1
                 continue
