@@ -39,7 +39,6 @@ import time
 THRESHOLD_TICKS = 100_000   # rows the target covers: median >= this in both runs
 WITHIN = 0.03               # |B/A - 1| <= WITHIN
 CV_MAX = 0.02               # robust CV <= CV_MAX in both runs
-FAULTS_NOTE = 0.5           # page faults per call shown beside a row from this many
 BUSY_NOT_IDLE = 0.10        # gate busy share above which the host was not idle
 
 
@@ -107,6 +106,7 @@ def _pct(x, spec="{:.0%}"):
 
 
 def print_score(s: dict, hosts: tuple[dict, dict], out=None) -> None:
+    from refimpl.timing.bench import FAULTS_NOTE     # faults per call shown beside a row from this many
     out = out or sys.stdout
     p = lambda *a: print(*a, file=out)
     p(f"{'op':10} {'shape':17} {'backend':7} {'median A':>11} {'median B':>11} {'B/A-1':>7} {'in cyc':>7} "

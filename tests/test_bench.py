@@ -121,7 +121,7 @@ def test_bench_smoke_and_json_schema(quick_json):
     assert noise["other_cpus_busy"] is None or 0 <= noise["other_cpus_busy"] <= 1
     probes = noise["probes"]
     assert set(probes) == {"core_add_chain", "l3_read"}
-    assert 1e8 < probes["core_add_chain"]["core_per_tsc"] * m["tsc_hz"] < 1e10    # a core clock of 0.1-10 GHz
+    assert 5e8 < probes["core_add_chain"]["core_per_tsc"] * m["tsc_hz"] < 1e10    # a core clock of 0.5-10 GHz
     assert probes["l3_read"]["bytes_per_tick"] > 0
     assert not any(r["op"].startswith("probe") for r in d["results"])     # probes are not rows
     assert bench.compare_probes(d, d) == {"core_add_chain": 1.0, "l3_read": 1.0}

@@ -75,9 +75,9 @@ def test_overhead_and_granularity_positive_and_stable():
 
 def test_core_per_tsc_is_sane_and_perf_reason_given():
     c = calibrate()
-    # the core's clock (core/tick x ticks/s) is between 100 MHz and 10 GHz; core/tick alone
+    # the core's clock (core/tick x ticks/s) is between 0.5 and 10 GHz; core/tick alone
     # depends on the counter: ~1.4 on this TSC, ~30-150 on a 24-100 MHz aarch64 generic timer
-    assert 1e8 < c.core_per_tsc * c.tsc_hz < 1e10
+    assert 5e8 < c.core_per_tsc * c.tsc_hz < 1e10
     # the spread is the host's as much as ours: a noisy moment (a neighbour's burst) gets two
     # more calibrations before it counts as a failure
     best = c.core_per_tsc_spread

@@ -665,9 +665,9 @@ def fmt_count(x):
     return f"{x:.1f}"
 
 
-def _core_source(m: dict) -> str:
-    cal = m.get("core_per_tsc_calibrated")
-    if cal is None or m.get("core_per_tsc_source", "calibration") == "calibration":
+def _core_source(report: dict) -> str:
+    cal = report["machine"].get("core_per_tsc_calibrated")
+    if cal is None or not _probe_clock(report):
         return ""
     return f"; from the add chain timed beside the rows, {cal:.3f} at calibration"
 
@@ -679,7 +679,7 @@ def print_report(report: dict, console=None) -> None:
     m = report["machine"]
     console.print(f"[bold]{m['cpu_model']}[/] ({m.get('uarch') or 'unknown uarch'}), counter {m['counter']} "
                   f"{m['tsc_hz'] / 1e9:.4f} GHz, core/TSC {m['core_per_tsc']:.3f} (est. core "
-                  f"{m['tsc_hz'] * m['core_per_tsc'] / 1e9:.2f} GHz{_core_source(m)}), peak "
+                  f"{m['tsc_hz'] * m['core_per_tsc'] / 1e9:.2f} GHz{_core_source(report)}), peak "
                   f"{m['peak_flop_per_cycle'][report['settings']['dtype']]:g} FLOP/core cycle "
                   f"\\[{m['peak_source']}]; timer overhead {m['overhead_ticks']} ticks, step "
                   f"{m['granularity_ticks']}; PMU: {m['perf_reason'] if not m['perf_available'] else 'yes'}")

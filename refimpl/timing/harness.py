@@ -459,7 +459,7 @@ class Sampler:
                            core_per_tsc=self.cal.core_per_tsc, samples=per_call, rounds=self.slices,
                            round_sizes=list(self.sizes), round_medians=meds,
                            round_kept=[q for q, sl in zip(keep, slices) if len(sl)],
-                           faults_per_call=self.faults / self.calls if self.calls and _RUSAGE_THREAD else None,
+                           faults_per_call=self.faults / self.calls if self.calls and _RUSAGE_THREAD is not None else None,
                            **extra, **s)
 
 
