@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 
 from refimpl.kernels import get
-from refimpl.kernels.buffers import PAGE, aligned_copy, aligned_empty, apart_empty, apart_zeros
+from refimpl.kernels.buffers import PAGE, aligned_copy, aligned_empty, apart_empty, apart_zeros, spread_copies
 
 
 @pytest.mark.parametrize("shape, dtype", [((3, 5), np.float32), (7, np.float64), ((0, 4), np.float32),
@@ -64,3 +64,18 @@ def test_numba_gemv_output_is_apart_from_the_matrix():
         out = get("matmul", "numba")(a, b)
         assert (out.ctypes.data - b.ctypes.data) % PAGE == PAGE // 2
         assert np.array_equal(out, np.full((1, 96), 64, np.float32))
+
+
+def test_spread_copies_places_every_array_the_same_way():
+    """Of n arrays the i-th starts i*(PAGE/2)/n bytes past a page (on a line), whatever the
+    allocator hands out, and holds the same values in the same dtype and shape."""
+    src = [np.arange(12, dtype=np.float32).reshape(3, 4), np.arange(5, dtype=np.int64),
+           np.ones((2, 2, 2), np.float64)]
+    for _ in range(20):
+        got = spread_copies(src)
+        assert [a.ctypes.data % PAGE for a in got] == [0, 640, 1344]     # 0, 2048/3, 4096/3 on lines
+        for a, b in zip(got, src):
+            assert a.dtype == b.dtype and a.flags.c_contiguous and np.array_equal(a, b)
+        assert [a.ctypes.data % PAGE for a in spread_copies(src[:2], span=PAGE)] == [0, 2048]
+    with pytest.raises(ValueError, match="span=100"):
+        spread_copies(src, span=100)

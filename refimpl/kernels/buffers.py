@@ -17,6 +17,14 @@ where NumPy's allocator put the output changed from process to process, and so d
 kernel's speed.  The Numba GEMV, which adds each row of B into the output block, ran
 423-436k ticks (median of 25 rounds' medians) with the output 1-3 KiB after B and
 495-534k at 0-256 bytes.  Every C and Numba wrapper allocates its outputs this way.
+
+The inputs' places matter as much.  Measured, C layer_norm (64, 768) (median of
+harness medians) ran 20.0-21.0k ticks or 22.7-25.5k depending on where w and b sat
+(mod 4 KiB) relative to x, and C rms_norm 13.7-14.1k or 15.9-17.3k depending on w: so
+six `refimpl bench` runs of the same build gave rms_norm 13.7-14.9k and layer_norm
+20.2-22.4k, each with CV under 1.6 %.  `spread_copies` lays a case's inputs out the
+same way in every process (the benchmarks use it): the first on a page, the others
+spread over the half page before the outputs' place.
 """
 from __future__ import annotations
 
@@ -69,4 +77,21 @@ def apart_zeros(shape, dtype, like: np.ndarray, apart: int = PAGE // 2) -> np.nd
     """`apart_empty`, zeroed (e.g. a GEMV's output, accumulated into)."""
     out = apart_empty(shape, dtype, like, apart)
     out[...] = 0
+    return out
+
+
+def spread_copies(arrays, span: int = PAGE // 2) -> list[np.ndarray]:
+    """C-contiguous copies of `arrays`, laid out the same way in every process: of n
+    arrays, the i-th starts i*span/n bytes past a page boundary (rounded down to a cache
+    line).  The first starts on a page, and the outputs `apart_empty` places half a page
+    after it find no input at their offset."""
+    if span % LINE or not 0 < span <= PAGE:
+        raise ValueError(f"spread_copies: span={span} must be a multiple of {LINE} in (0, {PAGE}]")
+    arrays = [np.asarray(a) for a in arrays]
+    out = []
+    for i, a in enumerate(arrays):
+        at = i * span // len(arrays) // LINE * LINE
+        c = _carve(a.shape, a.dtype, PAGE, lambda addr: (at - addr) % PAGE)
+        c[...] = a
+        out.append(c)
     return out
