@@ -168,8 +168,8 @@ def test_matmul_workspace_is_rewritten_before_it_is_read():
     """The packing workspace is kept between calls: whatever an earlier call (here: NaN) left
     in it must never reach a result, whatever the edges (M, N, K off the MR, NR, KC blocks)."""
     rng = np.random.default_rng(11)
-    for Bp in nk._gemm_workspace(F32):
-        Bp[...] = np.nan
+    for buf in nk._gemm_workspace(F32):             # packed panels and the edge tile
+        buf[...] = np.nan
     for M, K, N in ((nk.MR * 3 + 1, nk.KC + 7, nk.NR * 2 + 5), (nk.MR, 5, nk.NR), (nk.MC + 1, 2 * nk.KC, 3)):
         a, b = randn(rng, (M, K), F32), randn(rng, (K, N), F32)
         out = get("matmul", "numba")(a, b)
