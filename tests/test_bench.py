@@ -1,6 +1,7 @@
 """`refimpl bench` / `refimpl profile`: verification gate, JSON schema, compare, smoke runs."""
 import copy
 import json
+import re
 
 import numpy as np
 import pytest
@@ -16,7 +17,8 @@ def test_parse_shapes():
                    "attention": [((8, 2, 16, 32, 64), True), ((1, 1, 1, 4, 8), True)],
                    "softmax": [((3, 5), False)]}
     for bad, msg in (("matmul:2x3", "MxKxN"), ("nope:2", "op one of"), ("softmax:2xq", "integers"),
-                     ("softmax:2x3c", "causal"), ("matmul:0x1x1", "positive")):
+                     ("softmax:2x3c", "causal"), ("matmul:0x1x1", "positive"),
+                     ("attention:3x2x4x4x8", "H=3 must be a multiple of key/value heads Hkv=2")):
         with pytest.raises(ValueError, match=msg):
             bench.parse_shapes(bad)
 
@@ -53,6 +55,53 @@ def test_case_inputs_sit_at_the_same_places_in_every_run():
             args = bench.Case(op, dims, causal, "float32").args
             n = len(args)
             assert [a.ctypes.data % 4096 for a in args] == [i * 2048 // n // 64 * 64 for i in range(n)], op
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_case_bytes_covers_what_a_case_holds(dtype):
+    """The estimate is at least the arrays a built Case keeps (inputs, answer, bound) plus
+    their float64 copies, and grows with the shape."""
+    for op, shapes in bench.DEFAULT_SHAPES.items():
+        for dims, causal in shapes:
+            case = bench.Case(op, dims, causal, dtype)
+            held = sum(a.nbytes for a in case.args) + case.want.nbytes + case.bound.nbytes
+            f64_copies = sum(a.size * 8 for a in case.args)
+            est = bench.case_bytes(op, dims, dtype, causal)
+            assert held + f64_copies <= est < 40 * held, (op, dims, est, held)
+    assert bench.case_bytes("matmul", (512, 512, 512)) > 3.9 * bench.case_bytes("matmul", (256, 256, 256))
+
+
+def test_run_refuses_shapes_that_do_not_fit_in_memory(monkeypatch):
+    """Too large a shape is refused before anything is allocated, naming the case and the sizes."""
+    shapes = bench.parse_shapes("matmul:100000x100000x100000")
+    with pytest.raises(ValueError, match=r"matmul 100000x100000x100000 alone 5\d\d\.\d GiB.* GiB is available"):
+        bench.run(shapes=shapes, backends=["numpy"], progress=False)
+    monkeypatch.setattr(bench, "available_memory", lambda: 2**20)        # 1 MiB left
+    with pytest.raises(ValueError, match=r"softmax 64x1024 alone 0\.0 GiB, float32\), but 0\.0 GiB is available"):
+        bench.run(ops=["softmax"], backends=["numpy"], progress=False)
+    assert main(["bench", "--ops", "softmax", "--backends", "numpy", "--no-progress"]) == 2
+    monkeypatch.setattr(bench, "available_memory", lambda: None)          # unknown: no check
+    bench.check_memory(bench.plan(["softmax"], ["numpy"]), "float32")
+
+
+def test_unwritable_outputs_are_refused_before_the_run(tmp_path, capsys):
+    """--json / --plot to a missing or read-only directory, or a directory itself, fail at once
+    (exit 2, the option and path named), not after a minute of timing."""
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o500)
+    cases = [(["--json", str(tmp_path / "no" / "r.json")], "--json .*does not exist"),
+             (["--plot", str(tmp_path)], "--plot .*is a directory")]
+    import os
+    if os.geteuid() != 0:                         # root writes anywhere
+        cases.append((["--json", str(ro / "r.json")], "--json .*is not writable"))
+    for extra, msg in cases:
+        assert main(["bench", "--quick", "--ops", "softmax", "--backends", "numpy", "--no-progress", *extra]) == 2
+        out = capsys.readouterr().out
+        assert re.search(msg, out.replace("\n", "")), out
+        assert "kernel checks" not in out and "bandwidth" not in out     # nothing ran
+    assert main(["profile", "--json", str(tmp_path / "no" / "p.json")]) == 2
+    assert "does not exist" in capsys.readouterr().out
 
 
 def test_verify_reports_crashes_and_wrong_dtype():

@@ -188,8 +188,55 @@ def parse_shapes(text: str) -> dict:
         want = SHAPE_DIMS[op]
         if len(d) != len(want) or any(x <= 0 for x in d):
             raise ValueError(f"--shapes: {item!r}: {op} needs {len(want)} positive sizes {'x'.join(want)}")
+        if op == "attention" and d[0] % d[1]:
+            raise ValueError(f"--shapes: {item!r}: query heads H={d[0]} must be a multiple of key/value heads Hkv={d[1]}")
         out.setdefault(op, []).append((d, causal))
     return out
+
+
+def case_bytes(op, dims, dtype="float32", causal=False) -> int:
+    """Memory a Case holds while it is built and verified, in bytes (an estimate on the high
+    side): its inputs in `dtype` and in float64 (the oracle's copies), the float64 answer and
+    its bound, four outputs in `dtype`; attention's oracle also holds its float64 H x Lq x Lk
+    scores, their exponentials and probabilities."""
+    s = np.dtype(dtype).itemsize
+    d = dict(zip(SHAPE_DIMS[op], dims))
+    n_out = {"matmul": lambda: d["M"] * d["N"], "attention": lambda: d["H"] * d["Lq"] * d["D"],
+             "rope": lambda: d["H"] * d["T"] * d["D"]}.get(op, lambda: math.prod(dims))()
+    n_in = work(op, tuple(dims), dtype, causal).bytes // s - n_out
+    total = n_in * (s + 8) + n_out * (16 + 4 * s)
+    if op == "attention":
+        total += 3 * 8 * d["H"] * d["Lq"] * d["Lk"] + d["Lq"] * d["Lk"]
+    return total
+
+
+def available_memory() -> int | None:
+    """Bytes of memory available to a new allocation now (MemAvailable), or None if unknown."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def check_memory(jobs, dtype) -> None:
+    """ValueError, before anything is allocated, when the run's cases (all kept until the
+    end) would not fit in the memory available."""
+    avail = available_memory()
+    if avail is None or not jobs:
+        return
+    need = [(case_bytes(op, dims, dtype, causal), op, shape_label(dims, causal)) for op, dims, causal, _ in jobs]
+    total = sum(n for n, *_ in need)
+    if total > avail:
+        big, op, label = max(need)
+        raise ValueError(f"--shapes: the cases need about {total / 2**30:.1f} GiB of memory ({op} {label} "
+                         f"alone {big / 2**30:.1f} GiB, {dtype}), but {avail / 2**30:.1f} GiB is available")
 
 
 # ------------------------------------------------------------------- cases
@@ -452,6 +499,7 @@ def run(ops=None, backends=None, shapes=None, dtype="float32", cold=False, quick
         raise ValueError(f"max_samples must be an integer >= 15, got {max_samples!r}")
     gate = bool(gate and rounds >= 2 * GATE_MIN_ROUNDS)   # fewer rounds leave too few quiet ones
     jobs = plan(ops, backends, shapes, quick)
+    check_memory(jobs, dtype)
     machine = describe(bandwidth=True)
     report = {"schema": SCHEMA, "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
               "argv": list(argv) if argv is not None else None,

@@ -68,6 +68,29 @@ def add_parser(subparsers) -> None:
     p.set_defaults(func=_profile)
 
 
+def check_outputs(args) -> None:
+    """ValueError before any work when --json / --plot cannot be written: a missing or
+    read-only directory, or --plot without matplotlib (the run takes a minute and its
+    report would be lost at the end)."""
+    import importlib.util
+    import os
+    from pathlib import Path
+    for opt in ("json", "plot"):
+        path = getattr(args, opt, None)
+        if not path:
+            continue
+        p = Path(path)
+        if p.is_dir():
+            raise ValueError(f"--{opt} {path}: is a directory, not a file")
+        parent = p.parent
+        if not parent.is_dir():
+            raise ValueError(f"--{opt} {path}: directory {str(parent)!r} does not exist")
+        if not os.access(parent, os.W_OK):
+            raise ValueError(f"--{opt} {path}: directory {str(parent)!r} is not writable")
+    if getattr(args, "plot", None) and importlib.util.find_spec("matplotlib") is None:
+        raise ValueError("--plot needs matplotlib: pip install matplotlib")
+
+
 def _console():
     from rich.console import Console
     c = Console()
@@ -80,6 +103,7 @@ def _bench(args) -> int:
     from refimpl.timing import bench
     console = _console()
     try:
+        check_outputs(args)
         shapes = bench.parse_shapes(args.shapes) if args.shapes else None
         report = bench.run(ops=args.ops, backends=args.backends, shapes=shapes, dtype=args.dtype,
                            cold=args.cold, quick=args.quick, budget_s=args.budget, rounds=args.rounds,
@@ -116,6 +140,7 @@ def _profile(args) -> int:
     from refimpl.timing import profile
     console = _console()
     try:
+        check_outputs(args)
         report = profile.run(path=args.path, backends=args.backends, dtype=args.dtype,
                              prompt_len=args.prompt_len, decode=args.decode, repeats=args.repeats)
     except (ValueError, OSError) as e:
