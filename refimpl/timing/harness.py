@@ -64,6 +64,13 @@ GATE_MIN_ROUNDS least busy slices are pooled and it is flagged.  On an idle mach
 (or one busy throughout) nearly every slice is within the tolerance and the gate
 changes nothing; `median_all` and `cv_all` keep the statistics of every slice.
 
+What the harness cannot control: where the target's buffers sit.  A load whose
+address matches a pending store's in the low 12 bits waits for it, so the same
+kernel on the same shape ran 20.0-21.0k or 22.7-25.5k ticks here (C layer_norm,
+64 x 768) depending on where its inputs sat mod 4 KiB, with CV < 1 % either way; a
+tight `cv` does not say another process would agree.  `refimpl.kernels.buffers.
+spread_copies` lays inputs out the same way in every process (`refimpl bench` does).
+
 All figures are TSC ticks (reference ticks); `*_core` fields are estimated
 core cycles = ticks x core_per_tsc.
 """
