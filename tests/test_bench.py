@@ -104,6 +104,40 @@ def test_unwritable_outputs_are_refused_before_the_run(tmp_path, capsys):
     assert "does not exist" in capsys.readouterr().out
 
 
+def test_row_uses_counted_core_cycles_when_the_pmu_counted_them(capsys):
+    """With a hardware PMU a row's core cycles, FLOP/cycle and % of peak come from the counted
+    cycles (and IPC is shown); without one they are estimated from the ticks, and say so."""
+    import dataclasses
+
+    from refimpl.timing import harness, machine
+    mach = machine.describe()
+    case = bench.Case("matmul", (16, 16, 16), False, "float32")
+    m = harness.measure(harness.empty_ccall(), pmu=None, budget_s=0.01)
+    m = dataclasses.replace(m, median=1000.0)
+    est = bench._row(case, "c", m, mach, False)
+    assert est["core_cycles_source"] == "estimate" and est["ipc"] is None and est["pmu_instructions"] is None
+    assert est["median_core_cycles"] == pytest.approx(1000.0 * mach.core_per_tsc)
+    hw = bench._row(case, "c", dataclasses.replace(m, pmu="hardware", pmu_cycles=2000.0, pmu_instructions=5000.0),
+                    mach, False)
+    assert hw["core_cycles_source"] == "pmu" and hw["median_core_cycles"] == 2000.0 and hw["ipc"] == 2.5
+    assert hw["flop_per_core_cycle"] == pytest.approx(2 * 16 ** 3 / 2000.0)
+    peak = mach.peak_flop_per_cycle["float32"]
+    assert hw["pct_peak"] == pytest.approx(100 * 2 * 16 ** 3 / 2000.0 / peak)
+    assert hw["flop_per_tick"] == est["flop_per_tick"]                    # ticks are ticks either way
+    stand_in = bench._row(case, "c", dataclasses.replace(m, pmu="task-clock", pmu_cycles=7.0), mach, False)
+    assert stand_in["core_cycles_source"] == "estimate"                   # ns are not core cycles
+    rep = {"settings": {"dtype": "float32", "cold": False}, "machine": dataclasses.asdict(mach),
+           "verification": [], "warnings": [], "passed": True, "results": [hw]}
+    bench.print_report(rep, bench_console())
+    out = capsys.readouterr().out
+    assert "counted by the PMU" in out and "IPC" in out and "2.50" in out
+
+
+def bench_console():
+    from rich.console import Console
+    return Console(width=250, force_terminal=False)
+
+
 def test_verify_reports_crashes_and_wrong_dtype():
     case = bench.Case("softmax", (2, 8), False, "float32")
     def boom(x):

@@ -93,6 +93,70 @@ def test_core_per_tsc_is_sane_and_perf_reason_given():
         assert abs(c.perf_core_per_tsc / c.core_per_tsc - 1) < 0.05
 
 
+# ------------------------------------------------------------------ PMU counters
+
+
+def _task_clock():
+    try:
+        return counter.PMU("task-clock")
+    except OSError as e:                # perf_event_paranoid 3, or a seccomp filter
+        pytest.skip(f"perf_event_open refuses even software counters here: {e}")
+
+
+def test_pmu_counts_beside_the_ticks():
+    """The counters the harness reads around every sample (the software task clock stands in
+    for the PMU, which this VM lacks; same code): per call, with the empty region's counts
+    subtracted, they agree with the ticks.  N and 2N dependent adds: the difference of the
+    counted ns x tsc_hz matches the difference of the ticks (fixed costs cancel)."""
+    cal = calibrate()
+    pmu = _task_clock()
+    N = 1 << 16
+    ms = harness.measure_interleaved([(harness.add_chain_ccall(k * N), (), {}, f"{k}N") for k in (1, 2)],
+                                     rounds=4, budget_s=0.1, pmu=pmu)
+    assert all(m.pmu == "task-clock" for m in ms)
+    ns_per_tick = 1e9 / cal.tsc_hz
+    d_ticks = ms[1].median - ms[0].median
+    d_counted = (ms[1].pmu_cycles - ms[0].pmu_cycles) / ns_per_tick
+    noise = 3 * math.hypot(ms[0].cv * ms[0].median, ms[1].cv * ms[1].median) + 2 * cal.granularity_ticks
+    assert abs(d_counted - d_ticks) <= noise + 0.02 * d_ticks, (d_counted, d_ticks, noise)
+    for m in ms:    # each row: counted >= 95 % of the ticks and not far above (the reads' own jitter)
+        assert 0.95 * m.median <= m.pmu_cycles / ns_per_tick <= 1.1 * m.median + 200, m
+    # a Python callable is counted the same way; an empty C call counts ~nothing once the
+    # empty region's counts are subtracted
+    m = harness.measure(np.sum, np.ones(50_000), pmu=pmu, budget_s=0.05)
+    assert 0.9 * m.median <= m.pmu_cycles / ns_per_tick <= 1.2 * m.median + 200
+    e = harness.measure(harness.empty_ccall(), pmu=pmu, budget_s=0.05)
+    assert abs(e.pmu_cycles) / ns_per_tick < 50
+    pmu.close()
+
+
+def test_pmu_auto_follows_calibration():
+    """pmu='auto' (the default) counts with the hardware PMU exactly when calibrate() found it
+    counting; without one the measurement says so (None), and core cycles stay estimated."""
+    m = harness.measure(harness.add_chain_ccall(1 << 14), budget_s=0.03)
+    if calibrate().perf_available:
+        assert m.pmu == "hardware" and m.pmu_cycles > 0 and m.pmu_instructions > 0
+        assert abs(m.pmu_cycles / (1 << 14) - 1) < 0.1        # one add per core cycle
+    else:
+        assert m.pmu is None and m.pmu_cycles is None and m.pmu_instructions is None
+        assert harness.default_pmu() is None
+    assert harness.measure(harness.empty_ccall(), pmu=None, budget_s=0.01).pmu is None
+
+
+def test_pmu_bad_arguments():
+    with pytest.raises(ValueError, match="kind='nope'"):
+        counter.PMU("nope")
+    with pytest.raises(ValueError, match="pmu=42"):
+        harness.measure(harness.empty_ccall(), pmu=42)
+    pmu = _task_clock()
+    a = pmu.read()
+    assert len(a) == 4 and a[2] >= a[3] >= 0
+    pmu.close()
+    pmu.close()                                   # twice is harmless
+    with pytest.raises(ValueError, match="after close"):
+        pmu.read()
+
+
 # ------------------------------------------------------------------ harness
 
 

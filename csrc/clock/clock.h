@@ -57,3 +57,16 @@ int rf_bw_simd_bits(void);
  * counters work; else a positive errno from perf_event_open, or -1 if the
  * counters opened but counted nothing (a VM without a virtual PMU). */
 int rf_perf_probe(uint64_t *cycles, uint64_t *instructions, uint64_t n_adds);
+
+/* Counters for the harness: a perf_event_open group of two events of this thread,
+ * user space only, read together.  kind 0: core cycles and instructions (the PMU);
+ * kind 1: the software task clock (ns) in both places, a stand-in that exercises the
+ * same code where no PMU exists.  Returns 0 and fds[0] (the group leader), fds[1];
+ * else a positive errno (EINVAL for another kind, ENOSYS off Linux). */
+int rf_pmu_open(int kind, int32_t *fds /* (2,) */);
+/* out = {event 0, event 1, time enabled, time running} (ns for the times: running <
+ * enabled means the kernel multiplexed the counters and they did not count all along).
+ * Returns 0, or a positive errno. */
+int rf_pmu_read(int32_t leader, uint64_t *out /* (4,) */);
+/* close both (fds set to -1; -1 entries are skipped) */
+void rf_pmu_close(int32_t *fds /* (2,) */);

@@ -284,11 +284,86 @@ int rf_perf_probe(uint64_t *cycles, uint64_t *instructions, uint64_t n_adds) {
     *instructions = i;
     return 0;
 }
+
+static int pmu_event(uint32_t type, uint64_t config, int leader) {
+    struct perf_event_attr a;
+    memset(&a, 0, sizeof a);
+    a.type = type;
+    a.size = sizeof a;
+    a.config = config;
+    a.disabled = leader < 0;             /* the leader starts off; members follow it */
+    a.exclude_kernel = 1;
+    a.exclude_hv = 1;
+    a.read_format = PERF_FORMAT_GROUP | PERF_FORMAT_TOTAL_TIME_ENABLED | PERF_FORMAT_TOTAL_TIME_RUNNING;
+    return (int)syscall(SYS_perf_event_open, &a, 0, -1, leader, 0);
+}
+
+int rf_pmu_open(int kind, int32_t *fds) {
+    fds[0] = fds[1] = -1;
+    if (kind != 0 && kind != 1) return EINVAL;
+    uint32_t type = kind == 0 ? PERF_TYPE_HARDWARE : PERF_TYPE_SOFTWARE;
+    uint64_t e0 = kind == 0 ? PERF_COUNT_HW_CPU_CYCLES : PERF_COUNT_SW_TASK_CLOCK;
+    uint64_t e1 = kind == 0 ? PERF_COUNT_HW_INSTRUCTIONS : PERF_COUNT_SW_TASK_CLOCK;
+    int l = pmu_event(type, e0, -1);
+    if (l < 0) return errno ? errno : EIO;
+    int m = pmu_event(type, e1, l);
+    if (m < 0) {
+        int e = errno ? errno : EIO;
+        close(l);
+        return e;
+    }
+    if (ioctl(l, PERF_EVENT_IOC_RESET, PERF_IOC_FLAG_GROUP) != 0 ||
+        ioctl(l, PERF_EVENT_IOC_ENABLE, PERF_IOC_FLAG_GROUP) != 0) {
+        int e = errno ? errno : EIO;
+        close(m);
+        close(l);
+        return e;
+    }
+    fds[0] = l;
+    fds[1] = m;
+    return 0;
+}
+
+int rf_pmu_read(int32_t leader, uint64_t *out) {
+    uint64_t b[5];                       /* nr, time enabled, time running, value 0, value 1 */
+    ssize_t n = read(leader, b, sizeof b);
+    if (n != (ssize_t)sizeof b) return n < 0 && errno ? errno : EIO;
+    if (b[0] != 2) return EIO;
+    out[0] = b[3];
+    out[1] = b[4];
+    out[2] = b[1];
+    out[3] = b[2];
+    return 0;
+}
+
+void rf_pmu_close(int32_t *fds) {
+    for (int k = 1; k >= 0; k--)         /* the member before its leader */
+        if (fds[k] >= 0) {
+            close(fds[k]);
+            fds[k] = -1;
+        }
+}
 #else
 int rf_perf_probe(uint64_t *cycles, uint64_t *instructions, uint64_t n_adds) {
     (void)n_adds;
     *cycles = 0;
     *instructions = 0;
     return -1;
+}
+
+int rf_pmu_open(int kind, int32_t *fds) {
+    (void)kind;
+    fds[0] = fds[1] = -1;
+    return ENOSYS;
+}
+
+int rf_pmu_read(int32_t leader, uint64_t *out) {
+    (void)leader;
+    out[0] = out[1] = out[2] = out[3] = 0;
+    return ENOSYS;
+}
+
+void rf_pmu_close(int32_t *fds) {
+    fds[0] = fds[1] = -1;
 }
 #endif

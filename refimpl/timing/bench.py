@@ -73,7 +73,10 @@ JSON schema "refimpl.bench/1" (`--json PATH`)
       output buffer the allocator gave back to the kernel and maps again on every call
       costs ~1-4k ticks per 4 KiB page on this VM; null where getrusage has no per-thread
       figures),
-      median_core_cycles (estimated = median_ticks x machine.core_per_tsc),
+      median_core_cycles (counted by the PMU when perf_event_open works, else estimated =
+      median_ticks x machine.core_per_tsc), core_cycles_source ("pmu"|"estimate"),
+      pmu_instructions (instructions per call, median; null without a PMU), ipc (their
+      ratio, or null),
       flops, bytes, intensity, flop_per_tick, flop_per_core_cycle, pct_peak,
       bytes_per_tick, roofline_ticks, roofline_bound ("compute"|"memory"),
       roofline_level, measured_over_bound,
@@ -672,7 +675,9 @@ def _noise_report(ms, cpu0: dict, cpu1: dict, wall_s: float) -> dict:
 
 
 def _row(case, backend, m, machine, cold) -> dict:
-    rf = roofline(case.work, max(m.median, 0.0), machine, case.dtype, cold)
+    counted = m.pmu == "hardware" and m.pmu_cycles is not None      # core cycles from the PMU
+    rf = roofline(case.work, max(m.median, 0.0), machine, case.dtype, cold,
+                  core_cycles=m.pmu_cycles if counted else None)
     return {"op": case.op, "backend": backend, "shape": case.label, "dims": list(case.dims),
             "causal": case.causal, "dtype": str(case.dtype), "cold": bool(cold), "kind": m.kind,
             "median_ticks": m.median, "min_ticks": m.min, "mad_ticks": m.mad, "p90_ticks": m.p90,
@@ -681,7 +686,11 @@ def _row(case, backend, m, machine, cold) -> dict:
             "quiet_rounds": m.quiet_rounds, "median_all_ticks": m.median_all, "cv_all": m.cv_all,
             "unstable": m.unstable, "reasons": m.reasons, "preempted": m.preempted,
             "faults_per_call": m.faults_per_call,
-            "median_core_cycles": m.median * machine.core_per_tsc,
+            "median_core_cycles": m.pmu_cycles if counted else m.median * machine.core_per_tsc,
+            "core_cycles_source": "pmu" if counted else "estimate",
+            "pmu_instructions": m.pmu_instructions if counted else None,
+            "ipc": (m.pmu_instructions / m.pmu_cycles
+                    if counted and m.pmu_instructions is not None and m.pmu_cycles > 0 else None),
             "flops": case.work.flops, "bytes": case.work.bytes, "intensity": rf.intensity,
             "flop_per_tick": rf.flop_per_tick, "flop_per_core_cycle": rf.flop_per_core_cycle,
             "pct_peak": rf.pct_peak, "bytes_per_tick": rf.bytes_per_tick,
@@ -747,20 +756,24 @@ def print_report(report: dict, console=None) -> None:
         return
     nv = sum(1 for v in report["verification"] if v["passed"])
     console.print(f"all {nv} kernel checks passed against the float64 oracle "
-                  f"(worst bound ratio {max((v['bound_ratio'] or 0) for v in report['verification']):.3g})")
+                  f"(worst bound ratio {max(((v['bound_ratio'] or 0) for v in report['verification']), default=0):.3g})")
+    counted = any(r.get("core_cycles_source") == "pmu" for r in report["results"])
     t = Table(title=f"refimpl bench ({report['settings']['dtype']}, "
                     f"{'cold' if report['settings']['cold'] else 'warm'} cache, 1 thread; ticks = TSC ticks/call, "
-                    f"cyc = est. core cycles)")
-    for col, just in (("op", "left"), ("shape", "left"), ("backend", "left"), ("median ticks", "right"),
-                      ("cv", "right"), ("est. cyc", "right"), ("FLOP/cyc", "right"), ("% peak", "right"),
-                      ("B/tick", "right"), ("FLOP/B", "right"), ("roof", "left"), ("x roof", "right"),
-                      ("x numpy", "right"), ("x torch", "right")):
+                    + ("cyc = core cycles counted by the PMU, IPC = instructions / cyc)" if counted
+                       else "cyc = est. core cycles)"))
+    cols = [("op", "left"), ("shape", "left"), ("backend", "left"), ("median ticks", "right"),
+            ("cv", "right"), ("cyc" if counted else "est. cyc", "right")] + ([("IPC", "right")] if counted else []) + [
+            ("FLOP/cyc", "right"), ("% peak", "right"), ("B/tick", "right"), ("FLOP/B", "right"), ("roof", "left"),
+            ("x roof", "right"), ("x numpy", "right"), ("x torch", "right")]
+    for col, just in cols:
         t.add_column(col, justify=just)
     for r in report["results"]:
         flag = " [red]![/]" if r["unstable"] else ""
+        ipc = [_fmt(r.get("ipc"), "{:.2f}")] if counted else []
         t.add_row(r["op"], r["shape"], r["backend"], fmt_count(r["median_ticks"]) + flag, f"{r['cv']:.1%}",
-                  fmt_count(r["median_core_cycles"]), _fmt(r["flop_per_core_cycle"]), _fmt(r["pct_peak"], "{:.1f}"),
-                  _fmt(r["bytes_per_tick"]), _fmt(r["intensity"]),
+                  fmt_count(r["median_core_cycles"]), *ipc, _fmt(r["flop_per_core_cycle"]),
+                  _fmt(r["pct_peak"], "{:.1f}"), _fmt(r["bytes_per_tick"]), _fmt(r["intensity"]),
                   f"{r['roofline_bound'][:3]} {r['roofline_level']}", _fmt(r["measured_over_bound"], "{:.2f}"),
                   _fmt(r["vs_numpy"], "{:.2f}"), _fmt(r["vs_torch"], "{:.2f}"))
     console.print(t)

@@ -19,6 +19,11 @@ core_per_tsc       core cycles per tick (1.0 when the chain cannot be trusted)
 perf_available     perf_event_open counted real core cycles and instructions
 perf_reason        why not (e.g. "ENOENT: no hardware PMU in this VM")
 perf_core_per_tsc  core/TSC from the PMU when available (a cross-check)
+
+When the PMU works, `PMU("hardware")` counts core cycles and instructions of this
+thread, and the harness reads them around every sample beside the ticks
+(`Measurement.pmu_cycles`, `pmu_instructions`): then core cycles are counted,
+not estimated.
 """
 from __future__ import annotations
 
@@ -151,6 +156,52 @@ def perf_probe(n_adds: int = 1 << 20) -> tuple[bool, str, float | None, int, int
            errno.ENOSYS: "perf_event_open not supported by this kernel",
            errno.EOPNOTSUPP: "hardware events not supported"}.get(rc, os.strerror(rc))
     return False, f"perf_event_open failed: {name}: {why}", None, 0, 0
+
+
+class PMU:
+    """Two counters of the calling thread, user space only, read together (perf_event_open).
+
+    kind "hardware": core cycles and instructions, what `measure()` counts beside the
+    ticks when `calibrate().perf_available`.  kind "task-clock": the software task clock
+    (nanoseconds) in both places, a stand-in that runs the same code on machines without a
+    PMU (tests).  Counters follow the thread that opened them: read them from it.
+
+        pmu = PMU("hardware")              # OSError (its errno) when the kernel refuses
+        a, b, enabled, running = pmu.read()  # counts so far; the ns the group was enabled
+                                           # and counting (running < enabled: multiplexed)
+    """
+
+    KINDS = {"hardware": (0, ("cycles", "instructions")),
+             "task-clock": (1, ("task-clock ns", "task-clock ns"))}
+
+    def __init__(self, kind: str = "hardware"):
+        if kind not in self.KINDS:
+            raise ValueError(f"PMU: kind={kind!r} must be one of {list(self.KINDS)}")
+        code, self.events = self.KINDS[kind]
+        self.kind = kind
+        self._fds = ffi.new("int32_t[2]")
+        self._out = ffi.new("uint64_t[4]")
+        rc = int(lib.rf_pmu_open(code, self._fds))
+        if rc:
+            raise OSError(rc, f"perf_event_open ({kind}): {os.strerror(rc)}")
+
+    def read(self) -> tuple[int, int, int, int]:
+        """(event 0, event 1, ns enabled, ns running).  Over an interval, running < enabled
+        means the kernel multiplexed the counters: their counts cover part of it only."""
+        if self._fds[0] < 0:
+            raise ValueError("PMU: read after close()")
+        rc = int(lib.rf_pmu_read(self._fds[0], self._out))
+        if rc:
+            raise OSError(rc, f"reading the {self.kind} counters: {os.strerror(rc)}")
+        o = self._out
+        return int(o[0]), int(o[1]), int(o[2]), int(o[3])
+
+    def close(self) -> None:
+        lib.rf_pmu_close(self._fds)
+
+    def __del__(self):
+        if getattr(self, "_fds", None) is not None:
+            self.close()
 
 
 _CACHE: Calibration | None = None

@@ -24,6 +24,11 @@ Recipe (design.md "Timing on bare CPUs"):
   4c. the same getrusage call counts the thread's page faults around each sample:
      `faults_per_call` (a buffer the allocator returned to the kernel and maps
      again on every call pays for each page, on this VM ~1-4k ticks per 4 KiB);
+  4d. when the PMU counts (`calibrate().perf_available`; `pmu=` chooses), its core
+     cycles and instructions are read around each sample too, outside the ticks'
+     region, and reduced the same way: (counts - an empty region's counts) / reps,
+     medians over the pooled samples in `pmu_cycles`, `pmu_instructions` (a sample
+     during which the kernel multiplexed the counters is left out of them);
   5. per-call ticks of a sample = (sample ticks - region overhead) / reps,
      where the region overhead is the calibrated empty-region minimum (C
      loop) or the empty-loop minimum measured from Python (Python targets);
@@ -85,6 +90,7 @@ try:
 except ImportError:  # not on every platform
     resource = None
     _RUSAGE_THREAD = None
+import threading
 import time
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
@@ -93,7 +99,7 @@ from typing import Any
 import numpy as np
 
 from refimpl._clock import ffi, lib
-from refimpl.timing.counter import Calibration, calibrate, current_cpu
+from refimpl.timing.counter import PMU, Calibration, calibrate, current_cpu
 
 CV_UNSTABLE = 0.05
 STEAL_UNSTABLE = 0.01
@@ -138,6 +144,11 @@ class Measurement:
     median_all: float | None = None  # median and robust CV over every slice, quiet or not (None: no gate)
     cv_all: float | None = None
     faults_per_call: float | None = None  # page faults per call inside the samples (None: unknown)
+    pmu: str | None = None            # counters read around every sample: "hardware" (core cycles,
+                                      # instructions), "task-clock" (a test stand-in), None: none
+    pmu_cycles: float | None = None   # median per call of the pooled samples' first counter (core
+                                      # cycles: counted, not estimated), region overhead subtracted
+    pmu_instructions: float | None = None  # the same for the second (instructions)
 
     @property
     def median_core(self) -> float:
@@ -312,6 +323,51 @@ def interleave_order(n_rows: int, rounds: int) -> list[tuple[int, int]]:
     return [(k, i) for k in range(rounds) for i in range(n_rows)]
 
 
+_PMU = threading.local()
+
+
+def default_pmu():
+    """This thread's hardware counters (counter.PMU) when calibrate() found perf_event_open
+    counting real core cycles, else None: opened once per thread, shared by its measurements."""
+    if not hasattr(_PMU, "pmu"):
+        _PMU.pmu = None
+        if calibrate().perf_available:
+            try:
+                _PMU.pmu = PMU("hardware")
+            except OSError:
+                pass
+    return _PMU.pmu
+
+
+def _resolve_pmu(pmu, cal):
+    if isinstance(pmu, str) and pmu == "auto":
+        return default_pmu() if cal.perf_available else None
+    if pmu is None or pmu is False:
+        return None
+    if isinstance(pmu, PMU):
+        return pmu
+    raise ValueError(f"measure: pmu={pmu!r} must be 'auto', None or a refimpl.timing.counter.PMU")
+
+
+def _pmu_region_base(pmu, region, n: int = 200) -> tuple[float, float]:
+    """Min counts of each counter around an empty region (0 calls), read the way the
+    samples read them: the reads' and the region's own cost, subtracted from every sample."""
+    best = [math.inf, math.inf]
+    for _ in range(n):
+        a = pmu.read()
+        region(0)
+        b = pmu.read()
+        if b[3] - a[3] >= b[2] - a[2]:
+            best = [min(best[0], b[0] - a[0]), min(best[1], b[1] - a[1])]
+    return (best[0], best[1]) if math.isfinite(best[0]) else (0.0, 0.0)
+
+
+def _finite_median(x) -> float | None:
+    x = np.asarray(x, dtype=np.float64)
+    x = x[np.isfinite(x)]
+    return float(np.median(x)) if x.size else None
+
+
 class Sampler:
     """Samples of one target, possibly taken in several separate slices (`take`).
 
@@ -322,8 +378,12 @@ class Sampler:
 
     def __init__(self, target: Any, args=(), kwargs=None, *, name: str | None = None, cold: bool = False,
                  cpu: int = -1, reps: int | None = None, sample_factor: int = SAMPLE_FACTOR,
-                 cal: Calibration | None = None):
+                 cal: Calibration | None = None, pmu: Any = "auto"):
         self.cal = cal or calibrate()
+        self.pmu = _resolve_pmu(pmu, self.cal)
+        self.pmu_base = None      # counts of an empty region (min), subtracted like the ticks' overhead
+        self.pmu_c: list[float] = []   # per call, parallel to per_call (nan: the sample's counts were partial)
+        self.pmu_i: list[float] = []
         kwargs = kwargs or {}
         self.is_c = _is_ccall(target)
         if not self.is_c and not callable(target):
@@ -370,6 +430,8 @@ class Sampler:
         if self.r is None:
             one = max(one, 1.0)
             self.r = max(1, math.ceil(self.sample_factor * self.cal.floor_ticks / one))
+        if self.pmu is not None:
+            self.pmu_base = _pmu_region_base(self.pmu, self.region)
 
     def take(self, budget_s: float, min_samples: int, max_samples: int, rewarm: int = 0,
              rewarm_s: float = 0.0, give_up_s: float | None = None) -> None:
@@ -380,7 +442,9 @@ class Sampler:
         first samples of this one ran slow (its data, code and allocator state come back)."""
         if self.r is None:
             self.warm()
-        r, cpu, region = self.r, self.cpu, self.region
+        r, cpu, region, pmu = self.r, self.cpu, self.region, self.pmu
+        if pmu is not None and self.pmu_base is None:
+            self.pmu_base = _pmu_region_base(pmu, region)
         steal0 = steal_of(cpu)
         w0 = time.perf_counter()
         # re-warm through the sampling loop itself (same code between regions as a kept
@@ -392,7 +456,11 @@ class Sampler:
             if self.cold:
                 flush_caches()
             sw0, pf0 = _switches_and_faults()
+            if pmu is not None:
+                p0 = pmu.read()
             t, ca, cb = region(r)
+            if pmu is not None:
+                p1 = pmu.read()
             sw1, pf1 = _switches_and_faults()
             if warm_left > 0 or (rewarm_s > 0 and deadline == math.inf and time.perf_counter() < warm_end):
                 warm_left -= 1
@@ -407,6 +475,10 @@ class Sampler:
                 self.migrations += 1
             x = (t - self.overhead) / r
             (self.dropped if sw1 != sw0 else self.per_call).append(x)
+            if pmu is not None and sw1 == sw0:
+                whole = p1[3] - p0[3] >= p1[2] - p0[2]          # counted the whole sample
+                self.pmu_c.append((p1[0] - p0[0] - self.pmu_base[0]) / r if whole else math.nan)
+                self.pmu_i.append((p1[1] - p0[1] - self.pmu_base[1]) / r if whole else math.nan)
             self.faults += pf1 - pf0
             self.calls += r
             n, now = len(self.per_call) - n0, time.perf_counter()
@@ -425,9 +497,10 @@ class Sampler:
         there are >= GATE_MIN_ROUNDS of them holding >= min_samples samples; else the
         GATE_MIN_ROUNDS least busy slices, and the row is flagged."""
         reasons = []
-        slices, k = [], 0
+        slices, starts, k = [], [], 0
         for n in self.sizes:
             slices.append(self.per_call[k:k + n])
+            starts.append(k)
             k += n
         if busy is not None and len(busy) != len(slices):
             raise ValueError(f"result: {len(busy)} gate readings for {len(slices)} slices")
@@ -444,6 +517,10 @@ class Sampler:
             all_s = stats(self.per_call)
             extra = dict(quiet_rounds=sum(flags), median_all=all_s["median"], cv_all=all_s["cv"])
         per_call = [x for sl, q in zip(slices, keep) if q for x in sl]
+        if self.pmu is not None:
+            kept = [j for k0, sl, q in zip(starts, slices, keep) if q for j in range(k0, k0 + len(sl))]
+            extra.update(pmu=self.pmu.kind, pmu_cycles=_finite_median([self.pmu_c[j] for j in kept]),
+                         pmu_instructions=_finite_median([self.pmu_i[j] for j in kept]))
         if len(self.per_call) < min_samples:
             reasons.append(f"{len(self.dropped)} of {len(self.per_call) + len(self.dropped)} samples preempted (kept)")
             per_call = per_call + self.dropped
@@ -486,12 +563,13 @@ def _quiet(pin: bool):
 def measure(target: Any, *args, name: str | None = None, cold: bool = False, pin: bool = True,
             warmup_s: float = 0.02, warmup_calls: int = 2, budget_s: float = 0.25,
             min_samples: int = 15, max_samples: int = 400, reps: int | None = None,
-            sample_factor: int = SAMPLE_FACTOR, cal: Calibration | None = None,
+            sample_factor: int = SAMPLE_FACTOR, cal: Calibration | None = None, pmu: Any = "auto",
             **kwargs) -> Measurement:
     """Time `target(*args, **kwargs)` (a callable) or a CCall; see the module docstring."""
     if min_samples < 2:
         raise ValueError(f"measure: min_samples={min_samples} must be >= 2")
-    s = Sampler(target, args, kwargs, name=name, cold=cold, reps=reps, sample_factor=sample_factor, cal=cal)
+    s = Sampler(target, args, kwargs, name=name, cold=cold, reps=reps, sample_factor=sample_factor, cal=cal,
+                pmu=pmu)
     with _quiet(pin) as cpu:
         s.cpu = cpu
         s.warm(warmup_s, warmup_calls)
@@ -504,7 +582,7 @@ def measure_interleaved(targets: list, *, rounds: int = 8, cold: bool = False, p
                         min_samples: int = 15, max_samples: int = 400, rewarm: int = 3,
                         rewarm_s: float = 0.002, sample_factor: int = SAMPLE_FACTOR, cal: Calibration | None = None,
                         on_slice=None, gate: QuietProbe | None = None, gate_tol: float = GATE_TOL,
-                        gate_extra_s: float = 0.0) -> list[Measurement]:
+                        gate_extra_s: float = 0.0, pmu: Any = "auto") -> list[Measurement]:
     """Time several targets round-robin: `budget_s` per target, split into `rounds` slices.
 
     `targets` is a list of (target, args, kwargs, name).  All are warmed up first (their
@@ -527,7 +605,7 @@ def measure_interleaved(targets: list, *, rounds: int = 8, cold: bool = False, p
         raise ValueError(f"measure: min_samples={min_samples} must be >= 2")
     if rounds < 1:
         raise ValueError(f"measure_interleaved: rounds={rounds} must be >= 1")
-    samplers = [Sampler(t, a, kw, name=nm, cold=cold, sample_factor=sample_factor, cal=cal)
+    samplers = [Sampler(t, a, kw, name=nm, cold=cold, sample_factor=sample_factor, cal=cal, pmu=pmu)
                 for t, a, kw, nm in targets]
     per_min = max(1, math.ceil(min_samples / rounds))
     per_max = max(per_min, max_samples // rounds)

@@ -133,9 +133,15 @@ class Roofline:
         return asdict(self)
 
 
-def roofline(w: Work, ticks: float, machine, dtype="float32", cold: bool = False) -> Roofline:
-    """Place a measurement of `w` (median `ticks`) against the machine's roofs."""
+def roofline(w: Work, ticks: float, machine, dtype="float32", cold: bool = False,
+             core_cycles: float | None = None) -> Roofline:
+    """Place a measurement of `w` (median `ticks`) against the machine's roofs.  FLOP per core
+    cycle and % of peak use `core_cycles` when given (counted by the PMU), else the estimate
+    ticks x machine.core_per_tsc."""
     cpt = machine.core_per_tsc
+    ticks = float(ticks)
+    if core_cycles is not None and ticks > 0 and core_cycles > 0:
+        cpt = core_cycles / ticks                     # this measurement's own core/TSC
     peak_cycle = machine.peak_flop_per_cycle[str(np.dtype(dtype))]
     peak_tick = peak_cycle * cpt
     if cold and machine.bandwidth:
@@ -146,7 +152,6 @@ def roofline(w: Work, ticks: float, machine, dtype="float32", cold: bool = False
     t_flop = w.flops / peak_tick
     t_mem = w.bytes / bw if math.isfinite(bw) and bw > 0 else 0.0
     roof = max(t_flop, t_mem)
-    ticks = float(ticks)
     cyc = ticks * cpt
     safe = ticks if ticks > 0 else math.nan
     return Roofline(ticks=ticks, core_cycles=cyc, flops=w.flops, bytes=w.bytes,
