@@ -201,7 +201,10 @@ class PMU:
 
     def __del__(self):
         if getattr(self, "_fds", None) is not None:
-            self.close()
+            try:
+                self.close()
+            except Exception:       # interpreter shutdown: the native module may be gone
+                pass
 
 
 _CACHE: Calibration | None = None
