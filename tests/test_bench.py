@@ -362,7 +362,10 @@ def test_core_cycles_use_the_add_chain_timed_beside_the_rows(monkeypatch):
     rep = bench.run(ops=["softmax"], backends=["numpy", "c"], quick=True, progress=False)
     m, cpt = rep["machine"], rep["noise"]["probes"]["core_add_chain"]["core_per_tsc"]
     assert m["core_per_tsc_source"].startswith("core_add_chain") and m["core_per_tsc"] == cpt
-    assert cpt == pytest.approx(m["core_per_tsc_calibrated"] / 1.5, rel=0.2)
+    # against the core clock read right after the run, not the calibration's: that one is
+    # cached from the start of the process, and this host's core clock has moved by 24 %
+    # in between (calibrated 1.13, probe 1.40 x 1/1.5 in one CI run)
+    assert cpt == pytest.approx(bench.core_per_tsc_now() / 1.5, rel=0.2)
     for r in rep["results"]:
         assert r["median_core_cycles"] == pytest.approx(r["median_ticks"] * cpt)
         assert r["flop_per_core_cycle"] == pytest.approx(r["flops"] / r["median_core_cycles"])
