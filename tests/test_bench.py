@@ -124,7 +124,7 @@ def test_row_uses_counted_core_cycles_when_the_pmu_counted_them(capsys):
     peak = mach.peak_flop_per_cycle["float32"]
     assert hw["pct_peak"] == pytest.approx(100 * 2 * 16 ** 3 / 2000.0 / peak)
     assert hw["flop_per_tick"] == est["flop_per_tick"]                    # ticks are ticks either way
-    stand_in = bench._row(case, "c", dataclasses.replace(m, pmu="task-clock", pmu_cycles=7.0), mach, False)
+    stand_in = bench._row(case, "c", dataclasses.replace(m, pmu="cpu-clock", pmu_cycles=7.0), mach, False)
     assert stand_in["core_cycles_source"] == "estimate"                   # ns are not core cycles
     rep = {"settings": {"dtype": "float32", "cold": False}, "machine": dataclasses.asdict(mach),
            "verification": [], "warnings": [], "passed": True, "results": [hw]}

@@ -73,6 +73,15 @@ def test_overhead_and_granularity_positive_and_stable():
     assert calibrate() is b
 
 
+def test_granularity_is_the_step_of_the_recurring_deltas():
+    step = [26] * 9000 + [52] * 900 + [78] * 99
+    assert counter.granularity(step + [1301]) == 26          # one stretched region does not set it
+    assert counter.granularity([1, 2, 3, 5, 8]) == 1          # nothing recurs: every delta counts
+    assert counter.granularity([0] * 500 + [3] * 500 + [6] * 10) == 3     # a coarse counter's zeros
+    assert counter.granularity([0, 0]) == 1
+    assert counter.granularity(step + [13] * 30) == 13        # a real finer step recurs: it counts
+
+
 def test_core_per_tsc_is_sane_and_perf_reason_given():
     c = calibrate()
     # the core's clock (core/tick x ticks/s) is between 0.5 and 10 GHz; core/tick alone
@@ -96,38 +105,86 @@ def test_core_per_tsc_is_sane_and_perf_reason_given():
 # ------------------------------------------------------------------ PMU counters
 
 
-def _task_clock():
+def _cpu_clock():
     try:
-        return counter.PMU("task-clock")
+        return counter.PMU("cpu-clock")
     except OSError as e:                # perf_event_paranoid 3, or a seccomp filter
         pytest.skip(f"perf_event_open refuses even software counters here: {e}")
 
 
+def _paired(pmu, target, *args):
+    """(per-call ticks, per-call counts) of the same samples, as the harness pairs them."""
+    s = harness.Sampler(target, args, pmu=pmu)
+    with harness._quiet(True) as cpu:
+        s.cpu = cpu
+        s.warm()
+        s.take(0.05, 30, 200)
+    assert len(s.pmu_c) == len(s.per_call) >= 30
+    return np.array(s.per_call), np.array(s.pmu_c)
+
+
 def test_pmu_counts_beside_the_ticks():
-    """The counters the harness reads around every sample (the software task clock stands in
-    for the PMU, which this VM lacks; same code): per call, with the empty region's counts
-    subtracted, they agree with the ticks.  N and 2N dependent adds: the difference of the
-    counted ns x tsc_hz matches the difference of the ticks (fixed costs cancel)."""
+    """The counters the harness reads around every sample (the software CPU clock stands in
+    for the PMU, which this VM lacks; same code) agree with the ticks, sample by sample.
+
+    Paired per sample, not median against median: on a busy host the samples split into two
+    levels ~10 % apart, and each median may fall on either.  Reading the counters is a system
+    call whose cost varies by microseconds (0.2-3 us left per sample after the empty
+    region's median is subtracted), so the rows are long: 1M and 2M dependent adds, ~0.3 and
+    0.6 ms (the counted samples ran 0.5-1 % above the ticks here; checked within 3 %)."""
     cal = calibrate()
-    pmu = _task_clock()
-    N = 1 << 16
-    ms = harness.measure_interleaved([(harness.add_chain_ccall(k * N), (), {}, f"{k}N") for k in (1, 2)],
-                                     rounds=4, budget_s=0.1, pmu=pmu)
-    assert all(m.pmu == "task-clock" for m in ms)
+    pmu = _cpu_clock()
     ns_per_tick = 1e9 / cal.tsc_hz
-    d_ticks = ms[1].median - ms[0].median
-    d_counted = (ms[1].pmu_cycles - ms[0].pmu_cycles) / ns_per_tick
-    noise = 3 * math.hypot(ms[0].cv * ms[0].median, ms[1].cv * ms[1].median) + 2 * cal.granularity_ticks
-    assert abs(d_counted - d_ticks) <= noise + 0.02 * d_ticks, (d_counted, d_ticks, noise)
-    for m in ms:    # each row: counted >= 95 % of the ticks and not far above (the reads' own jitter)
-        assert 0.95 * m.median <= m.pmu_cycles / ns_per_tick <= 1.1 * m.median + 200, m
-    # a Python callable is counted the same way; an empty C call counts ~nothing once the
-    # empty region's counts are subtracted
-    m = harness.measure(np.sum, np.ones(50_000), pmu=pmu, budget_s=0.05)
-    assert 0.9 * m.median <= m.pmu_cycles / ns_per_tick <= 1.2 * m.median + 200
-    e = harness.measure(harness.empty_ccall(), pmu=pmu, budget_s=0.05)
-    assert abs(e.pmu_cycles) / ns_per_tick < 50
+    N = 1 << 20
+    for target, args in ((harness.add_chain_ccall(N), ()), (harness.add_chain_ccall(2 * N), ()),
+                         (np.sum, (np.ones(1_000_000),))):               # C loop, C loop, Python
+        ticks, counted = _paired(pmu, target, *args)
+        resid = counted / ns_per_tick - ticks
+        assert abs(np.median(resid)) <= 0.03 * np.median(ticks), (np.median(resid), np.median(ticks))
+    m = harness.measure(harness.add_chain_ccall(N), pmu=pmu, budget_s=0.03)
+    assert m.pmu == "cpu-clock" and m.pmu_cycles > 0
     pmu.close()
+
+
+class _FakePMU(counter.PMU):
+    """Counters that read the TSC (so a region's counts are its ticks) plus a fixed cost of
+    READ per read, whose every `partial`-th read reports the group descheduled (running <
+    enabled) with a count far off: the harness's arithmetic, checked without the kernel's
+    jitter."""
+    READ = 5000
+
+    def __init__(self, partial=0):
+        self.kind, self.events, self._fds = "fake", ("ticks", "ticks"), None
+        self.reads, self.partial, self.lost = 0, partial, 0
+
+    def read(self):
+        self.reads += 1
+        if self.partial and self.reads % self.partial == 0:
+            self.lost += 1000
+        t = cycles() + self.READ * self.reads + (10**9 if self.partial and self.reads % self.partial == 0 else 0)
+        return t, 2 * t, 10**6 * self.reads, 10**6 * self.reads - self.lost
+
+
+def test_pmu_arithmetic_subtracts_the_reads_divides_by_reps_and_drops_partial_samples():
+    """Per call = (counts - an empty region's counts) / reps, over the samples counted whole.
+    With a fake counter (the TSC plus 5000 per read; every 7th read partial and 1e9 off), the
+    counts of each sample equal its ticks up to the Python run between the two reads, which
+    differs a little between the sampling loop and the empty-region loop (100-1100 ticks
+    here, with the host busy): checked under a quarter of the 10000 the two reads would
+    leave in, and per call, not per sample."""
+    for partial in (0, 7):
+        pmu = _FakePMU(partial)
+        ticks, counted = _paired(pmu, harness.add_chain_ccall(1 << 14))
+        whole = np.isfinite(counted)
+        assert whole.all() if not partial else 0 < whole.sum() < len(whole)
+        resid = counted[whole] - ticks[whole]
+        assert abs(np.median(resid)) < 2500, np.median(resid)
+        m = harness.measure(harness.add_chain_ccall(1 << 14), pmu=pmu, budget_s=0.02)
+        assert m.pmu_cycles < 10**8 and m.pmu_instructions == pytest.approx(2 * m.pmu_cycles, rel=0.05)
+    e = harness.measure(harness.empty_ccall(), pmu=_FakePMU(), reps=1, budget_s=0.02)
+    assert abs(e.pmu_cycles) < 2500, e.pmu_cycles           # not 10000: the reads' cost is subtracted
+    e = harness.measure(harness.empty_ccall(), pmu=_FakePMU(), budget_s=0.02)
+    assert e.reps > 100 and abs(e.pmu_cycles - e.median) < 2, e   # per call (~5 ticks), not per sample (~26k)
 
 
 def test_pmu_auto_follows_calibration():
@@ -148,7 +205,7 @@ def test_pmu_bad_arguments():
         counter.PMU("nope")
     with pytest.raises(ValueError, match="pmu=42"):
         harness.measure(harness.empty_ccall(), pmu=42)
-    pmu = _task_clock()
+    pmu = _cpu_clock()
     a = pmu.read()
     assert len(a) == 4 and a[2] >= a[3] >= 0
     pmu.close()

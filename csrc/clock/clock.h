@@ -60,7 +60,7 @@ int rf_perf_probe(uint64_t *cycles, uint64_t *instructions, uint64_t n_adds);
 
 /* Counters for the harness: a perf_event_open group of two events of this thread,
  * user space only, read together.  kind 0: core cycles and instructions (the PMU);
- * kind 1: the software task clock (ns) in both places, a stand-in that exercises the
+ * kind 1: the software CPU clock (ns) in both places, a stand-in that exercises the
  * same code where no PMU exists.  Returns 0 and fds[0] (the group leader), fds[1];
  * else a positive errno (EINVAL for another kind, ENOSYS off Linux). */
 int rf_pmu_open(int kind, int32_t *fds /* (2,) */);

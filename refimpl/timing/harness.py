@@ -145,7 +145,7 @@ class Measurement:
     cv_all: float | None = None
     faults_per_call: float | None = None  # page faults per call inside the samples (None: unknown)
     pmu: str | None = None            # counters read around every sample: "hardware" (core cycles,
-                                      # instructions), "task-clock" (a test stand-in), None: none
+                                      # instructions), "cpu-clock" (a test stand-in), None: none
     pmu_cycles: float | None = None   # median per call of the pooled samples' first counter (core
                                       # cycles: counted, not estimated), region overhead subtracted
     pmu_instructions: float | None = None  # the same for the second (instructions)
@@ -350,16 +350,19 @@ def _resolve_pmu(pmu, cal):
 
 
 def _pmu_region_base(pmu, region, n: int = 200) -> tuple[float, float]:
-    """Min counts of each counter around an empty region (0 calls), read the way the
-    samples read them: the reads' and the region's own cost, subtracted from every sample."""
-    best = [math.inf, math.inf]
+    """Counts of each counter around an empty region (0 calls), read the way the samples
+    read them: the reads' and the region's own cost, subtracted from every sample.  The
+    median, not the min as for the ticks' overhead: reading the counters is a system call
+    whose cost varies by microseconds (software counters count the kernel's part too)."""
+    c, i = [], []
     for _ in range(n):
         a = pmu.read()
         region(0)
         b = pmu.read()
         if b[3] - a[3] >= b[2] - a[2]:
-            best = [min(best[0], b[0] - a[0]), min(best[1], b[1] - a[1])]
-    return (best[0], best[1]) if math.isfinite(best[0]) else (0.0, 0.0)
+            c.append(b[0] - a[0])
+            i.append(b[1] - a[1])
+    return (float(np.median(c)), float(np.median(i))) if c else (0.0, 0.0)
 
 
 def _finite_median(x) -> float | None:
@@ -381,10 +384,11 @@ class Sampler:
                  cal: Calibration | None = None, pmu: Any = "auto"):
         self.cal = cal or calibrate()
         self.pmu = _resolve_pmu(pmu, self.cal)
-        self.pmu_base = None      # counts of an empty region (min), subtracted like the ticks' overhead
+        self.pmu_base = None      # counts of an empty region (min; first take()), subtracted like the ticks' overhead
         self.pmu_c: list[float] = []   # per call, parallel to per_call (nan: the sample's counts were partial)
         self.pmu_i: list[float] = []
         kwargs = kwargs or {}
+        self.target = target      # keeps a CCall's context alive while its address is timed
         self.is_c = _is_ccall(target)
         if not self.is_c and not callable(target):
             raise TypeError(f"measure: target must be a CCall or a callable, got {type(target).__name__}")
@@ -430,8 +434,6 @@ class Sampler:
         if self.r is None:
             one = max(one, 1.0)
             self.r = max(1, math.ceil(self.sample_factor * self.cal.floor_ticks / one))
-        if self.pmu is not None:
-            self.pmu_base = _pmu_region_base(self.pmu, self.region)
 
     def take(self, budget_s: float, min_samples: int, max_samples: int, rewarm: int = 0,
              rewarm_s: float = 0.0, give_up_s: float | None = None) -> None:
