@@ -28,6 +28,8 @@ spread over the half page before the outputs' place.
 """
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 LINE = 64   # bytes: an x86-64 / Zen 4 cache line, and one AVX-512 vector
@@ -35,12 +37,15 @@ LINE = 64   # bytes: an x86-64 / Zen 4 cache line, and one AVX-512 vector
 
 def _carve(shape, dtype, slack: int, offset) -> np.ndarray:
     """A C-contiguous `shape` array cut from a byte buffer `slack` bytes longer, starting
-    `offset(address of the buffer)` bytes into it."""
+    `offset(address of the buffer)` bytes into it.  Every C wrapper's output comes from here,
+    so it is kept cheap (~2 us: np.prod and .ctypes each cost more than the rest together)."""
     dtype = np.dtype(dtype)
-    shape = (shape,) if np.isscalar(shape) else tuple(shape)
-    nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    shape = (int(shape),) if isinstance(shape, (int, np.integer)) else tuple(int(n) for n in shape)
+    if any(n < 0 for n in shape):
+        raise ValueError(f"negative dimensions are not allowed: {shape}")
+    nbytes = math.prod(shape) * dtype.itemsize
     raw = np.empty(nbytes + slack, np.uint8)
-    off = offset(raw.ctypes.data)
+    off = offset(raw.__array_interface__["data"][0])
     return raw[off:off + nbytes].view(dtype).reshape(shape)
 
 
@@ -68,7 +73,7 @@ def apart_empty(shape, dtype, like: np.ndarray, apart: int = PAGE // 2) -> np.nd
         raise ValueError(f"apart_empty: apart={apart} must be a multiple of {LINE}")
 
     def offset(addr):
-        off = (like.ctypes.data % PAGE + apart - addr) % PAGE
+        off = (like.__array_interface__["data"][0] % PAGE + apart - addr) % PAGE
         return off + (-(addr + off)) % LINE              # `like` itself may sit off a line
     return _carve(shape, dtype, PAGE + LINE, offset)
 

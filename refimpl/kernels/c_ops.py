@@ -136,7 +136,8 @@ def _attention_args(q, k, v, causal, scale):  # -> q, k, v, kv_stride, scale
 
 def _kv_pointers(k, v):
     """Data pointers of k and v (views of a cache are not contiguous buffers); callers keep k, v alive."""
-    return ffi.cast("float *", k.ctypes.data), ffi.cast("float *", v.ctypes.data)
+    return (ffi.cast("float *", k.__array_interface__["data"][0]),
+            ffi.cast("float *", v.__array_interface__["data"][0]))
 
 
 def prepare_attention(q, k, v, causal=False, scale=None) -> CCall:  # [H,Lq,D],[Hkv,Lk,D],[Hkv,Lk,D] -> [H,Lq,D]
