@@ -8,10 +8,11 @@ with a message naming it.  This file runs in the sanitizer lane too.
 import numpy as np
 import pytest
 
-from refimpl.kernels.c_decode import LlamaDecodeStep, decode_step
+from refimpl.kernels.c_decode import STAGES, LlamaDecodeStep, decode_step
 from refimpl.kernels.cdispatch import forced_path
 from refimpl.kernels.model_bound import logits_with_bound
 from refimpl.oracle.model import Model, random_params, tiny_config
+from refimpl.timing import cycles
 from refimpl.verify.compare import assert_within
 
 CONFIGS = [("llama", {}), ("llama", {"n_kv_heads": 4}), ("llama", {"n_kv_heads": 1, "rope_interleaved": True}),
@@ -104,3 +105,51 @@ def test_traced_and_prefill_calls_take_the_python_path():
     fused.forward([1, 2], cache)
     fused.forward([3], cache, trace=lambda name, x: seen.append(name))
     assert "layers.0.attn_norm" in seen and fused._decode_step is None
+
+
+# ---------------------------------------------------------------- stage stamps (refimpl profile)
+
+def _stamped(step, cache, token=5):
+    """(logits, stage ticks, ticks of the whole call read from Python) of one stamped step."""
+    step.stamps = True
+    t0 = cycles()
+    logits = step(token, cache)
+    t1 = cycles()
+    return logits, step.last_stages, t1 - t0
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_stage_stamps_keep_the_bits_and_fit_inside_the_call(arch):
+    cfg, _, fused, _ = _models(arch, seed=3)
+    step = decode_step(fused)
+    plain = step(5, fused.new_cache())
+    assert step.last_stages is None                       # stamps are off unless asked for
+    logits, st, outer = _stamped(step, fused.new_cache())
+    assert np.array_equal(plain, logits)
+    assert list(st) == list(STAGES)
+    assert all(v >= 0 for v in st.values()) and 0 < sum(st.values()) <= outer
+    step.stamps = False
+    step(5, fused.new_cache())
+    assert step.last_stages is None
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+@pytest.mark.parametrize("grow, stage", [({"d_ff": 1024}, "ffn"), ({"vocab_size": 4096}, "lm_head"),
+                                         ({"d_model": 256}, None)])
+def test_stage_stamps_charge_the_work_to_its_stage(arch, grow, stage):
+    """Sixteen to thirty-two times the work of one part of the model: its stage's ticks grow the
+    most.  A boundary charged to the wrong stage moves those ticks elsewhere and fails this.  The
+    width D enters every stage; D = 256 makes each projection 64x bigger: attention then gains more
+    ticks than the norms and the embedding."""
+    def best(**overrides):
+        _, _, fused, _ = _models(arch, seed=1, **overrides)
+        step = decode_step(fused)
+        runs = [_stamped(step, fused.new_cache())[1] for _ in range(7)]
+        return {k: min(r[k] for r in runs) for k in STAGES}
+    small, big = best(), best(**grow)
+    gain = {k: big[k] - small[k] for k in STAGES}
+    if stage is not None:
+        assert max(gain, key=gain.get) == stage, (small, big)
+        assert big[stage] >= 4 * small[stage], (small, big)
+    else:
+        assert gain["attention"] > max(gain["norms"], gain["embedding"]), (small, big)

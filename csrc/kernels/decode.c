@@ -8,6 +8,29 @@
 #include "rope.h"
 #include "attention.h"
 #include "activations.h"
+#include "clock/_tsc.h"
+
+enum { ST_EMBEDDING, ST_NORMS, ST_ATTENTION, ST_FFN, ST_LM_HEAD };
+_Static_assert(ST_LM_HEAD + 1 == RF_DECODE_N_STAGES, "decode.h lists RF_DECODE_N_STAGES stages");
+
+/* the stage boundaries of one step (decode.h): each interval is charged to the stage it closes */
+typedef struct {
+    rf_decode_stages *out;   /* NULL: no counter read */
+    uint64_t last;
+} stamps;
+
+static stamps stamps_begin(rf_decode_stages *out) {
+    stamps s = {out, out ? rf__start() : 0};
+    return s;
+}
+
+static inline void stamp(stamps *s, int stage) {
+    if (s->out) {
+        uint64_t t = rf__start();
+        s->out->ticks[stage] += t - s->last;
+        s->last = t;
+    }
+}
 
 typedef struct {
     void (*rms_norm)(float *out, const float *x, const float *w, int64_t T, int64_t D, float eps);
@@ -76,9 +99,10 @@ static void add(float *x /* (n,) */, const float *y /* (n,) */, int64_t n) {
 static int llama(const rf_decode_kernels *kn, float *logits /* (V,) */, const rf_decode_dims *d,
                  const float *embed /* (V,D) */, const rf_llama_layer *layers /* (n_layers,) */,
                  const float *final_norm /* (D,) */, const float *w_lm /* (D,V) */,
-                 int64_t token, int64_t pos, float *scratch) {
+                 int64_t token, int64_t pos, float *scratch, rf_decode_stages *stages) {
     const int64_t D = d->D, H = d->H, Hkv = d->Hkv, Dh = d->Dh, F = d->F, S = d->S;
     if (token < 0 || token >= d->V || pos < 0 || pos >= S) return -2;
+    stamps st = stamps_begin(stages);
     const int64_t nq = H * Dh, nkv = Hkv * Dh;
     float *x = scratch;                          /* (D,) the residual stream */
     float *a = x + RF_PAD16(D);                  /* (D,) normalised x */
@@ -92,26 +116,33 @@ static int llama(const rf_decode_kernels *kn, float *logits /* (V,) */, const rf
     int rc;
 
     memcpy(x, embed + token * D, (size_t)D * sizeof(float));
+    stamp(&st, ST_EMBEDDING);
     for (int64_t l = 0; l < d->n_layers; l++) {
         const rf_llama_layer *L = &layers[l];
         /* attention block */
         kn->rms_norm(a, x, L->attn_norm, 1, D, d->eps);
+        stamp(&st, ST_NORMS);
         kn->matmul(qkv, a, L->w_qkv, 1, D, nq + 2 * nkv);
         if ((rc = kn->rope(q, qkv, &pos, H, 1, Dh, d->theta, d->interleaved))) return rc;
         if ((rc = kn->rope(k, qkv + nq, &pos, Hkv, 1, Dh, d->theta, d->interleaved))) return rc;
         if ((rc = cache_and_attend(kn, att, q, k, qkv + nq + nkv, L->k_cache, L->v_cache, d, pos))) return rc;
         kn->matmul(y, att, L->w_o, 1, nq, D);
         add(x, y, D);
+        stamp(&st, ST_ATTENTION);
         /* feed-forward block */
         kn->rms_norm(a, x, L->ffn_norm, 1, D, d->eps);
+        stamp(&st, ST_NORMS);
         kn->matmul(gu, a, L->w_gu, 1, D, 2 * F);
         kn->silu(f, gu, F);
         for (int64_t i = 0; i < F; i++) f[i] *= gu[F + i];
         kn->matmul(y, f, L->w_down, 1, F, D);
         add(x, y, D);
+        stamp(&st, ST_FFN);
     }
     kn->rms_norm(a, x, final_norm, 1, D, d->eps);
+    stamp(&st, ST_NORMS);
     kn->matmul(logits, a, w_lm, 1, D, d->V);
+    stamp(&st, ST_LM_HEAD);
     return 0;
 }
 
@@ -119,9 +150,10 @@ static int gpt2(const rf_decode_kernels *kn, float *logits /* (V,) */, const rf_
                 const float *wte /* (V,D) */, const float *wpe /* (S,D) */,
                 const rf_gpt2_layer *layers /* (n_layers,) */, const float *lnf_w /* (D,) */,
                 const float *lnf_b /* (D,) */, const float *w_lm /* (D,V) */,
-                int64_t token, int64_t pos, float *scratch) {
+                int64_t token, int64_t pos, float *scratch, rf_decode_stages *stages) {
     const int64_t D = d->D, F = d->F;
     if (token < 0 || token >= d->V || pos < 0 || pos >= d->S) return -2;
+    stamps st = stamps_begin(stages);
     float *x = scratch;                          /* (D,) the residual stream */
     float *a = x + RF_PAD16(D);                  /* (D,) normalised x */
     float *y = a + RF_PAD16(D);                  /* (D,) a sublayer's output */
@@ -132,50 +164,59 @@ static int gpt2(const rf_decode_kernels *kn, float *logits /* (V,) */, const rf_
     int rc;
 
     for (int64_t i = 0; i < D; i++) x[i] = wte[token * D + i] + wpe[pos * D + i];
+    stamp(&st, ST_EMBEDDING);
     for (int64_t l = 0; l < d->n_layers; l++) {
         const rf_gpt2_layer *L = &layers[l];
         /* attention block */
         kn->layer_norm(a, x, L->ln1_w, L->ln1_b, 1, D, d->eps);
+        stamp(&st, ST_NORMS);
         kn->matmul(qkv, a, L->w_attn, 1, D, 3 * D);
         add(qkv, L->b_attn, 3 * D);
         if ((rc = cache_and_attend(kn, att, qkv, qkv + D, qkv + 2 * D, L->k_cache, L->v_cache, d, pos))) return rc;
         kn->matmul(y, att, L->w_proj, 1, D, D);
         add(y, L->b_proj, D);
         add(x, y, D);
+        stamp(&st, ST_ATTENTION);
         /* feed-forward block */
         kn->layer_norm(a, x, L->ln2_w, L->ln2_b, 1, D, d->eps);
+        stamp(&st, ST_NORMS);
         kn->matmul(f, a, L->w_fc, 1, D, F);
         add(f, L->b_fc, F);
         kn->gelu_tanh(g, f, F);
         kn->matmul(y, g, L->w_mproj, 1, F, D);
         add(y, L->b_mproj, D);
         add(x, y, D);
+        stamp(&st, ST_FFN);
     }
     kn->layer_norm(a, x, lnf_w, lnf_b, 1, D, d->eps);
+    stamp(&st, ST_NORMS);
     kn->matmul(logits, a, w_lm, 1, D, d->V);
+    stamp(&st, ST_LM_HEAD);
     return 0;
 }
 
 int rf_llama_decode_f32(float *logits, const rf_decode_dims *dims, const float *embed,
                         const rf_llama_layer *layers, const float *final_norm, const float *w_lm,
-                        int64_t token, int64_t pos, float *scratch) {
-    return llama(&fast, logits, dims, embed, layers, final_norm, w_lm, token, pos, scratch);
+                        int64_t token, int64_t pos, float *scratch, rf_decode_stages *stages) {
+    return llama(&fast, logits, dims, embed, layers, final_norm, w_lm, token, pos, scratch, stages);
 }
 
 int rf_llama_decode_f32_ref(float *logits, const rf_decode_dims *dims, const float *embed,
                             const rf_llama_layer *layers, const float *final_norm, const float *w_lm,
-                            int64_t token, int64_t pos, float *scratch) {
-    return llama(&naive, logits, dims, embed, layers, final_norm, w_lm, token, pos, scratch);
+                            int64_t token, int64_t pos, float *scratch, rf_decode_stages *stages) {
+    return llama(&naive, logits, dims, embed, layers, final_norm, w_lm, token, pos, scratch, stages);
 }
 
 int rf_gpt2_decode_f32(float *logits, const rf_decode_dims *dims, const float *wte, const float *wpe,
                        const rf_gpt2_layer *layers, const float *lnf_w, const float *lnf_b,
-                       const float *w_lm, int64_t token, int64_t pos, float *scratch) {
-    return gpt2(&fast, logits, dims, wte, wpe, layers, lnf_w, lnf_b, w_lm, token, pos, scratch);
+                       const float *w_lm, int64_t token, int64_t pos, float *scratch,
+                       rf_decode_stages *stages) {
+    return gpt2(&fast, logits, dims, wte, wpe, layers, lnf_w, lnf_b, w_lm, token, pos, scratch, stages);
 }
 
 int rf_gpt2_decode_f32_ref(float *logits, const rf_decode_dims *dims, const float *wte, const float *wpe,
                            const rf_gpt2_layer *layers, const float *lnf_w, const float *lnf_b,
-                           const float *w_lm, int64_t token, int64_t pos, float *scratch) {
-    return gpt2(&naive, logits, dims, wte, wpe, layers, lnf_w, lnf_b, w_lm, token, pos, scratch);
+                           const float *w_lm, int64_t token, int64_t pos, float *scratch,
+                           rf_decode_stages *stages) {
+    return gpt2(&naive, logits, dims, wte, wpe, layers, lnf_w, lnf_b, w_lm, token, pos, scratch, stages);
 }

@@ -53,25 +53,44 @@ typedef struct {
     float *v_cache;                    /* (H, S, Dh) */
 } rf_gpt2_layer;
 
+/* Where a decode step's time went: `stages` (may be NULL: nothing is read) gets, added to what it
+ * holds, the ticks of the step's own counter (fenced rdtsc on x86-64, cntvct_el0 on aarch64,
+ * CLOCK_MONOTONIC ns elsewhere: the clock module's counter) between consecutive stage boundaries,
+ * each interval charged to the stage it closes:
+ *   embedding  x = E[token] (+ P[pos])
+ *   norms      every RMSNorm / LayerNorm, the final one included
+ *   attention  QKV projection (+ bias), RoPE, the cache write, attention, output projection, residual
+ *   ffn        up / gate projections, activation, down projection, residual
+ *   lm_head    the logits' projection
+ * (the names and grouping of refimpl.timing.profile).  Reading the counter costs one fenced
+ * read per boundary: 4 per layer + 3. */
+#define RF_DECODE_N_STAGES 5
+typedef struct {
+    uint64_t ticks[5];   /* RF_DECODE_N_STAGES: embedding, norms, attention, ffn, lm_head */
+} rf_decode_stages;
+
 /* floats of scratch either decode step needs for these dims */
 int64_t rf_decode_scratch_floats(const rf_decode_dims *dims);
 
 /* logits (V,) <- one token through the model (fast kernels, SIMD path chosen by rf_path()).
  * embed (V, D); layers (n_layers,); final_norm (D,); w_lm (D, V); scratch: rf_decode_scratch_floats.
- * Returns 0, -1 if a kernel could not allocate its scratch, -2 if token or pos is out of range. */
+ * Returns 0, -1 if a kernel could not allocate its scratch, -2 if token or pos is out of range.
+ * stages: NULL, or the ticks per stage (above) are added to it. */
 int rf_llama_decode_f32(float *logits, const rf_decode_dims *dims, const float *embed,
                         const rf_llama_layer *layers, const float *final_norm, const float *w_lm,
-                        int64_t token, int64_t pos, float *scratch);
+                        int64_t token, int64_t pos, float *scratch, rf_decode_stages *stages);
 /* the same composition through the naive _ref kernels */
 int rf_llama_decode_f32_ref(float *logits, const rf_decode_dims *dims, const float *embed,
                             const rf_llama_layer *layers, const float *final_norm, const float *w_lm,
-                            int64_t token, int64_t pos, float *scratch);
+                            int64_t token, int64_t pos, float *scratch, rf_decode_stages *stages);
 
 /* GPT-2: wte (V, D), wpe (S, D), layers (n_layers,), lnf_w and lnf_b (D,), w_lm (D, V); as above */
 int rf_gpt2_decode_f32(float *logits, const rf_decode_dims *dims, const float *wte, const float *wpe,
                        const rf_gpt2_layer *layers, const float *lnf_w, const float *lnf_b,
-                       const float *w_lm, int64_t token, int64_t pos, float *scratch);
+                       const float *w_lm, int64_t token, int64_t pos, float *scratch,
+                       rf_decode_stages *stages);
 int rf_gpt2_decode_f32_ref(float *logits, const rf_decode_dims *dims, const float *wte, const float *wpe,
                            const rf_gpt2_layer *layers, const float *lnf_w, const float *lnf_b,
-                           const float *w_lm, int64_t token, int64_t pos, float *scratch);
+                           const float *w_lm, int64_t token, int64_t pos, float *scratch,
+                           rf_decode_stages *stages);
 #endif

@@ -42,12 +42,22 @@ def _refused(model) -> ValueError:
                       f"got {model.config.arch} {model.dtype}")
 
 
+STAGES = ("embedding", "norms", "attention", "ffn", "lm_head")   # decode.h's rf_decode_stages, in order
+
+
 class _DecodeStep:
     """step(token, cache) -> logits [1,V] for the token at position cache.length (the cache is
     filled at that position; the caller advances cache.length).  `reference=True` composes the
-    naive _ref kernels instead of the fast ones (slow; for tests)."""
+    naive _ref kernels instead of the fast ones (slow; for tests).
+
+    With `step.stamps = True` each call also reads the counter (refimpl.timing.cycles) at the
+    stage boundaries inside the C step and leaves `step.last_stages` = {stage: ticks} for that
+    call, stages as in STAGES (decode.h says which operations each holds); the logits are the
+    same bits either way."""
 
     arch, layer_type = None, ""
+    stamps = False
+    last_stages: dict | None = None
 
     def __init__(self, model):
         c = model.config
@@ -87,11 +97,13 @@ class _DecodeStep:
                 or any(a is not b for a, b in zip(cache.v, self._cache_arrays[1]))):
             self._bind(cache)
         logits = aligned_empty((1, self.V), np.float32)
-        rc = self._run(ffi.cast("float *", ffi.from_buffer(logits, require_writable=True)), token, pos)
+        stages = ffi.new("rf_decode_stages *") if self.stamps else ffi.NULL
+        rc = self._run(ffi.cast("float *", ffi.from_buffer(logits, require_writable=True)), token, pos, stages)
         if rc == -1:
             raise MemoryError("C decode step: a kernel could not allocate its scratch memory")
         if rc:
             raise RuntimeError(f"C decode step failed with status {rc}")
+        self.last_stages = dict(zip(STAGES, (int(t) for t in stages.ticks))) if self.stamps else None
         return logits
 
 
@@ -118,9 +130,9 @@ class LlamaDecodeStep(_DecodeStep):
         self.w_lm = ptr(lm + " (as in, out)", m._w(lm, "out_in"), (D, V))
         self._fn = lib.rf_llama_decode_f32_ref if reference else lib.rf_llama_decode_f32
 
-    def _run(self, logits, token, pos):
+    def _run(self, logits, token, pos, stages):
         return self._fn(logits, self.dims, self.embed, self.layers, self.final_norm, self.w_lm, token, pos,
-                        self._scratch)
+                        self._scratch, stages)
 
 
 class GPT2DecodeStep(_DecodeStep):
@@ -148,9 +160,9 @@ class GPT2DecodeStep(_DecodeStep):
         self.w_lm = ptr(lm + " (as in, out)", m._w(lm, "out_in"), (D, V))
         self._fn = lib.rf_gpt2_decode_f32_ref if reference else lib.rf_gpt2_decode_f32
 
-    def _run(self, logits, token, pos):
+    def _run(self, logits, token, pos, stages):
         return self._fn(logits, self.dims, self.wte, self.wpe, self.layers, self.lnf_w, self.lnf_b, self.w_lm,
-                        token, pos, self._scratch)
+                        token, pos, self._scratch, stages)
 
 
 _STEPS = {"llama": LlamaDecodeStep, "gpt2": GPT2DecodeStep}

@@ -137,6 +137,13 @@ class Model:
         self.fused_decode = backend == "c" and config.arch in ("llama", "gpt2")
         self._decode_step = None
 
+    def fused_step(self):
+        """The C decode step a one-token forward runs through when `fused_decode` (made on first use)."""
+        if self._decode_step is None:
+            from refimpl.kernels.c_decode import decode_step
+            self._decode_step = decode_step(self)
+        return self._decode_step
+
     # -- small helpers: each is one line of math ----------------------------
     def p(self, name):
         return self.params[name]
@@ -234,10 +241,7 @@ class Model:
             raise ValueError(f"attention_mask/token_type_ids are BERT inputs; {arch} is a causal decoder")
         start = cache.length if cache is not None else 0
         if self.fused_decode and cache is not None and ids.shape[0] == 1 and trace is _no_trace:
-            if self._decode_step is None:
-                from refimpl.kernels.c_decode import decode_step
-                self._decode_step = decode_step(self)
-            logits = self._decode_step(ids[0], cache)
+            logits = self.fused_step()(ids[0], cache)
             cache.length += 1
             return logits
         out = {"gpt2": self._gpt2, "llama": self._llama, "classic": self._classic}[arch](ids, start, cache, trace)

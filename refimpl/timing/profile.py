@@ -23,6 +23,15 @@ with the KV cache: the median over steps.  Each backend runs `repeats` times
 and the fastest run per stage is kept (pinned to one CPU, 1 thread).  The trace
 callback itself costs one Python call per trace point (~100 ticks), included.
 
+A trace needs every intermediate as an array, so a traced forward is the Python
+composition of the backend's kernels.  Untraced, the C backend's Llama and GPT-2
+decode a token in one C call (`refimpl.kernels.c_decode`), several times faster
+on small models.  For those, `decode_fused` times that call too, stage by stage
+from inside it: the C step reads the counter at its stage boundaries (4 fenced
+reads a layer + 3; the same stages, grouped as above), and `decode_fused_call_ticks`
+is the whole forward as seen from Python, so what the stages leave of it is the
+Python wrapper (argument checks, the logits array, the call).
+
 Analytic model (per token, from the config; s = bytes per element):
     FLOPs: projections 2 D (D + 2 Hkv Dh) + 2 D D, attention 4 H Dh P/T + 5 H P/T
     (P = causal (query, key) pairs of the call), RoPE 3 (H + Hkv) Dh,
@@ -38,6 +47,8 @@ bandwidth of the smallest cache level holding the model's weights), from
 JSON ("refimpl.profile/1", `--json PATH`): {schema, model, dtype, prompt_len,
 decode_steps, repeats, machine (as in bench), config, weight_bytes,
 skipped {backend: why}, backends {backend: {prefill: [row], decode: [row],
+decode_fused: [row] (empty unless fused_decode), decode_fused_call_ticks (or null),
+decode_forward_untraced_ticks, fused_decode,
 prefill_per_layer_ticks_per_token {"layers.i.stage": ticks}, wall_s, core_per_tsc,
 core_per_tsc_source, core_per_tsc_calibrated}}} with row = {stage, ticks,
 core_cycles (estimated: ticks x the backend's core_per_tsc), flops, bytes,
@@ -56,6 +67,7 @@ import time
 import numpy as np
 
 STAGES = ("embedding", "attention", "ffn", "norms", "lm_head", "sampling")
+PHASES = ("prefill", "decode", "decode_fused")   # decode_fused: the C backend's one-call step (no trace)
 INFO_STAGES = ("softmax",)      # measured inside another stage; not summed
 
 # the built-in default model: a small Llama (GQA) shaped to run in seconds
@@ -189,7 +201,7 @@ def _profile_runs(model, ids, prompt_len, decode, repeats, seed):
     from refimpl._clock import lib
     from refimpl.oracle.sampling import XorShift64Star
     tr = _Tracer()
-    best_pre, best_dec, best_layers, best_plain = None, None, None, None
+    best_pre, best_dec, best_layers, best_plain, best_fused = None, None, None, None, None
     # warm-up: compiles Numba kernels, faults in pages
     cache = model.new_cache()
     model.forward(ids, cache)
@@ -226,6 +238,9 @@ def _profile_runs(model, ids, prompt_len, decode, repeats, seed):
         if plain:
             u = float(np.median(plain))
             best_plain = u if best_plain is None else min(best_plain, u)
+        if getattr(model, "fused_decode", False) and decode:
+            fu = _fused_decode(model, ids, decode, seed)
+            best_fused = fu if best_fused is None else {k: min(v, best_fused[k]) for k, v in fu.items()}
         if best_pre is None:
             best_pre, best_dec, best_layers = pre, dec, layers
         else:
@@ -233,7 +248,33 @@ def _profile_runs(model, ids, prompt_len, decode, repeats, seed):
             best_dec = {k: min(v, best_dec.get(k, v)) for k, v in dec.items()}
             best_layers = {k: min(v, best_layers.get(k, v)) for k, v in layers.items()}
     return {"prefill": best_pre, "decode": best_dec, "prefill_per_layer": best_layers,
-            "decode_forward_untraced": best_plain}
+            "decode_forward_untraced": best_plain, "decode_fused": best_fused}
+
+
+def _fused_decode(model, ids, decode: int, seed: int) -> dict:
+    """The decode steps as the C backend runs them untraced, one C call a token, with the counter
+    read at the stage boundaries inside that call (`refimpl.kernels.c_decode`, `step.stamps`): per
+    step the stages' ticks, the sampler's as in the traced run, and "call", the whole forward as
+    seen from Python (the C step and its Python wrapper).  Medians over the steps."""
+    from refimpl._clock import lib
+    from refimpl.oracle.sampling import XorShift64Star
+    rng = XorShift64Star(seed + 1)
+    step = model.fused_step()
+    cache = model.new_cache()
+    tok = _sample_parts(model.forward(ids, cache)[-1], rng)[0]
+    steps = []
+    step.stamps = True
+    try:
+        for _ in range(decode):
+            t0 = lib.rf_ticks_start()
+            logits = model.forward(np.array([tok]), cache)
+            t1 = lib.rf_ticks_start()
+            st = dict(step.last_stages, call=t1 - t0)
+            tok, st["sampling"], st["softmax"] = _sample_parts(logits[-1], rng)
+            steps.append(st)
+    finally:
+        step.stamps = False
+    return {k: float(np.median([st[k] for st in steps])) for k in steps[0]}
 
 
 def _stage_rows(measured: dict, work: dict, T: int, machine, dtype, wbytes) -> list[dict]:
@@ -313,6 +354,9 @@ def run(path=None, backends=None, dtype="float32", prompt_len: int = 32, decode:
                 if decode else [],
                 "prefill_per_layer_ticks_per_token": {k: v / prompt_len for k, v in meas["prefill_per_layer"].items()},
                 "decode_forward_untraced_ticks": meas["decode_forward_untraced"],
+                "decode_fused": (_stage_rows(meas["decode_fused"], analytic(cfg, 1, S_dec, dtype), 1, mach, dtype, wb)
+                                 if meas["decode_fused"] else []),
+                "decode_fused_call_ticks": meas["decode_fused"]["call"] if meas["decode_fused"] else None,
                 "fused_decode": bool(getattr(model, "fused_decode", False)),
                 "core_per_tsc": mach.core_per_tsc, **src,
                 "wall_s": time.perf_counter() - t0,
@@ -346,11 +390,13 @@ def print_report(report: dict, console=None) -> None:
     for w in report.get("warnings", []):
         console.print(f"[yellow]warning:[/] {w}")
     for b, d in report["backends"].items():
-        for phase in ("prefill", "decode"):
-            rows = d[phase]
+        for phase in PHASES:
+            rows = d.get(phase)
             if not rows:
                 continue
-            t = Table(title=f"{b}: {phase}, per token (ticks = TSC ticks; cyc = est. core cycles, "
+            what = ("decode as one C call per token, stages timed inside the call" if phase == "decode_fused"
+                    else phase)
+            t = Table(title=f"{b}: {what}, per token (ticks = TSC ticks; cyc = est. core cycles, "
                             f"core/TSC {d.get('core_per_tsc', report['machine']['core_per_tsc']):.3f})")
             for col in ("stage", "ticks", "est. cyc", "FLOPs", "bytes", "roofline min", "bound", "measured/bound"):
                 t.add_column(col, justify="left" if col in ("stage", "bound") else "right")
@@ -368,6 +414,12 @@ def print_report(report: dict, console=None) -> None:
                 console.print(f"decode forward without a trace: {_t(u)} ticks/token "
                               f"({u / traced:.2f} of the traced stages above, sampling excluded): {how}"
                               if traced else f"decode forward without a trace: {_t(u)} ticks/token: {how}")
+            call = d.get("decode_fused_call_ticks")
+            if phase == "decode_fused" and call:
+                inside = sum(r["ticks"] or 0 for r in rows if r["summed"] and r["stage"] != "sampling")
+                console.print(f"the forward call from Python: {_t(call)} ticks/token; the stages inside it "
+                              f"(sampling excluded) are {inside / call:.2f} of that, the rest is the Python "
+                              "wrapper (checks, the logits array, the call)")
 
 
 def write_json(report: dict, path: str) -> None:
@@ -380,12 +432,13 @@ def plot_series(report: dict) -> dict:
     """What `plot` draws, one entry per bar (backend x phase): labels, per-stage ticks per
     token (the summed stages), the roofline minimum, and the decode forward without a trace
     (None for prefill, or when not measured): on the C backend that is one C call per token,
-    several times below the traced Python composition the bar is made of."""
+    several times below the traced Python composition the bar is made of.  A backend that
+    decodes in one C call gets a third bar: that call's stages, timed inside it."""
     out = {"labels": [], "stages": [], "roofline": [], "untraced": []}
     for b, d in report["backends"].items():
-        for phase in ("prefill", "decode"):
-            if d[phase]:
-                out["labels"].append(f"{b}\n{phase}")
+        for phase in PHASES:
+            if d.get(phase):
+                out["labels"].append(f"{b}\n{phase}" if phase != "decode_fused" else f"{b}\ndecode\n(1 C call)")
                 out["stages"].append({r["stage"]: (r["ticks"] or 0) for r in d[phase] if r["summed"]})
                 out["roofline"].append(next(r["roofline_ticks"] for r in d[phase] if r["stage"] == "total"))
                 out["untraced"].append(d.get("decode_forward_untraced_ticks") if phase == "decode" else None)
