@@ -56,9 +56,11 @@ def add_parser(subparsers) -> None:
         "profile", help="cycles per token by stage (prefill and decode) against the analytic roofline",
         description="Run a model (PATH, or a built-in tiny Llama when omitted) through prefill and decode, "
                     "timing each stage between trace points, next to the analytic FLOPs / bytes per token "
-                    "and the roofline minimum.")
+                    "and the roofline minimum; beside them, transformers' model of the same weights (torch), "
+                    "checked against the float64 oracle first and split into stages by forward hooks.")
     p.add_argument("path", nargs="?", default=None, help="model path (default: built-in tiny model)")
-    p.add_argument("--backends", type=_csv, default=None, help="comma-separated: numpy,numba,c (default: all available)")
+    p.add_argument("--backends", type=_csv, default=None, help="comma-separated: numpy,numba,c,torch (default: all available; "
+                   "torch = the transformers peer, float32 only)")
     p.add_argument("--dtype", default="float32", choices=("float32", "float64"))
     p.add_argument("--prompt-len", type=int, default=32, help="prefill tokens (default 32)")
     p.add_argument("--decode", type=int, default=16, help="decode steps (default 16)")

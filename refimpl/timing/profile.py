@@ -32,6 +32,11 @@ reads a layer + 3; the same stages, grouped as above), and `decode_fused_call_ti
 is the whole forward as seen from Python, so what the stages leave of it is the
 Python wrapper (argument checks, the logits array, the call).
 
+The peer, "torch" in `backends`: transformers' LlamaForCausalLM / GPT2LMHeadModel with the
+same weights (float32), run the same way (prompt, then decode steps with its KV cache, the
+same sampler) after its prefill logits pass the float32 bound of the float64 oracle; its
+stages come from forward hooks (`refimpl.timing.peer`).
+
 Analytic model (per token, from the config; s = bytes per element):
     FLOPs: projections 2 D (D + 2 Hkv Dh) + 2 D D, attention 4 H Dh P/T + 5 H P/T
     (P = causal (query, key) pairs of the call), RoPE 3 (H + Hkv) Dh,
@@ -48,7 +53,7 @@ JSON ("refimpl.profile/1", `--json PATH`): {schema, model, dtype, prompt_len,
 decode_steps, repeats, machine (as in bench), config, weight_bytes,
 skipped {backend: why}, backends {backend: {prefill: [row], decode: [row],
 decode_fused: [row] (empty unless fused_decode), decode_fused_call_ticks (or null),
-decode_forward_untraced_ticks, fused_decode,
+decode_forward_untraced_ticks, fused_decode, peer {model, check_worst_over_bound} (torch only),
 prefill_per_layer_ticks_per_token {"layers.i.stage": ticks}, wall_s, core_per_tsc,
 core_per_tsc_source, core_per_tsc_calibrated}}} with row = {stage, ticks,
 core_cycles (estimated: ticks x the backend's core_per_tsc), flops, bytes,
@@ -67,6 +72,7 @@ import time
 import numpy as np
 
 STAGES = ("embedding", "attention", "ffn", "norms", "lm_head", "sampling")
+PEER = "torch"     # transformers' model of the same weights (refimpl.timing.peer), beside the backends
 PHASES = ("prefill", "decode", "decode_fused")   # decode_fused: the C backend's one-call step (no trace)
 INFO_STAGES = ("softmax",)      # measured inside another stage; not summed
 
@@ -175,9 +181,8 @@ def _sample_parts(logits_row, rng):
     return tok, t2 - t1, t1 - t0
 
 
-def profile_model(model, prompt_len: int, decode: int, repeats: int = 3, seed: int = 0) -> dict:
-    """Measured ticks per token by stage: {"prefill": {stage: ticks/token}, "decode": {...}, ...}."""
-    cfg = model.config
+def prompt_ids(cfg, prompt_len: int, decode: int, seed: int = 0) -> np.ndarray:
+    """The profiled prompt: `prompt_len` seeded random token ids (checked against the model)."""
     if cfg.arch == "bert":
         raise ValueError("profile: BERT is an encoder (no decode); profile a causal decoder")
     if prompt_len < 1 or decode < 0:
@@ -185,8 +190,12 @@ def profile_model(model, prompt_len: int, decode: int, repeats: int = 3, seed: i
     if prompt_len + decode > cfg.max_seq_len:
         raise ValueError(f"profile: prompt_len + decode = {prompt_len + decode} exceeds the model's "
                          f"max_seq_len {cfg.max_seq_len}")
-    rng_ids = np.random.default_rng(seed)
-    ids = rng_ids.integers(0, cfg.vocab_size, size=prompt_len)
+    return np.random.default_rng(seed).integers(0, cfg.vocab_size, size=prompt_len)
+
+
+def profile_model(model, prompt_len: int, decode: int, repeats: int = 3, seed: int = 0) -> dict:
+    """Measured ticks per token by stage: {"prefill": {stage: ticks/token}, "decode": {...}, ...}."""
+    ids = prompt_ids(model.config, prompt_len, decode, seed)
     import gc
     gc_was = gc.isenabled()
     gc.disable()               # no collection inside a timed stage
@@ -315,10 +324,12 @@ def run(path=None, backends=None, dtype="float32", prompt_len: int = 32, decode:
     from refimpl.timing.harness import pinned
     from refimpl.timing.machine import describe
     from refimpl.kernels.registry import BACKENDS
-    backends = list(backends or BACKENDS)
+    from refimpl.timing import peer
+    known = list(BACKENDS) + [PEER]
+    backends = list(backends or known)
     for b in backends:
-        if b not in BACKENDS:
-            raise ValueError(f"--backends: unknown backend {b!r}; backends are {list(BACKENDS)}")
+        if b not in known:
+            raise ValueError(f"--backends: unknown backend {b!r}; backends are {known}")
     if repeats < 1:
         raise ValueError(f"--repeats must be >= 1, got {repeats}")
     machine = describe(bandwidth=True)
@@ -328,8 +339,16 @@ def run(path=None, backends=None, dtype="float32", prompt_len: int = 32, decode:
     cfg = None
     with _Threads(), pinned():
         for b in backends:
+            if b == PEER:
+                why = peer.available() or (None if dtype == "float32" else f"the peer runs float32, not {dtype}")
+                if why:
+                    report["skipped"][b] = why
+                    continue
             try:
-                model = _load_model(path, dtype, b)
+                model = _load_model(path, dtype, "numpy" if b == PEER else b)
+                if b == PEER:
+                    hf = peer.hf_peer(model)
+                    peer_check = peer.check_peer(hf, model, prompt_ids(model.config, prompt_len, decode))
             except (KeyError, ValueError, ImportError) as e:
                 if path is not None and b == "numpy":
                     raise
@@ -338,7 +357,10 @@ def run(path=None, backends=None, dtype="float32", prompt_len: int = 32, decode:
             cfg = model.config
             t0 = time.perf_counter()
             cpt0 = core_per_tsc_now()
-            meas = profile_model(model, prompt_len, decode, repeats)
+            if b == PEER:
+                meas = peer.profile_peer(hf, cfg.arch, prompt_ids(cfg, prompt_len, decode), decode, repeats)
+            else:
+                meas = profile_model(model, prompt_len, decode, repeats)
             clocks = [x for x in (cpt0, core_per_tsc_now()) if x is not None]
             mach, src, warn = core_clock(machine, {"core_per_tsc": sum(clocks) / len(clocks)} if clocks else None,
                                          "add chain timed before and after this backend's runs")
@@ -361,6 +383,12 @@ def run(path=None, backends=None, dtype="float32", prompt_len: int = 32, decode:
                 "core_per_tsc": mach.core_per_tsc, **src,
                 "wall_s": time.perf_counter() - t0,
             }
+            if b == PEER:
+                import torch
+                import transformers
+                report["backends"][b]["peer"] = {
+                    "model": f"transformers {transformers.__version__} {type(hf).__name__}, torch {torch.__version__}",
+                    "check_worst_over_bound": peer_check}
     if cfg is None:
         raise ValueError(f"profile: no backend could run the model: {report['skipped']}")
     report["config"] = cfg.to_dict()
@@ -390,6 +418,10 @@ def print_report(report: dict, console=None) -> None:
     for w in report.get("warnings", []):
         console.print(f"[yellow]warning:[/] {w}")
     for b, d in report["backends"].items():
+        if "peer" in d:
+            console.print(f"{b}: {d['peer']['model']}, the same weights; its prefill logits are within "
+                          f"{d['peer']['check_worst_over_bound']:.2g} x the float32 bound of the float64 oracle; "
+                          "stages from forward hooks (refimpl.timing.peer)")
         for phase in PHASES:
             rows = d.get(phase)
             if not rows:
@@ -410,6 +442,7 @@ def print_report(report: dict, console=None) -> None:
             if phase == "decode" and u:
                 traced = sum(r["ticks"] or 0 for r in rows if r["summed"] and r["stage"] not in ("sampling",))
                 how = ("one C call per token (refimpl.kernels.c_decode)" if d.get("fused_decode")
+                       else "the same steps, without hooks" if "peer" in d
                        else "the same Python composition, without trace calls")
                 console.print(f"decode forward without a trace: {_t(u)} ticks/token "
                               f"({u / traced:.2f} of the traced stages above, sampling excluded): {how}"
