@@ -421,7 +421,8 @@ def print_report(report: dict, console=None) -> None:
         if "peer" in d:
             console.print(f"{b}: {d['peer']['model']}, the same weights; its prefill logits are within "
                           f"{d['peer']['check_worst_over_bound']:.2g} x the float32 bound of the float64 oracle; "
-                          "stages from forward hooks (refimpl.timing.peer)")
+                          "stages from forward hooks; transformers' own set-up before the first layer (its forward "
+                          "wrappers, positions, mask) counts as embedding (refimpl.timing.peer)")
         for phase in PHASES:
             rows = d.get(phase)
             if not rows:
@@ -450,7 +451,8 @@ def print_report(report: dict, console=None) -> None:
             call = d.get("decode_fused_call_ticks")
             if phase == "decode_fused" and call:
                 inside = sum(r["ticks"] or 0 for r in rows if r["summed"] and r["stage"] != "sampling")
-                console.print(f"the forward call from Python: {_t(call)} ticks/token; the stages inside it "
+                console.print(f"the forward call from Python in these steps (the sampler runs between them): "
+                              f"{_t(call)} ticks/token; the stages inside it "
                               f"(sampling excluded) are {inside / call:.2f} of that, the rest is the Python "
                               "wrapper (checks, the logits array, the call)")
 
