@@ -1,6 +1,9 @@
-"""`refimpl profile` reports the untraced decode forward beside the traced stages, and says
-when the C backend's Llama ran it as one C call per token.  (No timing assertion: only that
-the figure exists, is a positive tick count, and the path is labelled right.)"""
+"""`refimpl profile` reports the untraced decode forward beside the traced stages, says when
+the C backend's Llama ran it as one C call per token, times that call stage by stage, and
+counts the untraced calls with the PMU where one counts.  (No timing assertion, only that the
+figures exist and are labelled right, and that counts agree with the ticks of the same calls.)"""
+import pytest
+
 from refimpl.timing import profile
 
 
@@ -36,3 +39,46 @@ def test_profile_times_the_one_call_decode_stage_by_stage():
 def test_profile_without_decode_steps_has_no_untraced_figure():
     rep = profile.run(backends=["c"], prompt_len=4, decode=0, repeats=1)
     assert rep["backends"]["c"]["decode_forward_untraced_ticks"] is None
+
+
+def _cpu_clock():
+    from refimpl.timing import counter
+    try:
+        return counter.PMU("cpu-clock")
+    except OSError as e:                # perf_event_paranoid 3, or a seccomp filter
+        pytest.skip(f"perf_event_open refuses even software counters here: {e}")
+
+
+def test_profile_counts_the_untraced_calls_where_a_pmu_counts():
+    """Given counters (here the CPU clock standing in for the PMU, which this VM lacks), every
+    untraced decode call is counted around it: the counts agree with the ticks of the same calls."""
+    rep = profile.run(backends=["numpy", "c"], prompt_len=4, decode=5, repeats=1, pmu=_cpu_clock())
+    assert rep["pmu"] == "cpu-clock"
+    hz = rep["machine"]["tsc_hz"]
+    for b, key in (("numpy", "decode_forward_untraced"), ("c", "decode_forward_untraced"), ("c", "decode_fused_call")):
+        c, ticks = rep["backends"][b][key + "_pmu"], rep["backends"][b][key + "_ticks"]
+        assert c["kind"] == "cpu-clock" and c["ipc"] is None, (b, key)
+        assert 0.7 < c["core_cycles"] * 1e-9 * hz / ticks < 1.3, (b, key, c, ticks)
+    assert rep["backends"]["numpy"]["decode_fused_call_pmu"] is None
+    off = profile.run(backends=["c"], prompt_len=4, decode=2, repeats=1, pmu=None)
+    assert off["pmu"] is None and off["backends"]["c"]["decode_forward_untraced_pmu"] is None
+
+
+def test_counted_leaves_out_a_multiplexed_block_and_subtracts_nothing_else():
+    """`Counted` with a fake counter: counts are the differences of the reads around each block;
+    a block over which the counters did not run the whole time has none."""
+    class Fake:
+        kind = "hardware"
+
+        def __init__(self):
+            self.reads = iter([(100, 300, 10, 10), (1100, 2300, 20, 20),      # whole: 1000 cycles, 2000 insns
+                               (1100, 2300, 20, 20), (1600, 2800, 30, 25)])   # multiplexed: left out
+        def read(self):
+            return next(self.reads)
+    c = profile.Counted(Fake())
+    for _ in range(2):
+        with c:
+            pass
+    assert len(c.ticks) == 2 and c.counts == [(1000, 2000)]
+    assert c.pmu_summary() == {"kind": "hardware", "core_cycles": 1000.0, "instructions": 2000.0, "ipc": 2.0}
+    assert profile.Counted().pmu_summary() is None

@@ -106,3 +106,16 @@ def test_profile_runs_the_peer_beside_the_backends():
 def test_profile_skips_the_peer_for_float64_and_says_why():
     rep = profile.run(backends=["numpy", "torch"], dtype="float64", prompt_len=4, decode=1, repeats=1)
     assert "torch" not in rep["backends"] and "runs float32" in rep["skipped"]["torch"]
+
+
+def test_profile_counts_the_peers_untraced_calls_where_a_pmu_counts():
+    from refimpl.timing import counter
+    try:
+        pmu = counter.PMU("cpu-clock")
+    except OSError as e:
+        pytest.skip(f"perf_event_open refuses even software counters here: {e}")
+    rep = profile.run(backends=["torch"], prompt_len=4, decode=4, repeats=1, pmu=pmu)
+    d = rep["backends"]["torch"]
+    c = d["decode_forward_untraced_pmu"]
+    assert c["kind"] == "cpu-clock" and d["decode_fused_call_pmu"] is None
+    assert 0.7 < c["core_cycles"] * 1e-9 * rep["machine"]["tsc_hz"] / d["decode_forward_untraced_ticks"] < 1.3

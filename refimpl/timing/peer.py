@@ -177,7 +177,7 @@ class _HookTracer:
         self.handles = []
 
 
-def profile_peer(peer, arch: str, ids, decode: int, repeats: int = 3, seed: int = 0) -> dict:
+def profile_peer(peer, arch: str, ids, decode: int, repeats: int = 3, seed: int = 0, pmu=None) -> dict:
     """Measured ticks per token by stage for the peer, as `profile.profile_model` returns them: the
     prompt as one forward, then `decode` steps with transformers' KV cache (DynamicCache), the
     same sampler and seed; the fastest of `repeats` runs per stage."""
@@ -185,14 +185,14 @@ def profile_peer(peer, arch: str, ids, decode: int, repeats: int = 3, seed: int 
 
     import torch
 
-    from refimpl._clock import lib
     from refimpl.oracle.sampling import XorShift64Star
-    from refimpl.timing.profile import _sample_parts
+    from refimpl.timing.profile import Counted, _fastest, _sample_parts
     T_prompt = len(ids)
     best: dict = {}
     gc_was = gc.isenabled()
     gc.disable()
     kw = _cache_arg(peer)
+    best_plain = None
     tr = _HookTracer(peer, arch)
     try:
         _logits(peer, ids)                                                     # warm-up
@@ -214,26 +214,20 @@ def profile_peer(peer, arch: str, ids, decode: int, repeats: int = 3, seed: int 
             dec = {k: float(np.median([s.get(k, 0) for s in steps])) for k in steps[0]} if steps else {}
             tr.remove()                                                        # the same steps, no hooks
             _, cache = _logits(peer, ids)
-            plain = []
+            plain = Counted(pmu)
             with torch.inference_mode():
                 for _ in range(decode):
                     x = torch.tensor([[1]])
-                    t0 = lib.rf_ticks_start()
-                    cache = _forward(peer, x, cache, kw)[1]
-                    plain.append(lib.rf_ticks_start() - t0)
+                    with plain:
+                        cache = _forward(peer, x, cache, kw)[1]
+            best_plain = _fastest(best_plain, plain)
             tr = _HookTracer(peer, arch)
-            run = {"prefill": pre, "decode": dec, "prefill_per_layer": layers,
-                   "decode_forward_untraced": float(np.median(plain)) if plain else None}
-            for part, val in run.items():
-                if part not in best:
-                    best[part] = val
-                elif isinstance(val, dict):
-                    best[part] = {k: min(v, best[part].get(k, v)) for k, v in val.items()}
-                elif val is not None:
-                    best[part] = min(val, best[part])
+            for part, val in {"prefill": pre, "decode": dec, "prefill_per_layer": layers}.items():
+                best[part] = val if part not in best else {k: min(v, best[part].get(k, v)) for k, v in val.items()}
     finally:
         tr.remove()
         if gc_was:
             gc.enable()
-    best["decode_fused"] = None
-    return best
+    return best | {"decode_forward_untraced": best_plain.median(),
+                   "decode_forward_untraced_pmu": best_plain.pmu_summary(),
+                   "decode_fused": None, "decode_fused_call_pmu": None}

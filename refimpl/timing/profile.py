@@ -53,7 +53,10 @@ JSON ("refimpl.profile/1", `--json PATH`): {schema, model, dtype, prompt_len,
 decode_steps, repeats, machine (as in bench), config, weight_bytes,
 skipped {backend: why}, backends {backend: {prefill: [row], decode: [row],
 decode_fused: [row] (empty unless fused_decode), decode_fused_call_ticks (or null),
-decode_forward_untraced_ticks, fused_decode, peer {model, check_worst_over_bound} (torch only),
+decode_forward_untraced_ticks, decode_forward_untraced_pmu and decode_fused_call_pmu
+({kind, core_cycles, instructions, ipc} medians per token counted by the PMU around each
+whole call, or null: see "pmu" at the top level, the counters' kind or null), fused_decode,
+peer {model, check_worst_over_bound} (torch only),
 prefill_per_layer_ticks_per_token {"layers.i.stage": ticks}, wall_s, core_per_tsc,
 core_per_tsc_source, core_per_tsc_calibrated}}} with row = {stage, ticks,
 core_cycles (estimated: ticks x the backend's core_per_tsc), flops, bytes,
@@ -193,24 +196,69 @@ def prompt_ids(cfg, prompt_len: int, decode: int, seed: int = 0) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, cfg.vocab_size, size=prompt_len)
 
 
-def profile_model(model, prompt_len: int, decode: int, repeats: int = 3, seed: int = 0) -> dict:
-    """Measured ticks per token by stage: {"prefill": {stage: ticks/token}, "decode": {...}, ...}."""
+def profile_model(model, prompt_len: int, decode: int, repeats: int = 3, seed: int = 0, pmu=None) -> dict:
+    """Measured ticks per token by stage: {"prefill": {stage: ticks/token}, "decode": {...}, ...};
+    with `pmu` (a `counter.PMU`), the untraced decode calls are counted too (`Counted`)."""
     ids = prompt_ids(model.config, prompt_len, decode, seed)
     import gc
     gc_was = gc.isenabled()
     gc.disable()               # no collection inside a timed stage
     try:
-        return _profile_runs(model, ids, prompt_len, decode, repeats, seed)
+        return _profile_runs(model, ids, prompt_len, decode, repeats, seed, pmu)
     finally:
         if gc_was:
             gc.enable()
 
 
-def _profile_runs(model, ids, prompt_len, decode, repeats, seed):
-    from refimpl._clock import lib
+class Counted:
+    """`with c: ...` records the ticks of the block and, given a PMU (`counter.PMU`), its counts
+    (core cycles and instructions; the CPU clock's ns for the "cpu-clock" stand-in) read around
+    it; a block during which the kernel multiplexed the counters has no counts.  For whole
+    forward calls (a read is a system call, ~1 us: not for stages)."""
+
+    def __init__(self, pmu=None):
+        from refimpl._clock import lib
+        self._ticks = lib.rf_ticks_start
+        self.pmu = pmu
+        self.ticks: list[int] = []
+        self.counts: list[tuple[int, int]] = []
+
+    def __enter__(self):
+        self._p0 = self.pmu.read() if self.pmu is not None else None
+        self._t0 = self._ticks()
+        return self
+
+    def __exit__(self, *exc):
+        t1 = self._ticks()
+        if self.pmu is not None:
+            p0, p1 = self._p0, self.pmu.read()
+            if p1[3] - p0[3] >= p1[2] - p0[2]:
+                self.counts.append((p1[0] - p0[0], p1[1] - p0[1]))
+        self.ticks.append(t1 - self._t0)
+        return False
+
+    def median(self) -> float | None:
+        return float(np.median(self.ticks)) if self.ticks else None
+
+    def pmu_summary(self) -> dict | None:
+        """{kind, core_cycles, instructions, ipc}: medians over the blocks, or None."""
+        if not self.counts:
+            return None
+        c = np.array(self.counts, dtype=np.float64)
+        cyc, ins = float(np.median(c[:, 0])), float(np.median(c[:, 1]))
+        return {"kind": self.pmu.kind, "core_cycles": cyc, "instructions": ins,
+                "ipc": ins / cyc if self.pmu.kind == "hardware" and cyc > 0 else None}
+
+
+def _fastest(a: Counted | None, b: Counted) -> Counted:
+    """Of two repeats' records of the same calls, the one with the smaller median ticks."""
+    return b if a is None or (b.median() is not None and b.median() < a.median()) else a
+
+
+def _profile_runs(model, ids, prompt_len, decode, repeats, seed, pmu=None):
     from refimpl.oracle.sampling import XorShift64Star
     tr = _Tracer()
-    best_pre, best_dec, best_layers, best_plain, best_fused = None, None, None, None, None
+    best_pre, best_dec, best_layers, best_plain, best_fused, best_call = None, None, None, None, None, None
     # warm-up: compiles Numba kernels, faults in pages
     cache = model.new_cache()
     model.forward(ids, cache)
@@ -239,17 +287,15 @@ def _profile_runs(model, ids, prompt_len, decode, repeats, seed):
         # backend's Llama and GPT-2 run each step as one C call (refimpl.kernels.c_decode)
         cache = model.new_cache()
         model.forward(ids, cache)
-        plain = []
+        plain = Counted(pmu)
         for _ in range(decode):
-            t0 = lib.rf_ticks_start()
-            model.forward(np.array([1]), cache)
-            plain.append(lib.rf_ticks_start() - t0)
-        if plain:
-            u = float(np.median(plain))
-            best_plain = u if best_plain is None else min(best_plain, u)
+            with plain:
+                model.forward(np.array([1]), cache)
+        best_plain = _fastest(best_plain, plain)
         if getattr(model, "fused_decode", False) and decode:
-            fu = _fused_decode(model, ids, decode, seed)
+            fu, call = _fused_decode(model, ids, decode, seed, pmu)
             best_fused = fu if best_fused is None else {k: min(v, best_fused[k]) for k, v in fu.items()}
+            best_call = _fastest(best_call, call)
         if best_pre is None:
             best_pre, best_dec, best_layers = pre, dec, layers
         else:
@@ -257,33 +303,35 @@ def _profile_runs(model, ids, prompt_len, decode, repeats, seed):
             best_dec = {k: min(v, best_dec.get(k, v)) for k, v in dec.items()}
             best_layers = {k: min(v, best_layers.get(k, v)) for k, v in layers.items()}
     return {"prefill": best_pre, "decode": best_dec, "prefill_per_layer": best_layers,
-            "decode_forward_untraced": best_plain, "decode_fused": best_fused}
+            "decode_forward_untraced": best_plain.median() if best_plain else None,
+            "decode_forward_untraced_pmu": best_plain.pmu_summary() if best_plain else None,
+            "decode_fused": best_fused, "decode_fused_call_pmu": best_call.pmu_summary() if best_call else None}
 
 
-def _fused_decode(model, ids, decode: int, seed: int) -> dict:
+def _fused_decode(model, ids, decode: int, seed: int, pmu=None) -> tuple[dict, Counted]:
     """The decode steps as the C backend runs them untraced, one C call a token, with the counter
     read at the stage boundaries inside that call (`refimpl.kernels.c_decode`, `step.stamps`): per
     step the stages' ticks, the sampler's as in the traced run, and "call", the whole forward as
-    seen from Python (the C step and its Python wrapper).  Medians over the steps."""
-    from refimpl._clock import lib
+    seen from Python (the C step and its Python wrapper).  Medians over the steps, and the calls'
+    record (`Counted`: their PMU counts, given a PMU)."""
     from refimpl.oracle.sampling import XorShift64Star
     rng = XorShift64Star(seed + 1)
     step = model.fused_step()
     cache = model.new_cache()
     tok = _sample_parts(model.forward(ids, cache)[-1], rng)[0]
     steps = []
+    call = Counted(pmu)
     step.stamps = True
     try:
         for _ in range(decode):
-            t0 = lib.rf_ticks_start()
-            logits = model.forward(np.array([tok]), cache)
-            t1 = lib.rf_ticks_start()
-            st = dict(step.last_stages, call=t1 - t0)
+            with call:
+                logits = model.forward(np.array([tok]), cache)
+            st = dict(step.last_stages, call=call.ticks[-1])
             tok, st["sampling"], st["softmax"] = _sample_parts(logits[-1], rng)
             steps.append(st)
     finally:
         step.stamps = False
-    return {k: float(np.median([st[k] for st in steps])) for k in steps[0]}
+    return {k: float(np.median([st[k] for st in steps])) for k in steps[0]}, call
 
 
 def _stage_rows(measured: dict, work: dict, T: int, machine, dtype, wbytes) -> list[dict]:
@@ -318,8 +366,10 @@ def _load_model(path, dtype, backend):
 
 
 def run(path=None, backends=None, dtype="float32", prompt_len: int = 32, decode: int = 16,
-        repeats: int = 3) -> dict:
-    """Profile the model at `path` (or the built-in tiny Llama) on each backend."""
+        repeats: int = 3, pmu="auto") -> dict:
+    """Profile the model at `path` (or the built-in tiny Llama) on each backend.  `pmu`: "auto"
+    counts the untraced decode calls with the hardware counters where perf_event_open gives
+    them (`harness.default_pmu`), None never, or a `counter.PMU` to use."""
     from refimpl.timing.bench import _Threads, core_clock, core_per_tsc_now
     from refimpl.timing.harness import pinned
     from refimpl.timing.machine import describe
@@ -332,10 +382,13 @@ def run(path=None, backends=None, dtype="float32", prompt_len: int = 32, decode:
             raise ValueError(f"--backends: unknown backend {b!r}; backends are {known}")
     if repeats < 1:
         raise ValueError(f"--repeats must be >= 1, got {repeats}")
+    from refimpl.timing.harness import default_pmu
+    pmu = default_pmu() if isinstance(pmu, str) and pmu == "auto" else pmu
     machine = describe(bandwidth=True)
     report = {"schema": "refimpl.profile/1", "model": path or f"built-in tiny model {DEFAULT_MODEL}",
               "dtype": dtype, "prompt_len": prompt_len, "decode_steps": decode, "repeats": repeats,
-              "machine": machine.as_dict(), "backends": {}, "skipped": {}}
+              "machine": machine.as_dict(), "backends": {}, "skipped": {},
+              "pmu": pmu.kind if pmu is not None else None}
     cfg = None
     with _Threads(), pinned():
         for b in backends:
@@ -358,9 +411,10 @@ def run(path=None, backends=None, dtype="float32", prompt_len: int = 32, decode:
             t0 = time.perf_counter()
             cpt0 = core_per_tsc_now()
             if b == PEER:
-                meas = peer.profile_peer(hf, cfg.arch, prompt_ids(cfg, prompt_len, decode), decode, repeats)
+                meas = peer.profile_peer(hf, cfg.arch, prompt_ids(cfg, prompt_len, decode), decode, repeats,
+                                         pmu=pmu)
             else:
-                meas = profile_model(model, prompt_len, decode, repeats)
+                meas = profile_model(model, prompt_len, decode, repeats, pmu=pmu)
             clocks = [x for x in (cpt0, core_per_tsc_now()) if x is not None]
             mach, src, warn = core_clock(machine, {"core_per_tsc": sum(clocks) / len(clocks)} if clocks else None,
                                          "add chain timed before and after this backend's runs")
@@ -376,6 +430,8 @@ def run(path=None, backends=None, dtype="float32", prompt_len: int = 32, decode:
                 if decode else [],
                 "prefill_per_layer_ticks_per_token": {k: v / prompt_len for k, v in meas["prefill_per_layer"].items()},
                 "decode_forward_untraced_ticks": meas["decode_forward_untraced"],
+                "decode_forward_untraced_pmu": meas["decode_forward_untraced_pmu"],
+                "decode_fused_call_pmu": meas["decode_fused_call_pmu"],
                 "decode_fused": (_stage_rows(meas["decode_fused"], analytic(cfg, 1, S_dec, dtype), 1, mach, dtype, wb)
                                  if meas["decode_fused"] else []),
                 "decode_fused_call_ticks": meas["decode_fused"]["call"] if meas["decode_fused"] else None,
@@ -448,6 +504,7 @@ def print_report(report: dict, console=None) -> None:
                 console.print(f"decode forward without a trace: {_t(u)} ticks/token "
                               f"({u / traced:.2f} of the traced stages above, sampling excluded): {how}"
                               if traced else f"decode forward without a trace: {_t(u)} ticks/token: {how}")
+                _print_counted(console, d.get("decode_forward_untraced_pmu"))
             call = d.get("decode_fused_call_ticks")
             if phase == "decode_fused" and call:
                 inside = sum(r["ticks"] or 0 for r in rows if r["summed"] and r["stage"] != "sampling")
@@ -455,6 +512,18 @@ def print_report(report: dict, console=None) -> None:
                               f"{_t(call)} ticks/token; the stages inside it "
                               f"(sampling excluded) are {inside / call:.2f} of that, the rest is the Python "
                               "wrapper (checks, the logits array, the call)")
+                _print_counted(console, d.get("decode_fused_call_pmu"))
+
+
+def _print_counted(console, c: dict | None) -> None:
+    """The PMU's counts of the line above's calls, per token."""
+    if not c:
+        return
+    if c["kind"] == "hardware":
+        console.print(f"  counted by the PMU: {_t(c['core_cycles'])} core cycles, {_t(c['instructions'])} "
+                      f"instructions a token (IPC {c['ipc']:.2f})")
+    else:
+        console.print(f"  counted by the {c['kind']} counter: {_t(c['core_cycles'])} ns a token")
 
 
 def write_json(report: dict, path: str) -> None:
