@@ -23,8 +23,8 @@ as the Python composition's residual adds belong to its attention and FFN stages
 call until the first module starts (transformers' wrappers around forward) counts as
 embedding, and so does the model's own set-up between the embedding and the first layer
 (cache positions, the causal mask): on the built-in tiny Llama, in decode, those two were
-256k and 124k ticks, the embedding lookup itself (with its hooks) 42k.  A hook is one Python call (~1 us);
-`decode_forward_untraced` times the same steps without hooks.
+256k and 124k ticks, the embedding lookup itself (with its hooks) 42k.  A hook is one Python
+call (~1 us); `decode_forward_untraced` times the same steps without hooks.
 """
 from __future__ import annotations
 
