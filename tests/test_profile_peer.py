@@ -1,6 +1,6 @@
 """`refimpl profile`'s peer: transformers' model with the same weights, checked against the
 float64 oracle before it is timed, its stages split by forward hooks.  (No timing assertion
-but one of attribution: sixteen times the FFN work lands in the ffn stage.)"""
+but one of attribution: 32 times the FFN's weights put the most ticks in the ffn stage.)"""
 import numpy as np
 import pytest
 
@@ -8,10 +8,13 @@ from conftest import require
 from refimpl.oracle.model import Model, random_params, tiny_config
 from refimpl.timing import peer, profile
 
-require("torch")
-require("transformers")
-
 STAGES = ("embedding", "attention", "ffn", "norms", "lm_head")
+
+
+@pytest.fixture(autouse=True)
+def _torch_and_transformers():
+    require("torch")
+    require("transformers")
 
 
 def _model(arch="llama", seed=0, **overrides):
