@@ -58,7 +58,9 @@ def test_profile_counts_the_untraced_calls_where_a_pmu_counts():
     for b, key in (("numpy", "decode_forward_untraced"), ("c", "decode_forward_untraced"), ("c", "decode_fused_call")):
         c, ticks = rep["backends"][b][key + "_pmu"], rep["backends"][b][key + "_ticks"]
         assert c["kind"] == "cpu-clock" and c["ipc"] is None, (b, key)
-        assert 0.7 < c["core_cycles"] * 1e-9 * hz / ticks < 1.3, (b, key, c, ticks)
+        # the CPU clock also counts the two reads' kernel side (~3 us here: 1.01-1.07 measured on
+        # 40-400 us calls); below 0.9 the ticks held time off the CPU, above 1.15 more than the call
+        assert 0.9 < c["core_cycles"] * 1e-9 * hz / ticks < 1.15, (b, key, c, ticks)
     assert rep["backends"]["numpy"]["decode_fused_call_pmu"] is None
     off = profile.run(backends=["c"], prompt_len=4, decode=2, repeats=1, pmu=None)
     assert off["pmu"] is None and off["backends"]["c"]["decode_forward_untraced_pmu"] is None

@@ -29,8 +29,6 @@ def test_peer_has_the_models_weights_and_passes_the_check(arch, overrides):
     hf = peer.hf_peer(m)
     ids = np.array([3, 17, 5, 40, 2])
     assert peer.check_peer(hf, m, ids) <= 1.0
-    got, _ = peer._logits(hf, ids)
-    assert np.allclose(got, m.forward(ids), rtol=1e-4, atol=1e-4)     # and agrees with refimpl float32
 
 
 def test_a_wrong_weight_fails_the_check_and_is_not_timed():
@@ -121,4 +119,4 @@ def test_profile_counts_the_peers_untraced_calls_where_a_pmu_counts():
     d = rep["backends"]["torch"]
     c = d["decode_forward_untraced_pmu"]
     assert c["kind"] == "cpu-clock" and d["decode_fused_call_pmu"] is None
-    assert 0.7 < c["core_cycles"] * 1e-9 * rep["machine"]["tsc_hz"] / d["decode_forward_untraced_ticks"] < 1.3
+    assert 0.9 < c["core_cycles"] * 1e-9 * rep["machine"]["tsc_hz"] / d["decode_forward_untraced_ticks"] < 1.15

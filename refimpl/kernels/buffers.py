@@ -37,7 +37,7 @@ LINE = 64   # bytes: an x86-64 / Zen 4 cache line, and one AVX-512 vector
 _ffi = cffi.FFI()
 
 
-def _address(a: np.ndarray) -> int:
+def address(a: np.ndarray) -> int:
     """Address of `a`'s first byte: through cffi (~0.4 us) where `a` is a contiguous buffer,
     else NumPy's array interface (~1 us, as is `.ctypes.data`)."""
     if a.flags.c_contiguous and a.size:
@@ -55,7 +55,7 @@ def _carve(shape, dtype, slack: int, offset) -> np.ndarray:
         raise ValueError(f"negative dimensions are not allowed: {shape}")
     nbytes = math.prod(shape) * dtype.itemsize
     raw = np.empty(nbytes + slack, np.uint8)
-    off = offset(_address(raw))
+    off = offset(address(raw))
     return raw[off:off + nbytes].view(dtype).reshape(shape)
 
 
@@ -83,7 +83,7 @@ def apart_empty(shape, dtype, like: np.ndarray, apart: int = PAGE // 2) -> np.nd
         raise ValueError(f"apart_empty: apart={apart} must be a multiple of {LINE}")
 
     def offset(addr):
-        off = (_address(like) % PAGE + apart - addr) % PAGE
+        off = (address(like) % PAGE + apart - addr) % PAGE
         return off + (-(addr + off)) % LINE              # `like` itself may sit off a line
     return _carve(shape, dtype, PAGE + LINE, offset)
 

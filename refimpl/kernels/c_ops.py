@@ -16,7 +16,7 @@ import math
 import numpy as np
 
 from refimpl._kernels import ffi, lib
-from refimpl.kernels.buffers import apart_empty
+from refimpl.kernels.buffers import address, apart_empty
 from refimpl.kernels.ccall import CCall
 from refimpl.kernels.contracts import check_array, check_attention_args, check_attention_shapes
 from refimpl.kernels.registry import register
@@ -136,8 +136,7 @@ def _attention_args(q, k, v, causal, scale):  # -> q, k, v, kv_stride, scale
 
 def _kv_pointers(k, v):
     """Data pointers of k and v (views of a cache are not contiguous buffers); callers keep k, v alive."""
-    return (ffi.cast("float *", k.__array_interface__["data"][0]),
-            ffi.cast("float *", v.__array_interface__["data"][0]))
+    return ffi.cast("float *", address(k)), ffi.cast("float *", address(v))
 
 
 def prepare_attention(q, k, v, causal=False, scale=None) -> CCall:  # [H,Lq,D],[Hkv,Lk,D],[Hkv,Lk,D] -> [H,Lq,D]

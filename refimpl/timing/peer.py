@@ -23,10 +23,13 @@ as the Python composition's residual adds belong to its attention and FFN stages
 call until the first module starts (transformers' wrappers around forward) counts as
 embedding, and so does the model's own set-up between the embedding and the first layer
 (cache positions, the causal mask): on the built-in tiny Llama, in decode, those two were
-256k and 124k ticks, the embedding lookup itself (with its hooks) 42k.  A hook is one Python
+112k and 130k ticks, the embedding lookup itself (with its hooks) 43k.  A hook is one Python
 call (~1 us); `decode_forward_untraced` times the same steps without hooks.
 """
 from __future__ import annotations
+
+import functools
+import inspect
 
 import numpy as np
 
@@ -78,25 +81,29 @@ def hf_peer(model):
     return peer.float().eval()
 
 
-def _cache_arg(peer) -> str:
+@functools.lru_cache(maxsize=None)
+def _cache_arg(cls) -> str:
     """The name transformers gives the KV cache, in and out: `cache` (>= 5.2x) or `past_key_values`."""
-    import inspect
-    return "cache" if "cache" in inspect.signature(peer.forward).parameters else "past_key_values"
+    return "cache" if "cache" in inspect.signature(cls.forward).parameters else "past_key_values"
 
 
-def _forward(peer, input_ids, cache, kw: str):
-    """(output, its KV cache) of one forward; input_ids a (1, T) int64 tensor."""
+def _forward(peer, input_ids, cache, begin=None):
+    """(output, its KV cache) of one forward, input_ids a (1, T) int64 tensor; `begin()` is
+    called right before the model's own call, so nothing of this wrapper is timed with it."""
+    kw = _cache_arg(type(peer))
+    if begin is not None:
+        begin()
     out = peer(input_ids=input_ids, use_cache=True, **{kw: cache})
     return out, getattr(out, kw)
 
 
-def _logits(peer, ids, cache=None):
-    """(logits (T, V) as float32 NumPy, the KV cache) of one forward of `ids`."""
+def _logits(peer, ids, cache=None, begin=None):
+    """(logits (T, V) as float32 NumPy, the KV cache) of one forward of `ids` (`begin` as in _forward)."""
     import torch
     import transformers as T
     with torch.inference_mode():
-        out, cache = _forward(peer, torch.from_numpy(np.asarray(ids, np.int64)[None]),
-                              T.DynamicCache() if cache is None else cache, _cache_arg(peer))
+        x = torch.from_numpy(np.asarray(ids, np.int64)[None])
+        out, cache = _forward(peer, x, T.DynamicCache() if cache is None else cache, begin)
     return out.logits[0].numpy(), cache
 
 
@@ -186,28 +193,25 @@ def profile_peer(peer, arch: str, ids, decode: int, repeats: int = 3, seed: int 
     import torch
 
     from refimpl.oracle.sampling import XorShift64Star
-    from refimpl.timing.profile import Counted, _fastest, _sample_parts
+    from refimpl.timing.profile import Counted, _fastest, _min_per_key, _sample_parts
     T_prompt = len(ids)
     best: dict = {}
     gc_was = gc.isenabled()
     gc.disable()
-    kw = _cache_arg(peer)
     best_plain = None
     tr = _HookTracer(peer, arch)
     try:
         _logits(peer, ids)                                                     # warm-up
         for _ in range(repeats):
             rng = XorShift64Star(seed + 1)
-            tr.begin()
-            logits, cache = _logits(peer, ids)
+            logits, cache = _logits(peer, ids, begin=tr.begin)
             pre = tr.stages()
             layers = tr.per_layer()
             tok, pre["sampling"], pre["softmax"] = _sample_parts(logits[-1], rng)
             pre = {k: v / T_prompt for k, v in pre.items()}
             steps = []
             for _ in range(decode):
-                tr.begin()
-                logits, cache = _logits(peer, [tok], cache)
+                logits, cache = _logits(peer, [tok], cache, begin=tr.begin)
                 st = tr.stages()
                 tok, st["sampling"], st["softmax"] = _sample_parts(logits[-1], rng)
                 steps.append(st)
@@ -219,11 +223,11 @@ def profile_peer(peer, arch: str, ids, decode: int, repeats: int = 3, seed: int 
                 for _ in range(decode):
                     x = torch.tensor([[1]])
                     with plain:
-                        cache = _forward(peer, x, cache, kw)[1]
+                        cache = _forward(peer, x, cache)[1]
             best_plain = _fastest(best_plain, plain)
             tr = _HookTracer(peer, arch)
             for part, val in {"prefill": pre, "decode": dec, "prefill_per_layer": layers}.items():
-                best[part] = val if part not in best else {k: min(v, best[part].get(k, v)) for k, v in val.items()}
+                best[part] = _min_per_key(best.get(part), val)
     finally:
         tr.remove()
         if gc_was:

@@ -250,6 +250,11 @@ class Counted:
                 "ipc": ins / cyc if self.pmu.kind == "hardware" and cyc > 0 else None}
 
 
+def _min_per_key(best: dict | None, new: dict) -> dict:
+    """Per key, the smaller of two repeats' figures: the fastest run per stage."""
+    return new if best is None else {k: min(v, best.get(k, v)) for k, v in new.items()}
+
+
 def _fastest(a: Counted | None, b: Counted) -> Counted:
     """Of two repeats' records of the same calls, the one with the smaller median ticks."""
     return b if a is None or (b.median() is not None and b.median() < a.median()) else a
@@ -294,14 +299,10 @@ def _profile_runs(model, ids, prompt_len, decode, repeats, seed, pmu=None):
         best_plain = _fastest(best_plain, plain)
         if getattr(model, "fused_decode", False) and decode:
             fu, call = _fused_decode(model, ids, decode, seed, pmu)
-            best_fused = fu if best_fused is None else {k: min(v, best_fused[k]) for k, v in fu.items()}
+            best_fused = _min_per_key(best_fused, fu)
             best_call = _fastest(best_call, call)
-        if best_pre is None:
-            best_pre, best_dec, best_layers = pre, dec, layers
-        else:
-            best_pre = {k: min(v, best_pre.get(k, v)) for k, v in pre.items()}
-            best_dec = {k: min(v, best_dec.get(k, v)) for k, v in dec.items()}
-            best_layers = {k: min(v, best_layers.get(k, v)) for k, v in layers.items()}
+        best_pre, best_dec = _min_per_key(best_pre, pre), _min_per_key(best_dec, dec)
+        best_layers = _min_per_key(best_layers, layers)
     return {"prefill": best_pre, "decode": best_dec, "prefill_per_layer": best_layers,
             "decode_forward_untraced": best_plain.median() if best_plain else None,
             "decode_forward_untraced_pmu": best_plain.pmu_summary() if best_plain else None,
@@ -371,7 +372,7 @@ def run(path=None, backends=None, dtype="float32", prompt_len: int = 32, decode:
     counts the untraced decode calls with the hardware counters where perf_event_open gives
     them (`harness.default_pmu`), None never, or a `counter.PMU` to use."""
     from refimpl.timing.bench import _Threads, core_clock, core_per_tsc_now
-    from refimpl.timing.harness import pinned
+    from refimpl.timing.harness import default_pmu, pinned
     from refimpl.timing.machine import describe
     from refimpl.kernels.registry import BACKENDS
     from refimpl.timing import peer
@@ -382,7 +383,6 @@ def run(path=None, backends=None, dtype="float32", prompt_len: int = 32, decode:
             raise ValueError(f"--backends: unknown backend {b!r}; backends are {known}")
     if repeats < 1:
         raise ValueError(f"--repeats must be >= 1, got {repeats}")
-    from refimpl.timing.harness import default_pmu
     pmu = default_pmu() if isinstance(pmu, str) and pmu == "auto" else pmu
     machine = describe(bandwidth=True)
     report = {"schema": "refimpl.profile/1", "model": path or f"built-in tiny model {DEFAULT_MODEL}",
