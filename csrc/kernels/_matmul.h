@@ -84,15 +84,18 @@ void rf_sgemm_small_avx512(float *y, const float *x, const float *w, int64_t M, 
                           int stream);
 #endif
 
-/* generic packers (any MR / NR), the portable path's and the fallback of the others */
+/* generic packers (any MR / NR), the portable path's and the fallback of the others.
+ * B is packed row by row: read front to back, one stream the hardware prefetcher follows
+ * (a walk down each NR-wide column panel instead reads with a stride of ldb floats, and
+ * ran ~10 % slower when B came from DRAM: 128 x 768 x 768, cold cache, AVX-512 path) */
 static inline void rf_pack_b_generic(float *bp, const float *b, int64_t ldb, int64_t kc, int64_t nc, int NR) {
-    for (int64_t j0 = 0; j0 < nc; j0 += NR) {
-        int64_t w = nc - j0 < NR ? nc - j0 : NR;
-        float *dst = bp + (j0 / NR) * kc * NR;
-        const float *src = b + j0;
-        for (int64_t k = 0; k < kc; k++) {
-            for (int64_t j = 0; j < w; j++) dst[k * NR + j] = src[k * ldb + j];
-            for (int64_t j = w; j < NR; j++) dst[k * NR + j] = 0.0f;
+    for (int64_t k = 0; k < kc; k++) {
+        const float *src = b + k * ldb;
+        for (int64_t j0 = 0; j0 < nc; j0 += NR) {
+            int64_t w = nc - j0 < NR ? nc - j0 : NR;
+            float *dst = bp + (j0 / NR) * kc * NR + k * NR;
+            for (int64_t j = 0; j < w; j++) dst[j] = src[j0 + j];
+            for (int64_t j = w; j < NR; j++) dst[j] = 0.0f;
         }
     }
 }

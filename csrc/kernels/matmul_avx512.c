@@ -131,30 +131,29 @@ void rf_sgemm_pack_a_avx512(float *restrict ap,       /* (ceil(mc/MR), kc, MR) o
     }
 }
 
-/* Bp micro-panels <- B (kc, nc): NR/16 vector copies per k, masked (zero-filled) at the edge */
+/* Bp micro-panels <- B (kc, nc), row by row as rf_pack_b_generic (B read front to back):
+ * per row of B, NR/16 vector copies into each full panel, then the edge panel masked
+ * (zero-filled) */
 RF_TARGET_AVX512
 void rf_sgemm_pack_b_avx512(float *restrict bp,       /* (ceil(nc/NR), kc, NR) out, 64-byte aligned */
                             const float *restrict b,  /* (kc, nc), row stride ldb */
                             int64_t ldb, int64_t kc, int64_t nc) {
-    for (int64_t j0 = 0; j0 < nc; j0 += NR) {
-        int64_t w = nc - j0 < NR ? nc - j0 : NR;
-        float *dst = bp + (j0 / NR) * kc * NR;
-        const float *src = b + j0;
-        if (w == NR) {
-            for (int64_t k = 0; k < kc; k++)
+    const int64_t nfull = nc / NR, w = nc - nfull * NR;
+    __mmask16 m[NV];
+    for (int v = 0; v < NV; v++) {
+        int64_t r = w - 16 * v;
+        m[v] = r >= 16 ? (__mmask16)0xffff : r <= 0 ? (__mmask16)0 : (__mmask16)((1u << r) - 1u);
+    }
+    for (int64_t k = 0; k < kc; k++) {
+        const float *src = b + k * ldb;
+        float *dst = bp + k * NR;
+        for (int64_t q = 0; q < nfull; q++)
 #pragma GCC unroll 4
-                for (int v = 0; v < NV; v++)
-                    _mm512_store_ps(dst + k * NR + 16 * v, _mm512_loadu_ps(src + k * ldb + 16 * v));
-        } else {
-            __mmask16 m[NV];
-            for (int v = 0; v < NV; v++) {
-                int64_t r = w - 16 * v;
-                m[v] = r >= 16 ? (__mmask16)0xffff : r <= 0 ? (__mmask16)0 : (__mmask16)((1u << r) - 1u);
-            }
-            for (int64_t k = 0; k < kc; k++)
-                for (int v = 0; v < NV; v++)
-                    _mm512_store_ps(dst + k * NR + 16 * v, _mm512_maskz_loadu_ps(m[v], src + k * ldb + 16 * v));
-        }
+            for (int v = 0; v < NV; v++)
+                _mm512_store_ps(dst + q * kc * NR + 16 * v, _mm512_loadu_ps(src + q * NR + 16 * v));
+        if (w)
+            for (int v = 0; v < NV; v++)
+                _mm512_store_ps(dst + nfull * kc * NR + 16 * v, _mm512_maskz_loadu_ps(m[v], src + nfull * NR + 16 * v));
     }
 }
 
