@@ -79,3 +79,15 @@ def test_spread_copies_places_every_array_the_same_way():
         assert [a.ctypes.data % PAGE for a in spread_copies(src[:2], span=PAGE)] == [0, 2048]
     with pytest.raises(ValueError, match="span=100"):
         spread_copies(src, span=100)
+
+
+@pytest.mark.parametrize("shape, exc", [((-1, 3), ValueError), ((-2, -3), ValueError), (-4, ValueError),
+                                        ((2.5,), TypeError), ((3, "a"), TypeError)])
+def test_bad_shapes_are_refused_by_name(shape, exc):
+    """A negative or non-integer dimension is an error naming the shape (a float is not
+    truncated), from every constructor."""
+    like = aligned_empty(16, np.float32)
+    for make in (lambda: aligned_empty(shape, np.float32), lambda: apart_empty(shape, np.float32, like=like),
+                 lambda: apart_zeros(shape, np.float32, like=like)):
+        with pytest.raises(exc, match=r"array shape .* dimensions must be non-negative integers"):
+            make()
