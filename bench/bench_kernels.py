@@ -342,6 +342,35 @@ def softmax_rows(quick):
     return rows
 
 
+def sample_rows(quick):
+    """The C sampler against the oracle's (refimpl.oracle.sampling.sample: np.lexsort of the V
+    ids), temperature 1, top-p 0.9, on LLM vocabulary sizes; checked first to draw the oracle's
+    token for 32 seeds."""
+    from refimpl.oracle.sampling import XorShift64Star, sample
+    try:
+        from refimpl.kernels.c_sample import sample as c_sample
+    except ImportError as e:
+        c_sample, why = None, str(e)
+    rows = []
+    for V in (32000, 50257):
+        r = Row("C sampler f64", f"V={V} top-p 0.9", "NumPy oracle", 3.0)
+        if c_sample is None:
+            r.missing = why
+            rows.append(r)
+            continue
+        z, = rng_arrays(V, (V,), scale=3.0)
+
+        def check(z=z, V=V):
+            bad = [s for s in range(1, 33) if c_sample(z, 1.0, None, 0.9, XorShift64Star(s))
+                   != sample(z, 1.0, None, 0.9, XorShift64Star(s))]
+            return not bad, f"C sampler V={V}: the oracle's token for {32 - len(bad)} of 32 seeds"
+        r.check = check
+        r.ours, r.ours_args = c_sample, (z, 1.0, None, 0.9, XorShift64Star(1))
+        r.peer, r.peer_args = sample, (z, 1.0, None, 0.9, XorShift64Star(1))
+        rows.append(r)
+    return rows
+
+
 def attention_row(name, backend, H, Hkv, Lq, Lk, D, causal, target, repeat_kv_for_torch=False):
     fn, why = _kernel("attention", backend)
     label = (f"H={H} L={Lq}" if (H, Lq) == (Hkv, Lk) else f"H={H} Hkv={Hkv} Lq={Lq} Lk={Lk}") + f" D={D}" \
@@ -427,6 +456,7 @@ def build_rows(quick):
         rows.append(attention_row("C attention f32", "c", 12, 12, Lx, Lx, 64, True, 1.2))
     rows.append(attention_row("C attention decode f32", "c", 32, 8, 1, 1024, 64, True, 1.0, repeat_kv_for_torch=True))
     rows.append(attention_row("Numba attention f32", "numba", 12, 12, 1024, 1024, 64, True, 0.5))
+    rows += sample_rows(quick)
     rows.append(model_row(quick))
     return rows
 

@@ -79,19 +79,29 @@ def sampling_order(p) -> np.ndarray:  # [V] -> [V] ids
     return np.lexsort((ids, -p))
 
 
-def kept_tokens(p, top_k=None, top_p=None) -> np.ndarray:  # [V] -> [n] ids, in sampling order
-    """The candidate set after top-k then top-p (steps 3-5 of the rule)."""
-    order = sampling_order(p)
+def check_top(top_k=None, top_p=None) -> tuple[int | None, float | None]:
+    """top_k as an int >= 1 and top_p as a float in (0, 1], each or None; ValueError otherwise."""
     if top_k is not None:
         if int(top_k) < 1:
             raise ValueError(f"top_k must be >= 1, got {top_k}")
-        order = order[: int(top_k)]
+        top_k = int(top_k)
     if top_p is not None:
         if not 0.0 < float(top_p) <= 1.0:
             raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+        top_p = float(top_p)
+    return top_k, top_p
+
+
+def kept_tokens(p, top_k=None, top_p=None) -> np.ndarray:  # [V] -> [n] ids, in sampling order
+    """The candidate set after top-k then top-p (steps 3-5 of the rule)."""
+    top_k, top_p = check_top(top_k, top_p)
+    order = sampling_order(p)
+    if top_k is not None:
+        order = order[:top_k]
+    if top_p is not None:
         q = p[order] / p[order].sum()
         cum = np.cumsum(q)
-        n = int(np.searchsorted(cum, float(top_p), side="left")) + 1   # first index with cum >= top_p
+        n = int(np.searchsorted(cum, top_p, side="left")) + 1          # first index with cum >= top_p
         order = order[: min(n, order.shape[0])]
     return order
 

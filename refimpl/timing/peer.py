@@ -193,7 +193,7 @@ def profile_peer(peer, arch: str, ids, decode: int, repeats: int = 3, seed: int 
     import torch
 
     from refimpl.oracle.sampling import XorShift64Star
-    from refimpl.timing.profile import Counted, _fastest, _min_per_key, _sample_parts
+    from refimpl.timing.profile import Counted, _fastest, _min_per_key, _put_sampling, _sample_parts
     T_prompt = len(ids)
     best: dict = {}
     gc_was = gc.isenabled()
@@ -207,13 +207,13 @@ def profile_peer(peer, arch: str, ids, decode: int, repeats: int = 3, seed: int 
             logits, cache = _logits(peer, ids, begin=tr.begin)
             pre = tr.stages()
             layers = tr.per_layer()
-            tok, pre["sampling"], pre["softmax"] = _sample_parts(logits[-1], rng)
+            tok = _put_sampling(pre, _sample_parts(logits[-1], rng))
             pre = {k: v / T_prompt for k, v in pre.items()}
             steps = []
             for _ in range(decode):
                 logits, cache = _logits(peer, [tok], cache, begin=tr.begin)
                 st = tr.stages()
-                tok, st["sampling"], st["softmax"] = _sample_parts(logits[-1], rng)
+                tok = _put_sampling(st, _sample_parts(logits[-1], rng))
                 steps.append(st)
             dec = {k: float(np.median([s.get(k, 0) for s in steps])) for k in steps[0]} if steps else {}
             tr.remove()                                                        # the same steps, no hooks

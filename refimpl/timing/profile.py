@@ -14,10 +14,11 @@ consecutive trace calls are the cost of the stage just named (the first stage,
     layers.i.ffn_hidden/ffn_out/resid_ffn    -> ffn
     final_norm                              -> norms
     logits                                  -> lm_head
-After the forward pass the last row of logits goes through the sampler
-(`refimpl.oracle.sampling.sample`, temperature 1, top-p 0.9), timed as
-`sampling`; its softmax over V is also timed alone as `softmax` (a part of
-sampling, not added to the total).  Prefill is one forward of the prompt (T
+After the forward pass the last row of logits goes through the backend's sampler
+(temperature 1, top-p 0.9: `refimpl.oracle.sampling.sample`, or on the C backend
+the same rule in C, `refimpl.kernels.c_sample`), timed as `sampling`; the oracle's
+softmax over V is also timed alone as `softmax` (a part of sampling, not added to
+the total; not timed for the C sampler, whose softmax runs inside its one call).  Prefill is one forward of the prompt (T
 tokens): its figures are ticks / T.  Decode is one forward of 1 token per step
 with the KV cache: the median over steps.  Each backend runs `repeats` times
 and the fastest run per stage is kept (pinned to one CPU, 1 thread).  The trace
@@ -170,18 +171,33 @@ class _Tracer:
         return out
 
 
-def _sample_parts(logits_row, rng):
-    """(ticks of the sampler, ticks of its softmax alone)."""
+def _sample_parts(logits_row, rng, sampler=None) -> tuple[int, int, int | None]:
+    """(token, ticks of the sampler, ticks of its softmax alone).  `sampler`: the backend's
+    (`model.ops.sample`; default the oracle's).  The softmax is timed alone only for the
+    oracle's sampler, whose softmax it is (None for the C sampler, whose softmax is inside)."""
     from refimpl._clock import lib
     from refimpl.oracle import layers as L
     from refimpl.oracle.sampling import sample
-    z = np.asarray(logits_row, dtype=np.float64)
-    t0 = lib.rf_ticks_start()
-    L.softmax(z, axis=-1)
+    sampler = sampler or sample
+    t_sm = None
+    if sampler is sample:
+        z = np.asarray(logits_row, dtype=np.float64)
+        t0 = lib.rf_ticks_start()
+        L.softmax(z, axis=-1)
+        t_sm = lib.rf_ticks_start() - t0
     t1 = lib.rf_ticks_start()
-    tok = sample(logits_row, temperature=1.0, top_p=0.9, rng=rng)
+    tok = sampler(logits_row, temperature=1.0, top_p=0.9, rng=rng)
     t2 = lib.rf_ticks_start()
-    return tok, t2 - t1, t1 - t0
+    return tok, t2 - t1, t_sm
+
+
+def _put_sampling(stages: dict, parts) -> int:
+    """Store _sample_parts' ticks in `stages` (no softmax key when it was not timed alone);
+    returns the token."""
+    tok, stages["sampling"], t_sm = parts
+    if t_sm is not None:
+        stages["softmax"] = t_sm
+    return tok
 
 
 def prompt_ids(cfg, prompt_len: int, decode: int, seed: int = 0) -> np.ndarray:
@@ -276,15 +292,14 @@ def _profile_runs(model, ids, prompt_len, decode, repeats, seed, pmu=None):
         logits = model.forward(ids, cache, trace=tr)
         pre = tr.stages()
         layers = tr.per_layer()
-        tok, t_s, t_sm = _sample_parts(logits[-1], rng)
-        pre["sampling"], pre["softmax"] = t_s, t_sm
+        tok = _put_sampling(pre, _sample_parts(logits[-1], rng, model.ops.sample))
         pre = {k: v / prompt_len for k, v in pre.items()}
         steps = []
         for _ in range(decode):
             tr.begin()
             logits = model.forward(np.array([tok]), cache, trace=tr)
             st = tr.stages()
-            tok, st["sampling"], st["softmax"] = _sample_parts(logits[-1], rng)
+            tok = _put_sampling(st, _sample_parts(logits[-1], rng, model.ops.sample))
             steps.append(st)
         dec = {k: float(np.median([s.get(k, 0) for s in steps])) for k in steps[0]} if steps else {}
         # the same decode steps without a trace: what generate() pays per token (forward only).  A
@@ -319,7 +334,7 @@ def _fused_decode(model, ids, decode: int, seed: int, pmu=None) -> tuple[dict, C
     rng = XorShift64Star(seed + 1)
     step = model.fused_step()
     cache = model.new_cache()
-    tok = _sample_parts(model.forward(ids, cache)[-1], rng)[0]
+    tok = _sample_parts(model.forward(ids, cache)[-1], rng, model.ops.sample)[0]
     steps = []
     call = Counted(pmu)
     step.stamps = True
@@ -328,7 +343,7 @@ def _fused_decode(model, ids, decode: int, seed: int, pmu=None) -> tuple[dict, C
             with call:
                 logits = model.forward(np.array([tok]), cache)
             st = dict(step.last_stages, call=call.ticks[-1])
-            tok, st["sampling"], st["softmax"] = _sample_parts(logits[-1], rng)
+            tok = _put_sampling(st, _sample_parts(logits[-1], rng, model.ops.sample))
             steps.append(st)
     finally:
         step.stamps = False

@@ -1,0 +1,17 @@
+/* refimpl._kernels: the sampling rule of refimpl.oracle.sampling, in float64.
+ * V = vocabulary size.  For temperature > 0 (greedy is an argmax the caller does), given the
+ * draw r in [0, 1) (xorshift64* next_f64, drawn by the caller), returns the token id:
+ *   p = softmax(z / temperature); order ids by (p descending, id ascending); keep the first
+ *   top_k (top_k <= 0: all); with 0 < top_p <= 1, renormalise the kept and keep the shortest
+ *   prefix whose running sum is >= top_p (top_p <= 0: no cut); renormalise the kept again and
+ *   return the first whose running sum is > r (rounding leaving none: the last kept).
+ * The caller checks z: no NaN, no +inf, not every entry -inf.  On return p (V) holds the
+ * probabilities, order (V) the ids in sampling order and *kept how many of them were kept;
+ * work is 4 V words of scratch. */
+#include <stdint.h>
+
+int64_t rf_sample_f64(const double *z, int64_t V, double temperature, int64_t top_k, double top_p,
+                      double r, double *p, int64_t *order, uint64_t *work, int64_t *kept);
+/* naive reference: the same rule with an insertion sort (O(V^2): for tests) */
+int64_t rf_sample_f64_ref(const double *z, int64_t V, double temperature, int64_t top_k, double top_p,
+                          double r, double *p, int64_t *order, uint64_t *work, int64_t *kept);
