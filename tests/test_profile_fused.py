@@ -36,6 +36,24 @@ def test_profile_times_the_one_call_decode_stage_by_stage():
         assert (rows[s]["flops"], rows[s]["bytes"]) == (traced["flops"], traced["bytes"])
 
 
+def test_profile_samples_with_each_backends_sampler(monkeypatch):
+    """The sampling stage times the sampler the backend's generate() runs: the C sampler on the
+    C backend (its softmax is inside it: no softmax-alone row), the oracle's elsewhere."""
+    from refimpl.kernels import c_sample
+    from refimpl.oracle import model as M
+    calls = []
+    real = c_sample.sample
+    monkeypatch.setattr(c_sample, "sample", lambda *a, **k: calls.append(1) or real(*a, **k))
+    rep = profile.run(backends=["numpy", "c"], prompt_len=4, decode=3, repeats=1)
+    assert calls                                   # the C backend's model took the C sampler
+    for b, has_softmax in (("numpy", True), ("c", False)):
+        for table in ("prefill", "decode"):
+            rows = {r["stage"]: r for r in rep["backends"][b][table]}
+            assert rows["sampling"]["ticks"] > 0
+            assert (rows["softmax"]["ticks"] is not None) is has_softmax, (b, table)
+    assert M._kernel_ops("numba").sample is M.sample
+
+
 def test_profile_without_decode_steps_has_no_untraced_figure():
     rep = profile.run(backends=["c"], prompt_len=4, decode=0, repeats=1)
     assert rep["backends"]["c"]["decode_forward_untraced_ticks"] is None

@@ -18,11 +18,12 @@ After the forward pass the last row of logits goes through the backend's sampler
 (temperature 1, top-p 0.9: `refimpl.oracle.sampling.sample`, or on the C backend
 the same rule in C, `refimpl.kernels.c_sample`), timed as `sampling`; the oracle's
 softmax over V is also timed alone as `softmax` (a part of sampling, not added to
-the total; not timed for the C sampler, whose softmax runs inside its one call).  Prefill is one forward of the prompt (T
-tokens): its figures are ticks / T.  Decode is one forward of 1 token per step
-with the KV cache: the median over steps.  Each backend runs `repeats` times
-and the fastest run per stage is kept (pinned to one CPU, 1 thread).  The trace
-callback itself costs one Python call per trace point (~100 ticks), included.
+the total; not timed for the C sampler, whose softmax runs inside its one call).
+Prefill is one forward of the prompt (T tokens): its figures are ticks / T.
+Decode is one forward of 1 token per step with the KV cache: the median over
+steps.  Each backend runs `repeats` times and the fastest run per stage is kept
+(pinned to one CPU, 1 thread).  The trace callback itself costs one Python call
+per trace point (~100 ticks), included.
 
 A trace needs every intermediate as an array, so a traced forward is the Python
 composition of the backend's kernels.  Untraced, the C backend's Llama and GPT-2
