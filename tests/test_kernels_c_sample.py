@@ -58,6 +58,33 @@ def cases(draw):
     return z, temperature, top_k, top_p, draw(st.integers(0, 2 ** 64 - 1))
 
 
+def _c_order(p):
+    from refimpl._kernels import ffi, lib
+    p = np.ascontiguousarray(p, np.float64)
+    work = np.empty(lib.rf_sample_work_words(len(p)), np.uint64)
+    order = np.empty(len(p), np.int64)
+    lib.rf_sample_order(ffi.from_buffer("double[]", p), len(p), ffi.from_buffer("uint64_t[]", work),
+                        ffi.from_buffer("int64_t[]", order))
+    return order
+
+
+@settings(max_examples=200, deadline=None)
+@given(seed=st.integers(0, 2 ** 32 - 1), V=st.integers(1, 3000),
+       kind=st.sampled_from(["normal", "one binade", "dyadic", "ties", "zeros"]))
+def test_the_order_is_lexsorts(seed, V, kind):
+    """The C order (binades, each sorted when reached: insertion up to 48 ids, else a radix
+    sort that skips bytes equal across the binade) is np.lexsort's (p desc, id asc), on
+    probabilities built to hit each path: one binade holding every id, few significant bits
+    (the low bytes equal, the high ones not), exact ties, zeros."""
+    g = np.random.default_rng(seed)
+    p = {"normal": lambda: np.exp(g.standard_normal(V) * 3),
+         "one binade": lambda: 1.0 + g.random(V),
+         "dyadic": lambda: (1 + g.integers(0, 64, V)) / 64.0 * 2.0 ** -g.integers(0, 3, V),
+         "ties": lambda: g.integers(1, 4, V) / 8.0,
+         "zeros": lambda: np.where(g.random(V) < 0.5, 0.0, g.random(V))}[kind]()
+    assert np.array_equal(_c_order(p), S.sampling_order(p))     # any p >= 0 orders (no need to sum to 1)
+
+
 @settings(max_examples=300, deadline=None)
 @given(case=cases())
 def test_same_token_as_the_oracle(case):

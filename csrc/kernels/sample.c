@@ -1,11 +1,17 @@
 /* Sampling a token from logits by the rule of refimpl.oracle.sampling, in float64.
  *
  * V = vocabulary size.  The NumPy oracle sorts all V ids by (p descending, id ascending)
- * with np.lexsort (~3 ms at V = 32000, more than a stories15M forward on the C backend);
- * here a stable LSD radix sort of (bits of p, id) pairs does it in 8 passes, a byte a pass.
- * Sums run front to back (NumPy's np.sum is pairwise), and exp is libm's: the probabilities
- * can differ from the oracle's in the last bits, so the token can differ only when r lies
- * within that rounding of a running-sum boundary (tests/test_kernels_c_sample.py).
+ * with np.lexsort (~3 ms at V = 32000, more than a stories15M forward on the C backend).
+ * Here the ids are first split by the binade of p (a stable counting sort on the top 12
+ * bits of p, sign and exponent: every id of a binade comes before every id of a lower one),
+ * and a binade is sorted fully only when the rule walks into it: top-p and the draw
+ * usually stop after a small head of the order.
+ *
+ * Sums: over a sorted prefix, front to back in the order; over all V ids (no top-k), in id
+ * order, which needs no sort.  NumPy's sums are pairwise and its exp is its own, so the
+ * probabilities can differ from the oracle's in the last bits, and the token can differ
+ * only when the draw (or top_p) lies within that rounding of a running-sum boundary
+ * (tests/test_kernels_c_sample.py).
  */
 #include "sample.h"
 
@@ -35,64 +41,104 @@ static inline uint64_t desc_key(double x) {
     return ~u;
 }
 
+enum { TOP = 12, NB = 1 << TOP, SMALL = 48 };   /* bucket bits; buckets sorted by insertion up to SMALL ids */
+
 typedef struct {
     uint64_t key;
     int64_t id;
 } rank;
 
-/* order <- ids 0..V-1 by (p descending, id ascending): LSD radix sort of (key, id) pairs, a
- * byte a pass, all eight histograms from one read; each pass is stable, so ids tied in p keep
- * their ascending order, and a pass whose byte is the same for every id is skipped.
- * work: 4 V words of scratch (two arrays of V pairs). */
-static void sort_desc(const double *p, int64_t V, int64_t *order, uint64_t *work) {
-    rank *src = (rank *)work, *dst = src + V;
-    static const int B = 8;
-    int64_t count[8][256];
-    memset(count, 0, sizeof count);
-    for (int64_t i = 0; i < V; i++) {
-        uint64_t k = desc_key(p[i]);
-        src[i].key = k;
-        src[i].id = i;
-        for (int b = 0; b < B; b++) count[b][(k >> (8 * b)) & 0xff]++;
+/* the ids in sampling order, made lazily: a[0..done) is final, the rest still bucketed */
+typedef struct {
+    rank *a, *tmp;          /* V pairs each */
+    int64_t *start;         /* NB + 1 bucket bounds into a */
+    int64_t done;
+    int next;               /* the next bucket to sort */
+} order_t;
+
+/* a[lo..hi) by key, stably (ids arrive ascending, ties keep that order) */
+static void sort_run(rank *a, rank *tmp, int64_t lo, int64_t hi) {
+    int64_t n = hi - lo;
+    a += lo;
+    if (n <= SMALL) {
+        for (int64_t i = 1; i < n; i++) {
+            rank x = a[i];
+            int64_t j = i;
+            for (; j > 0 && a[j - 1].key > x.key; j--) a[j] = a[j - 1];
+            a[j] = x;
+        }
+        return;
     }
-    for (int b = 0; b < B; b++) {
-        int64_t *c = count[b];
-        if (c[(src[0].key >> (8 * b)) & 0xff] == V) continue;
+    rank *src = a, *dst = tmp;   /* LSD radix on the low 64 - TOP bits, a byte a pass */
+    for (int shift = 0; shift < 64 - TOP; shift += 8) {
+        int64_t count[256] = {0};
+        for (int64_t i = 0; i < n; i++) count[(src[i].key >> shift) & 0xff]++;
+        if (count[(src[0].key >> shift) & 0xff] == n) continue;
         int64_t at = 0;
         for (int d = 0; d < 256; d++) {
-            int64_t n = c[d];
-            c[d] = at;
-            at += n;
+            int64_t c = count[d];
+            count[d] = at;
+            at += c;
         }
-        for (int64_t i = 0; i < V; i++) dst[c[(src[i].key >> (8 * b)) & 0xff]++] = src[i];
+        for (int64_t i = 0; i < n; i++) dst[count[(src[i].key >> shift) & 0xff]++] = src[i];
         rank *t = src;
         src = dst;
         dst = t;
     }
-    for (int64_t i = 0; i < V; i++) order[i] = src[i].id;
+    if (src != a) memcpy(a, src, (size_t)n * sizeof *a);
 }
 
-/* the naive sort: insertion by (p descending, id ascending) */
-static void sort_desc_ref(const double *p, int64_t V, int64_t *order) {
+/* bucket the ids by the top TOP bits of their keys (a stable counting sort); work holds the
+ * two pair arrays, then the NB + 1 bucket bounds and NB fill cursors */
+static void order_init(order_t *o, const double *p, int64_t V, uint64_t *work) {
+    o->a = (rank *)work;
+    o->tmp = o->a + V;
+    o->start = (int64_t *)(o->tmp + V);
+    int64_t *start = o->start, *fill = start + NB + 1;
+    memset(start, 0, (NB + 1) * sizeof *start);
+    for (int64_t i = 0; i < V; i++) start[(desc_key(p[i]) >> (64 - TOP)) + 1]++;
+    for (int b = 0; b < NB; b++) start[b + 1] += start[b];
+    memcpy(fill, start, NB * sizeof *fill);
     for (int64_t i = 0; i < V; i++) {
-        int64_t j = i;
-        while (j > 0 && (p[order[j - 1]] < p[i] || (p[order[j - 1]] == p[i] && order[j - 1] > i))) {
-            order[j] = order[j - 1];
-            j--;
-        }
-        order[j] = i;
+        uint64_t k = desc_key(p[i]);
+        rank *r = &o->a[fill[k >> (64 - TOP)]++];
+        r->key = k;
+        r->id = i;
     }
+    o->done = 0;
+    o->next = 0;
+}
+
+/* the id at place i of the sampling order (sorting the buckets up to its own) */
+static inline int64_t order_at(order_t *o, int64_t i) {
+    while (o->done <= i) {
+        int b = o->next++;
+        sort_run(o->a, o->tmp, o->start[b], o->start[b + 1]);
+        o->done = o->start[b + 1];
+    }
+    return o->a[i].id;
+}
+
+/* the sum of p over the first n ids of the order: in the order (sorting them), or, for all
+ * V ids, in id order */
+static double mass(const double *p, int64_t V, order_t *o, int64_t n) {
+    double s = 0.0;
+    if (n == V) {
+        for (int64_t i = 0; i < V; i++) s += p[i];
+    } else {
+        for (int64_t i = 0; i < n; i++) s += p[order_at(o, i)];
+    }
+    return s;
 }
 
 /* steps 4-6 of the rule on the ordered ids: top-k, top-p, the draw */
-static int64_t draw(const double *p, const int64_t *order, int64_t V, int64_t top_k, double top_p, double r,
+static int64_t draw(const double *p, order_t *o, int64_t V, int64_t top_k, double top_p, double r,
                     int64_t *kept) {
     int64_t n = top_k > 0 && top_k < V ? top_k : V;
     if (top_p > 0.0) {   /* renormalise the kept; keep the shortest prefix reaching top_p */
-        double s = 0.0, c = 0.0;
-        for (int64_t i = 0; i < n; i++) s += p[order[i]];
+        double s = mass(p, V, o, n), c = 0.0;
         for (int64_t i = 0; i < n; i++) {
-            c += p[order[i]] / s;
+            c += p[order_at(o, i)] / s;
             if (c >= top_p) {
                 n = i + 1;
                 break;
@@ -100,26 +146,50 @@ static int64_t draw(const double *p, const int64_t *order, int64_t V, int64_t to
         }
     }
     *kept = n;
-    double s = 0.0, c = 0.0;
-    for (int64_t i = 0; i < n; i++) s += p[order[i]];
+    double s = mass(p, V, o, n), c = 0.0;
     for (int64_t i = 0; i < n; i++) {
-        c += p[order[i]] / s;
-        if (c > r) return order[i];
+        int64_t id = order_at(o, i);
+        c += p[id] / s;
+        if (c > r) return id;
     }
-    return order[n - 1];
+    return order_at(o, n - 1);
+}
+
+/* the sampling order of all V ids at once, sorted naively (insertion by key, ids ascending:
+ * O(V^2)) into one bucket */
+static void order_ref(order_t *o, const double *p, int64_t V, uint64_t *work) {
+    o->a = (rank *)work;
+    for (int64_t i = 0; i < V; i++) {
+        rank x = {desc_key(p[i]), i};
+        int64_t j = i;
+        for (; j > 0 && o->a[j - 1].key > x.key; j--) o->a[j] = o->a[j - 1];
+        o->a[j] = x;
+    }
+    o->done = V;
 }
 
 int64_t rf_sample_f64(const double *z, int64_t V, double temperature, int64_t top_k, double top_p,
-                      double r, double *p, int64_t *order, uint64_t *work, int64_t *kept) {
+                      double r, double *p, uint64_t *work, int64_t *kept) {
+    order_t o;
     softmax_t(p, z, V, temperature);
-    sort_desc(p, V, order, work);
-    return draw(p, order, V, top_k, top_p, r, kept);
+    order_init(&o, p, V, work);
+    return draw(p, &o, V, top_k, top_p, r, kept);
 }
 
 int64_t rf_sample_f64_ref(const double *z, int64_t V, double temperature, int64_t top_k, double top_p,
-                          double r, double *p, int64_t *order, uint64_t *work, int64_t *kept) {
-    (void)work;
+                          double r, double *p, uint64_t *work, int64_t *kept) {
+    order_t o;
     softmax_t(p, z, V, temperature);
-    sort_desc_ref(p, V, order);
-    return draw(p, order, V, top_k, top_p, r, kept);
+    order_ref(&o, p, V, work);
+    return draw(p, &o, V, top_k, top_p, r, kept);
+}
+
+int64_t rf_sample_work_words(int64_t V) {
+    return 4 * V + 2 * NB + 1;
+}
+
+void rf_sample_order(const double *p, int64_t V, uint64_t *work, int64_t *order) {
+    order_t o;
+    order_init(&o, p, V, work);
+    for (int64_t i = 0; i < V; i++) order[i] = order_at(&o, i);
 }

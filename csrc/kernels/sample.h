@@ -6,12 +6,16 @@
  *   prefix whose running sum is >= top_p (top_p <= 0: no cut); renormalise the kept again and
  *   return the first whose running sum is > r (rounding leaving none: the last kept).
  * The caller checks z: no NaN, no +inf, not every entry -inf.  On return p (V) holds the
- * probabilities, order (V) the ids in sampling order and *kept how many of them were kept;
- * work is 4 V words of scratch. */
+ * probabilities and *kept how many ids were kept; work is rf_sample_work_words(V) words of
+ * scratch. */
 #include <stdint.h>
 
 int64_t rf_sample_f64(const double *z, int64_t V, double temperature, int64_t top_k, double top_p,
-                      double r, double *p, int64_t *order, uint64_t *work, int64_t *kept);
-/* naive reference: the same rule with an insertion sort (O(V^2): for tests) */
+                      double r, double *p, uint64_t *work, int64_t *kept);
+/* naive reference: the same rule with all V ids sorted by insertion (O(V^2): for tests) */
 int64_t rf_sample_f64_ref(const double *z, int64_t V, double temperature, int64_t top_k, double top_p,
-                          double r, double *p, int64_t *order, uint64_t *work, int64_t *kept);
+                          double r, double *p, uint64_t *work, int64_t *kept);
+int64_t rf_sample_work_words(int64_t V);
+/* order (V) <- all V ids by (p descending, id ascending), as the sampler orders them (p: V
+ * probabilities, >= 0, no NaN); for tests */
+void rf_sample_order(const double *p, int64_t V, uint64_t *work, int64_t *order);

@@ -5,10 +5,11 @@
 The same contract as `refimpl.oracle.sampling.sample`: greedy at temperature 0 (the oracle's
 argmax), otherwise exactly one draw of `rng` per token and the same rule, in float64.  The
 oracle orders all V ids with np.lexsort, ~3 ms at V = 32000 (more than a stories15M-sized
-forward on the C backend); the C sampler sorts them with a radix sort.  Its sums run front
-to back and its exp is libm's, so its probabilities can differ from the oracle's in the last
-bits: the token can differ only when the draw lies within that rounding of a running-sum
-boundary (tests/test_kernels_c_sample.py holds it to that).
+forward on the C backend); the C sampler splits them by the binade of p and sorts a binade
+only when the rule walks into it.  Its sums run front to back (over all V ids, in id order)
+and its exp is libm's, so its probabilities can differ from the oracle's in the last bits:
+the token can differ only when the draw lies within that rounding of a running-sum boundary
+(tests/test_kernels_c_sample.py holds it to that).
 
 Unlike the oracle, logits with a NaN or +inf, or all -inf, are refused (ValueError naming the
 first bad index): the rule has no answer for them, and the oracle's would be arbitrary.
@@ -53,12 +54,10 @@ def sample(logits, temperature=0.0, top_k=None, top_p=None, rng: XorShift64Star 
     z = _logits(logits)
     V = z.shape[0]
     p = np.empty(V, np.float64)
-    order = np.empty(V, np.int64)
-    work = np.empty(4 * V, np.uint64)
+    work = np.empty(lib.rf_sample_work_words(V), np.uint64)
     kept = ffi.new("int64_t *")
     fn = lib.rf_sample_f64_ref if reference else lib.rf_sample_f64
     r = rng.next_f64()
     return int(fn(ffi.from_buffer("double[]", z), V, float(temperature), top_k or 0, top_p or 0.0, r,
                   ffi.from_buffer("double[]", p, require_writable=True),
-                  ffi.from_buffer("int64_t[]", order, require_writable=True),
                   ffi.from_buffer("uint64_t[]", work, require_writable=True), kept))
