@@ -2,10 +2,10 @@
  *
  * V = vocabulary size.  The NumPy oracle sorts all V ids by (p descending, id ascending)
  * with np.lexsort (~3 ms at V = 32000, more than a stories15M forward on the C backend).
- * Here the ids are first split by the binade of p (a stable counting sort on the top 12
- * bits of p, sign and exponent: every id of a binade comes before every id of a lower one),
- * and a binade is sorted fully only when the rule walks into it: top-p and the draw
- * usually stop after a small head of the order.
+ * Here the ids are first split by the binade of p (a stable counting sort on its exponent:
+ * every id of a binade comes before every id of a lower one), and a binade is sorted fully
+ * only when the rule walks into it: top-p and the draw usually stop after a small head of
+ * the order.
  *
  * Sums: over a sorted prefix, front to back in the order; over all V ids (no top-k), in id
  * order, which needs no sort.  NumPy's sums are pairwise and its exp is its own, so the
@@ -41,7 +41,16 @@ static inline uint64_t desc_key(double x) {
     return ~u;
 }
 
-enum { TOP = 12, NB = 1 << TOP, SMALL = 48 };   /* bucket bits; buckets sorted by insertion up to SMALL ids */
+/* buckets: NB binades of p, [1, 2) first (p >= 2 joins it: rf_sample_order takes any p >= 0),
+ * then [1/2, 1), ... down to [2^-(NB-2), 2^-(NB-3)); every smaller p, 0 included, in the
+ * last.  A bucket is sorted by insertion up to SMALL ids. */
+enum { NB = 64, SMALL = 48 };
+
+/* the bucket of a key: monotone in the key, so buckets come in sampling order */
+static inline int bucket_of(uint64_t key) {
+    int64_t b = (int64_t)(key >> 52) - 0xC00;   /* key >> 52 = 0xFFF - the exponent field of p */
+    return b < 0 ? 0 : b >= NB ? NB - 1 : (int)b;
+}
 
 typedef struct {
     uint64_t key;
@@ -69,8 +78,8 @@ static void sort_run(rank *a, rank *tmp, int64_t lo, int64_t hi) {
         }
         return;
     }
-    rank *src = a, *dst = tmp;   /* LSD radix on the low 64 - TOP bits, a byte a pass */
-    for (int shift = 0; shift < 64 - TOP; shift += 8) {
+    rank *src = a, *dst = tmp;   /* LSD radix, a byte a pass (in one binade the top ones are equal) */
+    for (int shift = 0; shift < 64; shift += 8) {
         int64_t count[256] = {0};
         for (int64_t i = 0; i < n; i++) count[(src[i].key >> shift) & 0xff]++;
         if (count[(src[0].key >> shift) & 0xff] == n) continue;
@@ -88,20 +97,20 @@ static void sort_run(rank *a, rank *tmp, int64_t lo, int64_t hi) {
     if (src != a) memcpy(a, src, (size_t)n * sizeof *a);
 }
 
-/* bucket the ids by the top TOP bits of their keys (a stable counting sort); work holds the
- * two pair arrays, then the NB + 1 bucket bounds and NB fill cursors */
+/* bucket the ids by binade (a stable counting sort); work holds the two pair arrays, then
+ * the NB + 1 bucket bounds and NB fill cursors */
 static void order_init(order_t *o, const double *p, int64_t V, uint64_t *work) {
     o->a = (rank *)work;
     o->tmp = o->a + V;
     o->start = (int64_t *)(o->tmp + V);
     int64_t *start = o->start, *fill = start + NB + 1;
     memset(start, 0, (NB + 1) * sizeof *start);
-    for (int64_t i = 0; i < V; i++) start[(desc_key(p[i]) >> (64 - TOP)) + 1]++;
+    for (int64_t i = 0; i < V; i++) start[bucket_of(desc_key(p[i])) + 1]++;
     for (int b = 0; b < NB; b++) start[b + 1] += start[b];
     memcpy(fill, start, NB * sizeof *fill);
     for (int64_t i = 0; i < V; i++) {
         uint64_t k = desc_key(p[i]);
-        rank *r = &o->a[fill[k >> (64 - TOP)]++];
+        rank *r = &o->a[fill[bucket_of(k)]++];
         r->key = k;
         r->id = i;
     }
