@@ -150,6 +150,7 @@ def test_one_draw_per_sampled_token_none_when_greedy():
     (np.array([0.0, np.nan, 1.0]), {}, r"logits\[1\] = nan"),
     (np.array([0.0, 1.0, np.inf]), {}, r"logits\[2\] = inf"),
     (np.full(3, -np.inf), {}, "all -inf"),
+    (np.array([1e300, 0.0]), dict(temperature=1e-10), "overflows float64"),
     (np.zeros((2, 3)), {}, r"1-D array \[V\], got shape \(2, 3\)"),
     (np.zeros(0), {}, "non-empty"),
     (np.zeros(3), dict(temperature=-1.0), "temperature must be >= 0"),

@@ -65,17 +65,22 @@ typedef struct {
     int next;               /* the next bucket to sort */
 } order_t;
 
+/* a[0..n) by key, by insertion: stable (ties keep their order) */
+static void insertion(rank *a, int64_t n) {
+    for (int64_t i = 1; i < n; i++) {
+        rank x = a[i];
+        int64_t j = i;
+        for (; j > 0 && a[j - 1].key > x.key; j--) a[j] = a[j - 1];
+        a[j] = x;
+    }
+}
+
 /* a[lo..hi) by key, stably (ids arrive ascending, ties keep that order) */
 static void sort_run(rank *a, rank *tmp, int64_t lo, int64_t hi) {
     int64_t n = hi - lo;
     a += lo;
     if (n <= SMALL) {
-        for (int64_t i = 1; i < n; i++) {
-            rank x = a[i];
-            int64_t j = i;
-            for (; j > 0 && a[j - 1].key > x.key; j--) a[j] = a[j - 1];
-            a[j] = x;
-        }
+        insertion(a, n);
         return;
     }
     rank *src = a, *dst = tmp;   /* LSD radix, a byte a pass (in one binade the top ones are equal) */
@@ -141,8 +146,7 @@ static double mass(const double *p, int64_t V, order_t *o, int64_t n) {
 }
 
 /* steps 4-6 of the rule on the ordered ids: top-k, top-p, the draw */
-static int64_t draw(const double *p, order_t *o, int64_t V, int64_t top_k, double top_p, double r,
-                    int64_t *kept) {
+static int64_t draw(const double *p, order_t *o, int64_t V, int64_t top_k, double top_p, double r) {
     int64_t n = top_k > 0 && top_k < V ? top_k : V;
     if (top_p > 0.0) {   /* renormalise the kept; keep the shortest prefix reaching top_p */
         double s = mass(p, V, o, n), c = 0.0;
@@ -154,7 +158,6 @@ static int64_t draw(const double *p, order_t *o, int64_t V, int64_t top_k, doubl
             }
         }
     }
-    *kept = n;
     double s = mass(p, V, o, n), c = 0.0;
     for (int64_t i = 0; i < n; i++) {
         int64_t id = order_at(o, i);
@@ -164,33 +167,36 @@ static int64_t draw(const double *p, order_t *o, int64_t V, int64_t top_k, doubl
     return order_at(o, n - 1);
 }
 
-/* the sampling order of all V ids at once, sorted naively (insertion by key, ids ascending:
- * O(V^2)) into one bucket */
+/* the sampling order of all V ids at once, sorted naively (by insertion, ids ascending:
+ * O(V^2)) as one bucket */
 static void order_ref(order_t *o, const double *p, int64_t V, uint64_t *work) {
     o->a = (rank *)work;
     for (int64_t i = 0; i < V; i++) {
-        rank x = {desc_key(p[i]), i};
-        int64_t j = i;
-        for (; j > 0 && o->a[j - 1].key > x.key; j--) o->a[j] = o->a[j - 1];
-        o->a[j] = x;
+        o->a[i].key = desc_key(p[i]);
+        o->a[i].id = i;
     }
+    insertion(o->a, V);
     o->done = V;
 }
 
-int64_t rf_sample_f64(const double *z, int64_t V, double temperature, int64_t top_k, double top_p,
-                      double r, double *p, uint64_t *work, int64_t *kept) {
+/* the rule, with the order made lazily (order_init) or naively (order_ref) */
+static int64_t sample_by(const double *z, int64_t V, double temperature, int64_t top_k, double top_p,
+                         double r, double *p, uint64_t *work,
+                         void (*make_order)(order_t *, const double *, int64_t, uint64_t *)) {
     order_t o;
     softmax_t(p, z, V, temperature);
-    order_init(&o, p, V, work);
-    return draw(p, &o, V, top_k, top_p, r, kept);
+    make_order(&o, p, V, work);
+    return draw(p, &o, V, top_k, top_p, r);
+}
+
+int64_t rf_sample_f64(const double *z, int64_t V, double temperature, int64_t top_k, double top_p,
+                      double r, double *p, uint64_t *work) {
+    return sample_by(z, V, temperature, top_k, top_p, r, p, work, order_init);
 }
 
 int64_t rf_sample_f64_ref(const double *z, int64_t V, double temperature, int64_t top_k, double top_p,
-                          double r, double *p, uint64_t *work, int64_t *kept) {
-    order_t o;
-    softmax_t(p, z, V, temperature);
-    order_ref(&o, p, V, work);
-    return draw(p, &o, V, top_k, top_p, r, kept);
+                          double r, double *p, uint64_t *work) {
+    return sample_by(z, V, temperature, top_k, top_p, r, p, work, order_ref);
 }
 
 int64_t rf_sample_work_words(int64_t V) {

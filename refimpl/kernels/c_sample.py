@@ -11,8 +11,9 @@ and its exp is libm's, so its probabilities can differ from the oracle's in the 
 the token can differ only when the draw lies within that rounding of a running-sum boundary
 (tests/test_kernels_c_sample.py holds it to that).
 
-Unlike the oracle, logits with a NaN or +inf, or all -inf, are refused (ValueError naming the
-first bad index): the rule has no answer for them, and the oracle's would be arbitrary.
+Unlike the oracle, logits with a NaN or +inf, or all -inf, or whose max / temperature
+overflows, are refused (ValueError naming the first bad index or the overflow): the rule has
+no answer for them, and the oracle's would be arbitrary.
 """
 from __future__ import annotations
 
@@ -24,17 +25,22 @@ from refimpl._kernels import ffi, lib
 from refimpl.oracle.sampling import XorShift64Star, check_top, greedy
 
 
-def _logits(logits) -> np.ndarray:
-    """`logits` as a C-contiguous float64 [V] with no NaN or +inf and not all -inf."""
+def _logits(logits, temperature: float) -> np.ndarray:
+    """`logits` as a C-contiguous float64 [V] whose max(z) / temperature is finite: no NaN, no
+    +inf, not all -inf, no overflow (one pass over z when they are fine)."""
     z = np.ascontiguousarray(logits, dtype=np.float64)
     if z.ndim != 1 or z.shape[0] == 0:
         raise ValueError(f"logits must be a non-empty 1-D array [V], got shape {z.shape}")
-    bad = np.isnan(z) | np.isposinf(z)
-    if bad.any():
-        i = int(np.argmax(bad))
-        raise ValueError(f"logits[{i}] = {z[i]}: sampling needs logits without NaN or +inf")
-    if np.isneginf(z).all():
-        raise ValueError("logits are all -inf: no token has a probability")
+    with np.errstate(over="ignore"):
+        top = float(z.max()) / temperature          # nan, +inf or -inf for every bad case
+    if not math.isfinite(top):
+        bad = np.isnan(z) | np.isposinf(z)
+        if bad.any():
+            i = int(np.argmax(bad))
+            raise ValueError(f"logits[{i}] = {z[i]}: sampling needs logits without NaN or +inf")
+        if np.isneginf(z).all():
+            raise ValueError("logits are all -inf: no token has a probability")
+        raise ValueError(f"max(logits) / temperature = {z.max()} / {temperature} overflows float64")
     return z
 
 
@@ -51,13 +57,13 @@ def sample(logits, temperature=0.0, top_k=None, top_p=None, rng: XorShift64Star 
     if rng is None:
         raise ValueError("sampling with temperature > 0 needs an rng (pass seed= to generate)")
     top_k, top_p = check_top(top_k, top_p)
-    z = _logits(logits)
+    temperature = float(temperature)
+    z = _logits(logits, temperature)
     V = z.shape[0]
     p = np.empty(V, np.float64)
     work = np.empty(lib.rf_sample_work_words(V), np.uint64)
-    kept = ffi.new("int64_t *")
     fn = lib.rf_sample_f64_ref if reference else lib.rf_sample_f64
     r = rng.next_f64()
-    return int(fn(ffi.from_buffer("double[]", z), V, float(temperature), top_k or 0, top_p or 0.0, r,
+    return int(fn(ffi.from_buffer("double[]", z), V, temperature, top_k or 0, top_p or 0.0, r,
                   ffi.from_buffer("double[]", p, require_writable=True),
-                  ffi.from_buffer("uint64_t[]", work, require_writable=True), kept))
+                  ffi.from_buffer("uint64_t[]", work, require_writable=True)))
