@@ -216,6 +216,9 @@ def test_bench_smoke_and_json_schema(quick_json):
     assert set(probes) == {"core_add_chain", "l3_read"}
     assert 5e8 < probes["core_add_chain"]["core_per_tsc"] * m["tsc_hz"] < 1e10    # a core clock of 0.5-10 GHz
     assert probes["l3_read"]["bytes_per_tick"] > 0
+    for pr in probes.values():                      # per round, as a row's: one median per round it ran in
+        assert len(pr["round_medians"]) == len(pr["round_kept"]) == bench.QUICK_ROUNDS
+        assert min(pr["round_medians"]) <= pr["median_ticks"] <= max(pr["round_medians"])
     assert not any(r["op"].startswith("probe") for r in d["results"])     # probes are not rows
     assert bench.compare_probes(d, d) == {"core_add_chain": 1.0, "l3_read": 1.0}
     # round trip: what we write is what we read

@@ -124,6 +124,25 @@ def test_main_exit_status_and_host_line(br, tmp_path, capsys):
     assert "not a refimpl bench file" in capsys.readouterr().err
 
 
+def test_misses_are_counted_by_the_level_the_data_sit_in(br):
+    """Each covered row's miss (either half) is counted under its roofline level; the host line
+    carries the L3-read probe's CV when the run recorded it."""
+    a, b = copy.deepcopy(BASE), copy.deepcopy(BASE)
+    for rows in (a, b):
+        rows[0]["roofline_level"], rows[1]["roofline_level"], rows[2]["roofline_level"] = "L2", "L3", "L3"
+    b[1]["cv"] = 0.03                                       # the L3 row misses; the 14k-tick one is not covered
+    ra, rb = _report(a), _report(b)
+    ra["noise"]["probes"] = {"l3_read": {"cv": 0.068}}
+    s = br.score(ra, rb)
+    assert s["by_level"] == {"L2": (0, 1), "L3": (1, 1)}
+    out = io.StringIO()
+    br.print_score(s, (br.host(ra), br.host(rb)), out=out)
+    text = out.getvalue()
+    assert "by the level their data sit in (the roofline's): L2 0/1, L3 1/1" in text
+    assert "L3-read probe CV 6.8%" in text and "L3-read probe CV n/a" in text     # run B recorded none
+    assert br.score(_report(BASE), _report(BASE))["by_level"] == {None: (0, 2)}  # files without the field
+
+
 def test_page_faults_per_call_shown_beside_a_row(br):
     a, b = copy.deepcopy(BASE), copy.deepcopy(BASE)
     a[1]["faults_per_call"], b[1]["faults_per_call"] = 0.01, 60.0     # an output mapped again per call

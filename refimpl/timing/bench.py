@@ -42,8 +42,10 @@ JSON schema "refimpl.bench/1" (`--json PATH`)
   "noise": {timing_wall_s, cpu (the CPU every row was pinned to), other_cpus_busy (fraction
       of the timing phase the machine's other CPUs were busy, /proc/stat; null if unknown),
       steal_s (hypervisor steal on the pinned CPU), preempted (samples dropped), migrations,
-      probes: two machine probes timed in the same rounds as the rows (not rows themselves):
-        core_add_chain {median_ticks, min_ticks, cv, cv_raw, n, core_per_tsc} (65536
+      probes: two machine probes timed in the same rounds as the rows (not rows themselves),
+        each with median_ticks, min_ticks, cv, cv_raw, cv_within, n, round_medians and
+        round_kept as a row's:
+        core_add_chain {..., core_per_tsc} (65536
           dependent adds: the core clock), l3_read {..., bytes, bytes_per_tick} (one read
           of an L3-sized buffer: shared-cache contention; with --cold it is flushed
           first like every row, so it reads DRAM).  Between two runs, a shift of the
@@ -654,7 +656,8 @@ def core_per_tsc_now(budget_s: float = 0.05) -> float | None:
 
 
 def _probe_report(name, target, m) -> dict:
-    d = {"median_ticks": m.median, "min_ticks": m.min, "cv": m.cv, "cv_raw": m.cv_raw, "n": m.n}
+    d = {"median_ticks": m.median, "min_ticks": m.min, "cv": m.cv, "cv_raw": m.cv_raw, "cv_within": m.cv_within,
+         "n": m.n, "round_medians": m.round_medians, "round_kept": m.round_kept}
     if name == "core_add_chain":
         d["core_per_tsc"] = _chain_core_per_tsc(m.median)
     else:
