@@ -422,6 +422,40 @@ def matmul(a, b):  # [M,K] @ [K,N] -> [M,N]
 
 
 @cfg.kernel(cfg.FASTMATH_REDUCE)
+def _row_max(x, r, N):  # x [R,N] -> max x[r, :N]; NaN compares false: skipped (the caller propagates it)
+    """The max by 8 independent running maxima, then one over them.
+
+    One running max is a chain of compare-selects, each waiting for the last (~4 cycles an
+    element), and LLVM vectorizes a select-based max only under `nnan`, which the kernels
+    must not have (see numba_config).  Eight independent chains overlap, and the SLP
+    vectorizer packs them into one vector compare and blend.  A max is exact in any order."""
+    m0 = m1 = m2 = m3 = m4 = m5 = m6 = m7 = x.dtype.type(-np.inf)
+    j = 0
+    while j + 8 <= N:
+        v0, v1, v2, v3 = x[r, j], x[r, j + 1], x[r, j + 2], x[r, j + 3]
+        v4, v5, v6, v7 = x[r, j + 4], x[r, j + 5], x[r, j + 6], x[r, j + 7]
+        m0 = v0 if v0 > m0 else m0
+        m1 = v1 if v1 > m1 else m1
+        m2 = v2 if v2 > m2 else m2
+        m3 = v3 if v3 > m3 else m3
+        m4 = v4 if v4 > m4 else m4
+        m5 = v5 if v5 > m5 else m5
+        m6 = v6 if v6 > m6 else m6
+        m7 = v7 if v7 > m7 else m7
+        j += 8
+    for i in range(j, N):
+        v = x[r, i]
+        m0 = v if v > m0 else m0
+    m0 = m1 if m1 > m0 else m0
+    m2 = m3 if m3 > m2 else m2
+    m4 = m5 if m5 > m4 else m4
+    m6 = m7 if m7 > m6 else m6
+    m0 = m2 if m2 > m0 else m0
+    m4 = m6 if m6 > m4 else m4
+    return m4 if m4 > m0 else m0
+
+
+@cfg.kernel(cfg.FASTMATH_REDUCE)
 def _softmax_kernel(out, x):  # out [R,N], x [R,N]
     """out[r] = exp(x[r] - max x[r]) / sum exp(x[r] - max x[r]).
 
@@ -432,10 +466,7 @@ def _softmax_kernel(out, x):  # out [R,N], x [R,N]
     ninf = x.dtype.type(-np.inf)
     zero = x.dtype.type(0)
     for r in range(R):
-        m = ninf
-        for j in range(N):                   # NaN compares false: skipped here, propagated below
-            v = x[r, j]
-            m = v if v > m else m
+        m = _row_max(x, r, N)
         if m == ninf:                        # fully masked row: exp(-inf - 0) = 0 everywhere
             m = zero
         s = zero
@@ -598,21 +629,23 @@ def attention(q, k, v, causal=False, scale=None):  # [H,Lq,D],[Hkv,Lk,D],[Hkv,Lk
 
 @cfg.kernel(cfg.FASTMATH_REDUCE)
 def _layer_norm_kernel(out, x, w, b, eps):  # out [R,D], x [R,D], w [D], b [D]
-    """out = (x - mean) / sqrt(var + eps) * w + b, biased variance, per row."""
+    """out = (x - mean) (1 / sqrt(var + eps)) w + b, biased variance, per row, in x's dtype
+    (as the C kernel; an int D or a float64 literal would turn the row into float64 math)."""
     R, D = x.shape
-    zero = x.dtype.type(0)
+    dt = x.dtype.type
+    zero, n = dt(0), dt(D)
     for r in range(R):
         s = zero
         for i in range(D):
             s += x[r, i]
-        mean = s / D
+        mean = s / n
         s2 = zero
         for i in range(D):
             c = x[r, i] - mean
             s2 += c * c
-        sigma = np.sqrt(s2 / D + eps)
+        rs = dt(1) / np.sqrt(s2 / n + eps)
         for i in range(D):
-            out[r, i] = (x[r, i] - mean) / sigma * w[i] + b[i]
+            out[r, i] = (x[r, i] - mean) * rs * w[i] + b[i]
 
 
 @register("layer_norm", "numba")
@@ -633,16 +666,17 @@ def layer_norm(x, w, b, eps=1e-5):  # [..., D], [D], [D] -> [..., D]
 
 @cfg.kernel(cfg.FASTMATH_REDUCE)
 def _rms_norm_kernel(out, x, w, eps):  # out [R,D], x [R,D], w [D]
-    """out = x / sqrt(mean(x^2) + eps) * w, per row."""
+    """out = x (1 / sqrt(mean(x^2) + eps)) w, per row, in x's dtype (as layer_norm)."""
     R, D = x.shape
-    zero = x.dtype.type(0)
+    dt = x.dtype.type
+    zero, n = dt(0), dt(D)
     for r in range(R):
         s = zero
         for i in range(D):
             s += x[r, i] * x[r, i]
-        rms = np.sqrt(s / D + eps)
+        rs = dt(1) / np.sqrt(s / n + eps)
         for i in range(D):
-            out[r, i] = x[r, i] / rms * w[i]
+            out[r, i] = x[r, i] * rs * w[i]
 
 
 @register("rms_norm", "numba")
