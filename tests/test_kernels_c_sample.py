@@ -1,7 +1,8 @@
 """The C sampler (refimpl.kernels.c_sample, csrc/kernels/sample.c) against the oracle's rule.
 
-Its probabilities are computed with libm's exp and front-to-back sums, the oracle's with
-NumPy's exp and pairwise sums: they may differ in the last bits (relative error below
+Its probabilities are computed with its own float64 vector exp (< 1 ulp from libm's, checked
+here on every SIMD path) and sums split into lanes, the oracle's with NumPy's exp and
+pairwise sums: they may differ in the last bits (relative error below
 TOL_PER_V * V).  The token is then the oracle's unless the draw r (or top_p) lies within
 that rounding of one of the running sums the rule compares it with, or two probabilities
 are that close without being equal (their order could flip): `_near_a_boundary` says when,
@@ -9,11 +10,14 @@ from the oracle's own quantities.  On random logits that essentially never happe
 sampler with a wrong order, cut or draw fails here at once.  The fast C path and the naive
 one (insertion sort) do the same arithmetic and must agree exactly.
 """
+import math
+
 import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 
 from refimpl.kernels.c_sample import sample as c_sample
+from refimpl.kernels.cdispatch import forced_path, runnable_paths
 from refimpl.oracle import sampling as S
 from refimpl.oracle.layers import softmax
 from refimpl.oracle.model import tiny_model
@@ -66,6 +70,61 @@ def _c_order(p):
     lib.rf_sample_order(ffi.from_buffer("double[]", p), len(p), ffi.from_buffer("uint64_t[]", work),
                         ffi.from_buffer("int64_t[]", order))
     return order
+
+
+@pytest.mark.parametrize("path", runnable_paths())
+def test_the_exp_is_within_one_ulp_of_libm(path):
+    """The sampler's vector exp against libm's (math.exp, within half an ulp of e^x in glibc):
+    at most 1 ulp apart wherever e^x is a normal double, at most one subnormal apart below
+    that (gradual underflow), +0 for -inf and past e^-745.13, 1 at 0; every length of tail."""
+    from refimpl._kernels import ffi, lib
+    g = np.random.default_rng(7)
+    x = np.concatenate([-g.uniform(0, 746, 20000), -g.uniform(0, 1e-3, 2000), -g.uniform(700, 746, 5000),
+                        -np.ldexp(1.0, -g.integers(1, 1074, 500)),
+                        [0.0, -0.0, -np.inf, -745.1332191019411, -745.1332191019412, -746.0, -1e4,
+                         -708.3964185322641, np.log(np.finfo(float).tiny)]])
+    want = np.array([math.exp(v) for v in x])
+    tiny = np.finfo(float).tiny
+    with forced_path(path):
+        for n in [len(x)] + list(range(1, 18)):                 # the vector body and each tail length
+            got = np.full(n + 1, 7.0)                           # a guard after the n outputs
+            lib.rf_exp_f64(ffi.from_buffer("double[]", got, require_writable=True),
+                           ffi.from_buffer("double[]", np.ascontiguousarray(x[-n:])), n)
+            assert got[n] == 7.0                                # nothing written past y[n - 1]
+            w, y = want[-n:], got[:n]
+            normal = w >= tiny
+            assert np.all(np.abs(y - w)[normal] <= np.spacing(w[normal])), path
+            assert np.all(np.abs(y - w)[~normal] <= 5e-324), path
+    with forced_path(path):
+        y = np.empty(3)
+        lib.rf_exp_f64(ffi.from_buffer("double[]", y, require_writable=True),
+                       ffi.from_buffer("double[]", np.array([-np.inf, 0.0, -1e6])), 3)
+    assert y.tolist() == [0.0, 1.0, 0.0]
+
+
+@pytest.mark.parametrize("path", runnable_paths())
+def test_the_softmax_on_every_path_and_tail(path):
+    """The probabilities the sampler leaves in p, for V = 1..40 (every split into vectors and
+    tail) and a few -inf, against the float64 oracle's softmax: relative error below
+    TOL_PER_V * V; masked entries exactly 0."""
+    from refimpl._kernels import ffi, lib
+    g = np.random.default_rng(11)
+    for V in range(1, 41):
+        z = g.standard_normal(V) * 4
+        if V > 3:
+            z[g.integers(0, V, V // 4)] = -np.inf
+            z[0] = 1.0
+        for T in (0.05, 1.0, 3.0):
+            p = np.full(V + 1, 7.0)
+            work = np.empty(lib.rf_sample_work_words(V), np.uint64)
+            with forced_path(path):
+                lib.rf_sample_f64(ffi.from_buffer("double[]", z), V, T, 0, 0.0, 0.5,
+                                  ffi.from_buffer("double[]", p, require_writable=True),
+                                  ffi.from_buffer("uint64_t[]", work, require_writable=True))
+            want = softmax(z / T)
+            assert p[V] == 7.0
+            assert np.all(np.abs(p[:V] - want) <= TOL_PER_V * V * want), (path, V, T)
+            assert np.all(p[:V][np.isneginf(z)] == 0.0)
 
 
 @settings(max_examples=200, deadline=None)

@@ -7,30 +7,144 @@
  * only when the rule walks into it: top-p and the draw usually stop after a small head of
  * the order.
  *
- * Sums: over a sorted prefix, front to back in the order; over all V ids (no top-k), in id
- * order, which needs no sort.  NumPy's sums are pairwise and its exp is its own, so the
- * probabilities can differ from the oracle's in the last bits, and the token can differ
- * only when the draw (or top_p) lies within that rounding of a running-sum boundary
- * (tests/test_kernels_c_sample.py).
+ * The softmax runs on the SIMD path in force (_vmath.h), in float64: z / temperature and
+ * its max, then e^(x - max) by V(vexp64) below (< 1 ulp) and their sum, then p = e / sum.
+ * Sums: over a sorted prefix, front to back in the order (the rule's running sums); over all
+ * V ids (the softmax's and the no-top-k total), in id order split into lanes.  NumPy's sums
+ * are pairwise and its exp is its own, so the probabilities can differ from the oracle's in
+ * the last bits, and the token can differ only when the draw (or top_p) lies within that
+ * rounding of a running-sum boundary (tests/test_kernels_c_sample.py).
  */
+#ifdef RF_VW
+/* ======== SIMD body, compiled once per path (see _vmath.h): RF_VW / 2 doubles a vector ======== */
+#define RF_DW (RF_VW / 2)
+typedef double V(vd) __attribute__((vector_size(RF_VW * 4)));
+typedef int64_t V(vl) __attribute__((vector_size(RF_VW * 4)));
+
+RF_INL V(vd) V(vd1)(double a) {   /* every lane = a */
+    V(vd) v;
+    for (int i = 0; i < RF_DW; i++) v[i] = a;
+    return v;
+}
+RF_INL V(vd) V(vdsel)(V(vl) m, V(vd) a, V(vd) b) { return (V(vd))((m & (V(vl))a) | (~m & (V(vl))b)); }
+
+/* e^x for -inf <= x <= 0, float64.  Cody-Waite: x = n ln2 + r, |r| <= ln2/2, ln2 = HI + LO
+ * with HI's low 21 bits zero (n HI exact); e^r by its Taylor series to r^13 / 13! (the rest
+ * < 5e-18 relative), Horner with FMA where the path has it: < 1 ulp (measured by
+ * tests/test_kernels_c_sample.py against libm).  2^n as two normal powers of two, 2^n1 2^n2,
+ * so a subnormal result rounds once (gradual underflow); x < -746 (e^x < half the least
+ * subnormal) and -inf give +0. */
+RF_INL V(vd) V(vexp64)(V(vd) x) {
+    const double shifter = 6755399441055744.0;                  /* 1.5 * 2^52: + it rounds to an integer */
+    x = V(vdsel)((V(vl))(x < V(vd1)(-746.0)), V(vd1)(-746.0), x);
+    V(vd) t = x * 1.4426950408889634 + shifter;
+    V(vd) n = t - shifter;                                      /* round(x / ln2), in [-1077, 0] */
+    V(vd) r = x - n * 6.93147180369123816490e-01;
+    r = r - n * 1.90821492927058770002e-10;
+    V(vd) p = V(vd1)(1.0 / 6227020800.0);                       /* 1 / 13! */
+    p = p * r + 1.0 / 479001600.0;
+    p = p * r + 1.0 / 39916800.0;
+    p = p * r + 1.0 / 3628800.0;
+    p = p * r + 1.0 / 362880.0;
+    p = p * r + 1.0 / 40320.0;
+    p = p * r + 1.0 / 5040.0;
+    p = p * r + 1.0 / 720.0;
+    p = p * r + 1.0 / 120.0;
+    p = p * r + 1.0 / 24.0;
+    p = p * r + 1.0 / 6.0;
+    p = p * r + 0.5;
+    p = p * r + 1.0;
+    p = p * r + 1.0;
+    V(vl) ni = (V(vl))t - (V(vl))V(vd1)(shifter);             /* n as an integer: t's low bits */
+    V(vl) n1 = ni >> 1, n2 = ni - n1;                           /* both >= -539: normal */
+    return p * (V(vd))((n1 + 1023) << 52) * (V(vd))((n2 + 1023) << 52);
+}
+
+/* y[i] = e^x[i] (for tests: the exp the softmax uses) */
+static void V(exp_f64)(double *y, const double *x, int64_t n) {
+    int64_t i = 0;
+    for (; i + RF_DW <= n; i += RF_DW) {
+        V(vd) v;
+        memcpy(&v, x + i, sizeof v);
+        v = V(vexp64)(v);
+        memcpy(y + i, &v, sizeof v);
+    }
+    if (i < n) {
+        V(vd) v = V(vd1)(-INFINITY);
+        for (int64_t j = i; j < n; j++) v[j - i] = x[j];
+        v = V(vexp64)(v);
+        for (int64_t j = i; j < n; j++) y[j] = v[j - i];
+    }
+}
+
+/* p = softmax(z / temperature), max-shifted as oracle.layers.softmax; sums in 2 x RF_DW lanes */
+static void V(softmax_t)(double *p, const double *z, int64_t n, double temperature) {
+    const V(vd) ninf = V(vd1)(-INFINITY);
+    V(vd) m0 = ninf, m1 = ninf;
+    int64_t i = 0;
+    for (; i + 2 * RF_DW <= n; i += 2 * RF_DW) {
+        V(vd) a, b;
+        memcpy(&a, z + i, sizeof a);
+        memcpy(&b, z + i + RF_DW, sizeof b);
+        a = a / temperature;
+        b = b / temperature;
+        memcpy(p + i, &a, sizeof a);
+        memcpy(p + i + RF_DW, &b, sizeof b);
+        m0 = V(vdsel)((V(vl))(a > m0), a, m0);
+        m1 = V(vdsel)((V(vl))(b > m1), b, m1);
+    }
+    double m = -INFINITY;
+    for (; i < n; i++) {
+        p[i] = z[i] / temperature;
+        if (p[i] > m) m = p[i];
+    }
+    for (int k = 0; k < RF_DW; k++) {
+        if (m0[k] > m) m = m0[k];
+        if (m1[k] > m) m = m1[k];
+    }
+    V(vd) s0 = V(vd1)(0.0), s1 = s0;
+    for (i = 0; i + 2 * RF_DW <= n; i += 2 * RF_DW) {
+        V(vd) a, b;
+        memcpy(&a, p + i, sizeof a);
+        memcpy(&b, p + i + RF_DW, sizeof b);
+        a = V(vexp64)(a - m);
+        b = V(vexp64)(b - m);
+        memcpy(p + i, &a, sizeof a);
+        memcpy(p + i + RF_DW, &b, sizeof b);
+        s0 += a;
+        s1 += b;
+    }
+    double s = 0.0;
+    for (; i < n; i += RF_DW) {                                 /* the tail through the same exp */
+        int64_t k = n - i < RF_DW ? n - i : RF_DW;
+        V(vd) v = ninf;
+        for (int64_t j = 0; j < k; j++) v[j] = p[i + j] - m;
+        v = V(vexp64)(v);
+        for (int64_t j = 0; j < k; j++) {
+            p[i + j] = v[j];
+            s += v[j];
+        }
+    }
+    for (int k = 0; k < RF_DW; k++) s += s0[k] + s1[k];
+    for (int64_t j = 0; j < n; j++) p[j] /= s;
+}
+#undef RF_DW
+#else
+/* ======== common part: the order, the rule, dispatch ======== */
 #include "sample.h"
 
 #include <math.h>
 #include <string.h>
+#include "_dispatch.h"
+#define RF_SELF "sample.c"
+#include "_vmath.h"
 
-/* p = softmax(z / temperature), max-shifted as oracle.layers.softmax */
 static void softmax_t(double *p, const double *z, int64_t V, double temperature) {
-    double m = -INFINITY;
-    for (int64_t i = 0; i < V; i++) {
-        p[i] = z[i] / temperature;
-        if (p[i] > m) m = p[i];
-    }
-    double s = 0.0;
-    for (int64_t i = 0; i < V; i++) {
-        p[i] = exp(p[i] - m);
-        s += p[i];
-    }
-    for (int64_t i = 0; i < V; i++) p[i] /= s;
+    RF_DISPATCH(softmax_t, p, z, V, temperature);
+}
+
+void rf_exp_f64(double *y, const double *x, int64_t n) {
+    RF_DISPATCH(exp_f64, y, x, n);
 }
 
 /* the sort key: p >= 0, so its bits order as its values; complemented, ascending keys are
@@ -134,11 +248,20 @@ static inline int64_t order_at(order_t *o, int64_t i) {
 }
 
 /* the sum of p over the first n ids of the order: in the order (sorting them), or, for all
- * V ids, in id order */
+ * V ids, in id order by lanes */
 static double mass(const double *p, int64_t V, order_t *o, int64_t n) {
     double s = 0.0;
-    if (n == V) {
-        for (int64_t i = 0; i < V; i++) s += p[i];
+    if (n == V) {   /* four running sums (independent chains), then theirs */
+        double s1 = 0.0, s2 = 0.0, s3 = 0.0;
+        int64_t i = 0;
+        for (; i + 4 <= V; i += 4) {
+            s += p[i];
+            s1 += p[i + 1];
+            s2 += p[i + 2];
+            s3 += p[i + 3];
+        }
+        for (; i < V; i++) s += p[i];
+        s += s1 + s2 + s3;
     } else {
         for (int64_t i = 0; i < n; i++) s += p[order_at(o, i)];
     }
@@ -208,3 +331,4 @@ void rf_sample_order(const double *p, int64_t V, uint64_t *work, int64_t *order)
     order_init(&o, p, V, work);
     for (int64_t i = 0; i < V; i++) order[i] = order_at(&o, i);
 }
+#endif

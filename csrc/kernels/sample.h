@@ -19,3 +19,5 @@ int64_t rf_sample_work_words(int64_t V);
 /* order (V) <- all V ids by (p descending, id ascending), as the sampler orders them (p: V
  * probabilities, >= 0, no NaN); for tests */
 void rf_sample_order(const double *p, int64_t V, uint64_t *work, int64_t *order);
+/* y (n) <- e^x (n) for -inf <= x <= 0 by the sampler's float64 vector exp (for tests) */
+void rf_exp_f64(double *y, const double *x, int64_t n);

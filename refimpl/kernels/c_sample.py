@@ -6,8 +6,10 @@ The same contract as `refimpl.oracle.sampling.sample`: greedy at temperature 0 (
 argmax), otherwise exactly one draw of `rng` per token and the same rule, in float64.  The
 oracle orders all V ids with np.lexsort, ~3 ms at V = 32000 (more than a stories15M-sized
 forward on the C backend); the C sampler splits them by the binade of p and sorts a binade
-only when the rule walks into it.  Its sums run front to back (over all V ids, in id order)
-and its exp is libm's, so its probabilities can differ from the oracle's in the last bits:
+only when the rule walks into it.  Its softmax runs on the SIMD path in force, with its own
+float64 vector exp (< 1 ulp from libm's) and sums over all V ids split into lanes (the rule's
+running sums go front to back in the order), so its probabilities can differ from the oracle's
+in the last bits:
 the token can differ only when the draw lies within that rounding of a running-sum boundary
 (tests/test_kernels_c_sample.py holds it to that).
 
