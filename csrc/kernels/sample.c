@@ -115,16 +115,9 @@ static void V(softmax_t)(double *p, const double *z, int64_t n, double temperatu
         s1 += b;
     }
     double s = 0.0;
-    for (; i < n; i += RF_DW) {                                 /* the tail through the same exp */
-        int64_t k = n - i < RF_DW ? n - i : RF_DW;
-        V(vd) v = ninf;
-        for (int64_t j = 0; j < k; j++) v[j] = p[i + j] - m;
-        v = V(vexp64)(v);
-        for (int64_t j = 0; j < k; j++) {
-            p[i + j] = v[j];
-            s += v[j];
-        }
-    }
+    for (int64_t j = i; j < n; j++) p[j] -= m;
+    V(exp_f64)(p + i, p + i, n - i);                            /* the tail, through the same exp */
+    for (int64_t j = i; j < n; j++) s += p[j];
     for (int k = 0; k < RF_DW; k++) s += s0[k] + s1[k];
     for (int64_t j = 0; j < n; j++) p[j] /= s;
 }
