@@ -21,11 +21,13 @@ host was doing during each run, from the runs' own `noise` sections:
     same rounds as the rows): how steady the shared L3 itself was.
 
 and how many covered rows miss either half, grouped by the level their data sit in (each
-row's `roofline_level`).  On this host (2026-12-07): L3 7 of 16 rows, L2 4 of 20 (numpy's
-and torch's prefill attention and RoPE, timed from Python); the L3 misses are the
-128x768x768 GEMMs and GEMVs, which re-read 2.4-9.4 MB of weights from the L3 on every
-call.  The L3-read probe's own CV was 5.5-7.5 %, while a 1 ms dependent add chain (no
-memory traffic) timed in the same rounds of one run had CV 0.6 %.
+row's `roofline_level`).  On this host, in a quiet pair (2026-12-07 12:56 UTC, gate busy
+9 % / 6 %): L3 7 of 16 rows, L2 4 of 20 (numpy's and torch's prefill attention and RoPE,
+timed from Python); the L3 misses are the 128x768x768 GEMMs and GEMVs, which re-read
+2.4-9.4 MB of weights from the L3 on every call.  The L3-read probe's own CV was
+5.5-6.2 %, while a 1 ms dependent add chain (no memory traffic) timed in the same rounds
+of another run had CV 0.6 %.  In a busier pair (13:47 UTC, busy 31 % / 15 %, L3 probe CV
+10.0 % / 6.7 %) the misses spread to the L2 rows too (L2 15 of 20, L3 10 of 16).
 
 A host busy for a large share of the run is not "an otherwise idle machine": the
 script says so next to the verdict rather than hiding the figures.  Exit status: 0
