@@ -132,9 +132,9 @@ def test_the_softmax_on_every_path_and_tail(path):
        kind=st.sampled_from(["normal", "one binade", "dyadic", "ties", "zeros"]))
 def test_the_order_is_lexsorts(seed, V, kind):
     """The C order (binades, each sorted when reached: insertion up to 48 ids, else a radix
-    sort that skips bytes equal across the binade) is np.lexsort's (p desc, id asc), on
-    probabilities built to hit each path: one binade holding every id, few significant bits
-    (the low bytes equal, the high ones not), exact ties, zeros."""
+    sort on the highest varying bits first, then each part the same way) is np.lexsort's
+    (p desc, id asc), on probabilities built to hit each path: one binade holding every id,
+    few significant bits (the low bytes equal, the high ones not), exact ties, zeros."""
     g = np.random.default_rng(seed)
     p = {"normal": lambda: np.exp(g.standard_normal(V) * 3),
          "one binade": lambda: 1.0 + g.random(V),
@@ -162,7 +162,7 @@ def test_same_token_as_the_oracle(case):
 
 @pytest.mark.parametrize("V", [32000, 50257])
 def test_large_vocabularies(V):
-    """The radix sort's eight passes over real vocabulary sizes, against the oracle."""
+    """The sort over real vocabulary sizes (binades of thousands of ids), against the oracle."""
     g = np.random.default_rng(V)
     for seed in range(1, 9):
         z = (g.standard_normal(V) * 3).astype(np.float32)     # float32 logits, as the C model gives

@@ -4,8 +4,8 @@
  * with np.lexsort (~3 ms at V = 32000, more than a stories15M forward on the C backend).
  * Here the ids are first split by the binade of p (a stable counting sort on its exponent:
  * every id of a binade comes before every id of a lower one), and a binade is sorted fully
- * only when the rule walks into it: top-p and the draw usually stop after a small head of
- * the order.
+ * (sort_msd) only when the rule walks into it: top-p and the draw usually stop after a
+ * small head of the order.
  *
  * The softmax runs on the SIMD path in force (_vmath.h), in float64: z / temperature and
  * its max, then e^(x - max) by V(vexp64) below (< 1 ulp) and their sum, then p = e / sum.
@@ -150,7 +150,7 @@ static inline uint64_t desc_key(double x) {
 
 /* buckets: NB binades of p, [1, 2) first (p >= 2 joins it: rf_sample_order takes any p >= 0),
  * then [1/2, 1), ... down to [2^-(NB-2), 2^-(NB-3)); every smaller p, 0 included, in the
- * last.  A bucket is sorted by insertion up to SMALL ids. */
+ * last.  A bucket, or a part of one, is sorted by insertion up to SMALL ids (sort_msd). */
 enum { NB = 64, SMALL = 48 };
 
 /* the bucket of a key: monotone in the key, so buckets come in sampling order */
@@ -182,31 +182,44 @@ static void insertion(rank *a, int64_t n) {
     }
 }
 
-/* a[lo..hi) by key, stably (ids arrive ascending, ties keep that order) */
-static void sort_run(rank *a, rank *tmp, int64_t lo, int64_t hi) {
-    int64_t n = hi - lo;
-    a += lo;
+/* a[0..n) by key, stably (ids arrive ascending, ties keep that order): a most-significant-
+ * digit-first radix sort.  The digit is the b highest bits that vary across the run (b =
+ * ceil(log2 n), at most 8: about one id per digit, and no pass over 256 counters for a few
+ * dozen ids), each digit's part is sorted the same way on the bits below, and parts of
+ * SMALL ids or fewer by insertion.  In one binade p's first 12 bits are equal and the next
+ * ones split the run at once: about one scatter pass over the data, where a least-
+ * significant-byte-first sort makes one per varying byte (6-7 on mantissas, each over 256
+ * counters: 11-13 us for the ~10 binades a top-p walk sorted at V = 512). */
+static void sort_msd(rank *a, rank *tmp, int64_t n) {
     if (n <= SMALL) {
         insertion(a, n);
         return;
     }
-    rank *src = a, *dst = tmp;   /* LSD radix, a byte a pass (in one binade the top ones are equal) */
-    for (int shift = 0; shift < 64; shift += 8) {
-        int64_t count[256] = {0};
-        for (int64_t i = 0; i < n; i++) count[(src[i].key >> shift) & 0xff]++;
-        if (count[(src[0].key >> shift) & 0xff] == n) continue;
-        int64_t at = 0;
-        for (int d = 0; d < 256; d++) {
-            int64_t c = count[d];
-            count[d] = at;
-            at += c;
-        }
-        for (int64_t i = 0; i < n; i++) dst[count[(src[i].key >> shift) & 0xff]++] = src[i];
-        rank *t = src;
-        src = dst;
-        dst = t;
-    }
-    if (src != a) memcpy(a, src, (size_t)n * sizeof *a);
+    uint64_t diff = 0;                                  /* the bits that vary across the run */
+    for (int64_t i = 1; i < n; i++) diff |= a[i].key ^ a[0].key;
+    if (!diff) return;                                  /* every key equal: in id order already */
+    int top = 63 - __builtin_clzll(diff);               /* the highest of them */
+    int b = 64 - __builtin_clzll((uint64_t)n - 1);      /* ceil(log2 n) */
+    if (b > 8) b = 8;
+    if (b > top + 1) b = top + 1;
+    const int shift = top + 1 - b;                      /* digit: bits shift .. top */
+    const int64_t w = (int64_t)1 << b;
+    const uint64_t mask = (uint64_t)w - 1;
+    int64_t at[257];
+    memset(at, 0, (size_t)(w + 1) * sizeof *at);
+    for (int64_t i = 0; i < n; i++) at[((a[i].key >> shift) & mask) + 1]++;
+    for (int64_t d = 0; d < w; d++) at[d + 1] += at[d];    /* at[d]: where digit d starts */
+    int64_t fill[256];
+    memcpy(fill, at, (size_t)w * sizeof *fill);
+    for (int64_t i = 0; i < n; i++) tmp[fill[(a[i].key >> shift) & mask]++] = a[i];
+    memcpy(a, tmp, (size_t)n * sizeof *a);
+    for (int64_t d = 0; d < w; d++)                    /* the parts agree on every bit from shift up */
+        if (at[d + 1] - at[d] > 1) sort_msd(a + at[d], tmp + at[d], at[d + 1] - at[d]);
+}
+
+/* a[lo..hi) by key, stably */
+static void sort_run(rank *a, rank *tmp, int64_t lo, int64_t hi) {
+    sort_msd(a + lo, tmp + lo, hi - lo);
 }
 
 /* bucket the ids by binade (a stable counting sort); work holds the two pair arrays, then
@@ -230,14 +243,28 @@ static void order_init(order_t *o, const double *p, int64_t V, uint64_t *work) {
     o->next = 0;
 }
 
-/* the id at place i of the sampling order (sorting the buckets up to its own) */
-static inline int64_t order_at(order_t *o, int64_t i) {
+/* sorts the buckets up to place i's own; returns how many places are final (> i) */
+static int64_t final_past(order_t *o, int64_t i) {
     while (o->done <= i) {
         int b = o->next++;
         sort_run(o->a, o->tmp, o->start[b], o->start[b + 1]);
         o->done = o->start[b + 1];
     }
+    return o->done;
+}
+
+/* the id at place i of the sampling order */
+static inline int64_t order_at(order_t *o, int64_t i) {
+    final_past(o, i);
     return o->a[i].id;
+}
+
+/* p of a ranked id, from its key (the complement of p's bits): read in order, not p[id] */
+static inline double p_of(const rank *r) {
+    uint64_t u = ~r->key;
+    double x;
+    memcpy(&x, &u, sizeof x);
+    return x;
 }
 
 /* the sum of p over the first n ids of the order: in the order (sorting them), or, for all
@@ -254,33 +281,40 @@ static double mass(const double *p, int64_t V, order_t *o, int64_t n) {
             s3 += p[i + 3];
         }
         for (; i < V; i++) s += p[i];
-        s += s1 + s2 + s3;
-    } else {
-        for (int64_t i = 0; i < n; i++) s += p[order_at(o, i)];
+        return s + (s1 + s2 + s3);
+    }
+    for (int64_t i = 0; i < n;) {   /* a sorted stretch at a time: s stays in a register */
+        int64_t end = final_past(o, i) < n ? o->done : n;
+        for (; i < end; i++) s += p_of(&o->a[i]);
     }
     return s;
 }
 
-/* steps 4-6 of the rule on the ordered ids: top-k, top-p, the draw */
-static int64_t draw(const double *p, order_t *o, int64_t V, int64_t top_k, double top_p, double r) {
-    int64_t n = top_k > 0 && top_k < V ? top_k : V;
-    if (top_p > 0.0) {   /* renormalise the kept; keep the shortest prefix reaching top_p */
-        double s = mass(p, V, o, n), c = 0.0;
-        for (int64_t i = 0; i < n; i++) {
-            c += p[order_at(o, i)] / s;
-            if (c >= top_p) {
-                n = i + 1;
-                break;
-            }
+/* the first place i < n at which the running sum of p / s, front to back in the order,
+ * reaches `level` (c >= level when `reach`, else passes it: c > level); n when none does */
+static int64_t first_at(order_t *o, int64_t n, double s, double level, int reach) {
+    double c = 0.0;
+    for (int64_t i = 0; i < n;) {
+        int64_t end = final_past(o, i) < n ? o->done : n;
+        for (; i < end; i++) {
+            c += p_of(&o->a[i]) / s;
+            if (reach ? c >= level : c > level) return i;
         }
     }
-    double s = mass(p, V, o, n), c = 0.0;
-    for (int64_t i = 0; i < n; i++) {
-        int64_t id = order_at(o, i);
-        c += p[id] / s;
-        if (c > r) return id;
+    return n;
+}
+
+/* steps 4-6 of the rule on the ordered ids: top-k, top-p (renormalise the kept; keep the
+ * shortest prefix reaching top_p), the draw (the first whose running sum passes r; rounding
+ * leaving none: the last kept) */
+static int64_t draw(const double *p, order_t *o, int64_t V, int64_t top_k, double top_p, double r) {
+    int64_t n = top_k > 0 && top_k < V ? top_k : V;
+    if (top_p > 0.0) {
+        int64_t i = first_at(o, n, mass(p, V, o, n), top_p, 1);
+        if (i < n) n = i + 1;
     }
-    return order_at(o, n - 1);
+    int64_t i = first_at(o, n, mass(p, V, o, n), r, 0);
+    return order_at(o, i < n ? i : n - 1);
 }
 
 /* the sampling order of all V ids at once, sorted naively (by insertion, ids ascending:
