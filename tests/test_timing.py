@@ -227,27 +227,43 @@ def test_stats_formulas():
     assert s["p90"] == pytest.approx(np.percentile(x, 90))
 
 
+def _chains(N):
+    """Medians and measurements of N, 2N and 4N dependent adds, timed round-robin."""
+    ms = harness.measure_interleaved([(harness.add_chain_ccall(k * N), (), {}, f"{k}N") for k in (1, 2, 4)],
+                                     rounds=8, budget_s=0.15)
+    return [m.median for m in ms], ms
+
+
 def test_add_chain_scales_linearly():
-    """N, 2N, 4N dependent adds: equal increments per N within the noise the harness reports.
+    """N, 2N, 4N dependent adds: equal increments per N within the noise the harness reports,
+    and one add per core cycle at the core/TSC the calibration measures.
 
     Timed round-robin (measure_interleaved): the guest's core clock moves with the load on the
     other CPU, and timed one after another the three once saw different clocks (medians 103k,
-    207k and 373k ticks: 4N ran 10 % faster per add than 2N)."""
-    cal = calibrate()
+    207k and 373k ticks: 4N ran 10 % faster per add than 2N).  For the same reason the
+    core/TSC the adds are checked against is calibrated right before the chains and right
+    after them, and the check allows the two calibrations' difference; the host can still
+    slow the guest for the half second of the chains alone: in one CI run (2026-12-07,
+    41dd575) they ran at 0.848 adds per core cycle of a calibration that agreed within
+    0.3 % with one taken right after.  So the check is made on up to three such sandwiches
+    and passes when one of them agrees: a harness that miscounts (reps, overhead, the
+    counter's rate) is off in all three."""
     N = 1 << 17
-    ms = harness.measure_interleaved([(harness.add_chain_ccall(k * N), (), {}, f"{k}N") for k in (1, 2, 4)],
-                                     rounds=8, budget_s=0.15)
-    t = [m.median for m in ms]
-    d1, d2 = t[1] - t[0], (t[2] - t[1]) / 2
-    noise = 3 * math.sqrt(sum((m.cv * m.median) ** 2 for m in ms)) + 2 * cal.granularity_ticks
-    assert abs(d1 - d2) <= noise + 0.002 * d1, (t, noise)
-    # one add per core cycle: the harness and the calibration agree on core/TSC, within the
-    # harness's reported noise and the drift of the core clock between two calibrations (the
-    # guest's core clock moves by ~1 % under host load)
-    again = calibrate(force=True)
-    drift = abs(again.core_per_tsc - cal.core_per_tsc) / cal.core_per_tsc
-    rel_noise = 3 * math.sqrt(ms[0].cv ** 2 + ms[1].cv ** 2)
-    assert d1 * cal.core_per_tsc / N == pytest.approx(1.0, rel=0.02 + rel_noise + drift)
+    tries = []
+    for _ in range(3):
+        before = calibrate(force=True)
+        t, ms = _chains(N)
+        after = calibrate(force=True)
+        d1, d2 = t[1] - t[0], (t[2] - t[1]) / 2
+        noise = 3 * math.sqrt(sum((m.cv * m.median) ** 2 for m in ms)) + 2 * before.granularity_ticks
+        assert abs(d1 - d2) <= noise + 0.002 * d1, (t, noise)              # linear: every try
+        drift = abs(after.core_per_tsc - before.core_per_tsc) / before.core_per_tsc
+        rel_noise = 3 * math.sqrt(ms[0].cv ** 2 + ms[1].cv ** 2)
+        adds_per_cycle = d1 * before.core_per_tsc / N
+        tries.append((adds_per_cycle, 0.02 + rel_noise + drift))
+        if abs(adds_per_cycle - 1.0) <= tries[-1][1]:
+            return
+    pytest.fail(f"adds per core cycle (value, tolerance) in three sandwiched tries: {tries}")
 
 
 def test_empty_c_kernel_measures_about_zero():
