@@ -322,10 +322,13 @@ def _matmul_tiled(C, A, B, Bp, Ap, T):  # C [M,N] (zeroed) += A [M,K] @ B [K,N]
     instead reads with a stride of a row of B, and when B sits in the L3 that ran
     1.09-1.40x NumPy's time at 128x768x768 against 1.02-1.05x, 1.64x against 1.16x at
     64x768x3072, and 1.13-1.19x against 1.00-1.09x at 512^3 (same at 256^3; interleaved
-    in one process, medians of 8 rounds)."""
+    in one process, medians of 8 rounds).  Bp's panels hold KC + 1 rows (one unused): 16 KiB
+    apart, the NR-float rows a packed row of B writes into every panel all fell in the same
+    L1 set (128x768x768 1.068 -> 1.024 of NumPy's time, 64x768x3072 1.187 -> 1.17)."""
     M, K = A.shape
     N = B.shape[1]
-    Bf = Bp.reshape(-1)                                     # [panel * KC * NR + p * NR + j]
+    PS = Bp.shape[1] * NR                                   # floats from one panel to the next
+    Bf = Bp.reshape(-1)                                     # [panel * PS + p * NR + j]
     for jc in range(0, N, NC):
         nc = min(NC, N - jc)
         nfull = nc // NR
@@ -334,11 +337,11 @@ def _matmul_tiled(C, A, B, Bp, Ap, T):  # C [M,N] (zeroed) += A [M,K] @ B [K,N]
             for p in range(kc):                             # pack B[pc:pc+kc, jc:jc+nc], row by row
                 src = B[pc + p, jc:jc + nc]
                 for q in range(nfull):
-                    o, s0 = q * KC * NR + p * NR, q * NR
+                    o, s0 = q * PS + p * NR, q * NR
                     for j in range(NR):
                         Bf[o + j] = src[s0 + j]
                 if nfull * NR < nc:                         # the edge panel, zero-padded
-                    o, w = nfull * KC * NR + p * NR, nc - nfull * NR
+                    o, w = nfull * PS + p * NR, nc - nfull * NR
                     for j in range(w):
                         Bf[o + j] = src[nfull * NR + j]
                     for j in range(w, NR):
@@ -401,7 +404,7 @@ def _gemm_workspace(dtype) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         bufs = _WORKSPACE.bufs = {}
     ws = bufs.get(dtype)
     if ws is None:
-        ws = bufs[dtype] = (aligned_empty(((NC + NR - 1) // NR, KC, NR), dtype),
+        ws = bufs[dtype] = (aligned_empty(((NC + NR - 1) // NR, KC + 1, NR), dtype),   # + 1: see _matmul_tiled
                             aligned_empty(((MC + MR - 1) // MR, KC, MR), dtype),
                             aligned_empty((MR, NR), dtype))
     return ws
