@@ -116,3 +116,8 @@ def test_bad_sampling_arguments():
         S.kept_tokens(np.array([0.5, 0.5]), None, 1.5)
     with pytest.raises(ValueError, match="temperature"):
         S.sample(np.zeros(3), -1.0, rng=S.XorShift64Star(1))
+    for t in (float("nan"), float("inf")):          # no silent NaN probabilities or uniform draw
+        with pytest.raises(ValueError, match="temperature must be a finite number"):
+            S.sample(np.zeros(3), t, rng=S.XorShift64Star(1))
+    with pytest.raises(ValueError, match="needs an rng"):
+        S.sample(np.zeros(3), 1.0)

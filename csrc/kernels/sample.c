@@ -217,11 +217,6 @@ static void sort_msd(rank *a, rank *tmp, int64_t n) {
         if (at[d + 1] - at[d] > 1) sort_msd(a + at[d], tmp + at[d], at[d + 1] - at[d]);
 }
 
-/* a[lo..hi) by key, stably */
-static void sort_run(rank *a, rank *tmp, int64_t lo, int64_t hi) {
-    sort_msd(a + lo, tmp + lo, hi - lo);
-}
-
 /* bucket the ids by binade (a stable counting sort); work holds the two pair arrays, then
  * the NB + 1 bucket bounds and NB fill cursors */
 static void order_init(order_t *o, const double *p, int64_t V, uint64_t *work) {
@@ -246,9 +241,9 @@ static void order_init(order_t *o, const double *p, int64_t V, uint64_t *work) {
 /* sorts the buckets up to place i's own; returns how many places are final (> i) */
 static int64_t final_past(order_t *o, int64_t i) {
     while (o->done <= i) {
-        int b = o->next++;
-        sort_run(o->a, o->tmp, o->start[b], o->start[b + 1]);
-        o->done = o->start[b + 1];
+        int64_t lo = o->start[o->next], hi = o->start[++o->next];
+        sort_msd(o->a + lo, o->tmp + lo, hi - lo);
+        o->done = hi;
     }
     return o->done;
 }
@@ -284,8 +279,8 @@ static double mass(const double *p, int64_t V, order_t *o, int64_t n) {
         return s + (s1 + s2 + s3);
     }
     for (int64_t i = 0; i < n;) {   /* a sorted stretch at a time: s stays in a register */
-        int64_t end = final_past(o, i) < n ? o->done : n;
-        for (; i < end; i++) s += p_of(&o->a[i]);
+        int64_t end = final_past(o, i);
+        for (; i < end && i < n; i++) s += p_of(&o->a[i]);
     }
     return s;
 }
@@ -295,8 +290,8 @@ static double mass(const double *p, int64_t V, order_t *o, int64_t n) {
 static int64_t first_at(order_t *o, int64_t n, double s, double level, int reach) {
     double c = 0.0;
     for (int64_t i = 0; i < n;) {
-        int64_t end = final_past(o, i) < n ? o->done : n;
-        for (; i < end; i++) {
+        int64_t end = final_past(o, i);
+        for (; i < end && i < n; i++) {
             c += p_of(&o->a[i]) / s;
             if (reach ? c >= level : c > level) return i;
         }

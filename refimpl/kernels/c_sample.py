@@ -24,7 +24,7 @@ import math
 import numpy as np
 
 from refimpl._kernels import ffi, lib
-from refimpl.oracle.sampling import XorShift64Star, check_top, greedy
+from refimpl.oracle.sampling import XorShift64Star, check_temperature, check_top, greedy
 
 
 def _logits(logits, temperature: float) -> np.ndarray:
@@ -50,16 +50,10 @@ def sample(logits, temperature=0.0, top_k=None, top_p=None, rng: XorShift64Star 
            reference: bool = False) -> int:
     """One token id from `logits` [V] by the rule of refimpl.oracle.sampling (see the module
     docstring).  `reference=True` runs the naive C (an O(V^2) insertion sort; for tests)."""
-    if temperature is None or temperature == 0:
+    temperature = check_temperature(temperature, rng)
+    if temperature is None:
         return greedy(np.asarray(logits, dtype=np.float64))
-    if not (isinstance(temperature, (int, float, np.floating, np.integer)) and math.isfinite(temperature)):
-        raise ValueError(f"temperature must be a finite number >= 0, got {temperature!r}")
-    if temperature < 0:
-        raise ValueError(f"temperature must be >= 0, got {temperature}")
-    if rng is None:
-        raise ValueError("sampling with temperature > 0 needs an rng (pass seed= to generate)")
     top_k, top_p = check_top(top_k, top_p)
-    temperature = float(temperature)
     z = _logits(logits, temperature)
     V = z.shape[0]
     p = np.empty(V, np.float64)

@@ -33,6 +33,7 @@ Exactly one random number is drawn per sampled (non-greedy) token.
 """
 from __future__ import annotations
 
+import math
 import os
 
 import numpy as np
@@ -92,6 +93,20 @@ def check_top(top_k=None, top_p=None) -> tuple[int | None, float | None]:
     return top_k, top_p
 
 
+def check_temperature(temperature, rng) -> float | None:
+    """The temperature as a float > 0, or None for greedy (None or 0); ValueError for a
+    negative or non-finite one, or for sampling without an rng."""
+    if temperature is None or temperature == 0:
+        return None
+    if not (isinstance(temperature, (int, float, np.floating, np.integer)) and math.isfinite(temperature)):
+        raise ValueError(f"temperature must be a finite number >= 0, got {temperature!r}")
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0, got {temperature}")
+    if rng is None:
+        raise ValueError("sampling with temperature > 0 needs an rng (pass seed= to generate)")
+    return float(temperature)
+
+
 def kept_tokens(p, top_k=None, top_p=None) -> np.ndarray:  # [V] -> [n] ids, in sampling order
     """The candidate set after top-k then top-p (steps 3-5 of the rule)."""
     top_k, top_p = check_top(top_k, top_p)
@@ -109,13 +124,10 @@ def kept_tokens(p, top_k=None, top_p=None) -> np.ndarray:  # [V] -> [n] ids, in 
 def sample(logits, temperature=0.0, top_k=None, top_p=None, rng: XorShift64Star | None = None) -> int:
     """One token id from `logits` [V] by the documented rule."""
     z = np.asarray(logits, dtype=np.float64)
-    if temperature is None or temperature == 0:
+    temperature = check_temperature(temperature, rng)
+    if temperature is None:
         return greedy(z)
-    if temperature < 0:
-        raise ValueError(f"temperature must be >= 0, got {temperature}")
-    if rng is None:
-        raise ValueError("sampling with temperature > 0 needs an rng (pass seed= to generate)")
-    p = softmax(z / float(temperature))
+    p = softmax(z / temperature)
     kept = kept_tokens(p, top_k, top_p)
     q = p[kept] / p[kept].sum()
     r = rng.next_f64()
