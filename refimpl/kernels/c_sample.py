@@ -33,8 +33,7 @@ def _logits(logits, temperature: float) -> np.ndarray:
     z = np.ascontiguousarray(logits, dtype=np.float64)
     if z.ndim != 1 or z.shape[0] == 0:
         raise ValueError(f"logits must be a non-empty 1-D array [V], got shape {z.shape}")
-    with np.errstate(over="ignore"):
-        top = float(z.max()) / temperature          # nan, +inf or -inf for every bad case
+    top = float(z.max()) / temperature              # Python floats: nan, +inf or -inf for every bad case
     if not math.isfinite(top):
         bad = np.isnan(z) | np.isposinf(z)
         if bad.any():
