@@ -26,6 +26,27 @@ def test_counter_is_monotonic():
     assert cpu >= -1
 
 
+@pytest.mark.skipif(counter.COUNTER != "rdtsc", reason="the RDTSCP fallback is x86-64's")
+def test_counter_without_rdtscp_reads_no_cpu_id():
+    """A CPU without RDTSCP (forced here) stops with lfence; rdtsc; lfence: the counter still
+    runs and regions still time, the cpu id is -1 and no migration is ever counted."""
+    from refimpl._clock import lib
+    assert counter.reads_cpu_ids() and calibrate().cpu_ids     # this machine has RDTSCP
+    lib.rf_counter_without_cpu_ids(1)
+    try:
+        assert not counter.reads_cpu_ids()
+        t0 = cycles()
+        t1, cpu = counter.cycles_stop()
+        assert t1 >= t0 and cpu == -1
+        d, migrated = counter.empty_regions(10000)
+        assert migrated == 0 and int(d.min()) > 0
+        m = harness.measure(harness.add_chain_ccall(4096), budget_s=0.02)
+        assert m.migrations == 0 and m.median > 0
+    finally:
+        lib.rf_counter_without_cpu_ids(0)
+    assert counter.reads_cpu_ids() and counter.current_cpu() >= 0
+
+
 def test_tsc_hz_matches_the_kernel():
     hz, source = counter.kernel_tsc_hz()
     if hz is None:
@@ -282,9 +303,16 @@ def test_empty_c_kernel_measures_about_zero():
 
 
 def test_sample_size_follows_the_calibration():
+    """A sample lasts >= 1000 x the floor of the region it is timed in: the C loop's, or the
+    Python loop's (its overhead is the one subtracted there).  Checked on short targets,
+    whose sizing from one call alone fell short (one call costs more than one in a loop)."""
     cal = calibrate()
-    m = harness.measure(harness.add_chain_ccall(1000), budget_s=0.02)
-    assert m.reps * (m.median + m.overhead_ticks / m.reps) >= 0.9 * 1000 * cal.floor_ticks
+    for n_adds in (64, 1000):
+        m = harness.measure(harness.add_chain_ccall(n_adds), budget_s=0.02)
+        assert m.reps * m.median + m.overhead_ticks >= 1000 * cal.floor_ticks, (n_adds, m.reps, m.median)
+    py = harness.measure(math.sqrt, 2.0, budget_s=0.02)
+    assert py.overhead_ticks == harness.python_overhead_ticks() > cal.floor_ticks
+    assert py.reps * py.median + py.overhead_ticks >= 1000 * py.overhead_ticks, (py.reps, py.median)
     m2 = harness.measure(harness.add_chain_ccall(1000), budget_s=0.02, cold=True, min_samples=3)
     assert m2.reps == 1 and m2.cold
 
@@ -320,6 +348,11 @@ def test_measure_rejects_bad_arguments():
         harness.measure(lambda: None, reps=0)
     with pytest.raises(ValueError, match="n_adds"):
         harness.add_chain_ccall(-1)
+    with pytest.raises(ValueError, match="cold"):
+        harness.measure(lambda: None, cold=True, reps=5)
+    for n in (64, 1000, 0):
+        with pytest.raises(ValueError, match="multiple of 256"):
+            harness.BufferRead(n)
 
 
 def test_measure_accepts_a_ccall():
@@ -339,10 +372,15 @@ def test_microarch_and_peak_table(monkeypatch):
     assert machine.microarch("GenuineIntel", 6, 0x55) == "skylake-x"
     assert machine.microarch("GenuineIntel", 6, 0x3C) == "haswell"
     assert machine.microarch("Other", 1, 1) is None
+    assert machine.microarch("AuthenticAMD", 0x1A, 0x44) == "zen5"           # Granite Ridge
+    assert machine.microarch("AuthenticAMD", 0x1A, 0x24) == "zen5-mobile"    # Strix Point
+    assert machine.microarch("GenuineIntel", 6, 0xAD) == "graniterapids"
     monkeypatch.delenv("REFIMPL_PEAK_FLOPS", raising=False)
     assert machine.peak_table("zen4", [])[0] == {"float32": 32.0, "float64": 16.0}
     assert machine.peak_table("icelake-server", [])[0]["float32"] == 64.0
     assert machine.peak_table("skylake-x", [])[0]["float32"] == 64.0
+    assert machine.peak_table("zen5", [])[0]["float32"] == machine.peak_table("graniterapids", [])[0]["float32"] == 64.0
+    assert machine.peak_table("zen5-mobile", [])[0] == {"float32": 32.0, "float64": 16.0}
     assert machine.peak_table("zen3", [])[0] == machine.peak_table("haswell", [])[0] == {"float32": 32.0, "float64": 16.0}
     assert machine.fma_peak(2, 256) == (32.0, 16.0)
     assert machine.peak_table(None, ["avx2", "fma"])[0]["float32"] == 32.0
@@ -428,6 +466,11 @@ def test_roofline_bound_side():
     ew = metrics.work("silu", (1024, 1024))
     r2 = metrics.roofline(ew, 1e7, m, cold=True)
     assert r2.bound == "memory" and r2.bandwidth_level == "DRAM"
+    # no measured bandwidths: the memory side is unknown, not "compute" by default
+    import dataclasses
+    r3 = metrics.roofline(ew, 1e7, dataclasses.replace(m, bandwidth={}))
+    assert r3.bound == "unknown" and r3.roofline_ticks == pytest.approx(ew.flops / m.peak_flop_per_tick("float32"))
+    assert math.isnan(metrics.roofline(ew, 0, m).measured_over_bound)
 
 
 def test_warmup_excludes_a_first_call_compile():
@@ -640,6 +683,17 @@ def test_page_faults_per_call_counted_inside_the_samples():
         for i in range(pages):
             buf[i * mmap.PAGESIZE] = 1
     assert harness.measure(same_pages, budget_s=0.02, min_samples=10).faults_per_call < 0.5
+
+
+def test_steal_of_one_cpu_and_the_mean_of_all(tmp_path):
+    stat = tmp_path / "stat"
+    stat.write_text("cpu  10 0 5 100 0 0 0 40 0 0\n"
+                    "cpu0 5 0 2 50 0 0 0 30 0 0\n"
+                    "cpu1 5 0 3 50 0 0 0 10 0 0\n"
+                    "intr 1 2 3\n")
+    assert harness.steal_of(0, str(stat)) == 30 and harness.steal_of(1, str(stat)) == 10
+    assert harness.steal_of(-1, str(stat)) == 20          # unpinned: per CPU, not the sum
+    assert harness.steal_of(0, str(tmp_path / "missing")) == 0
 
 
 def test_busy_fraction_of_other_cpus():

@@ -1,7 +1,8 @@
 /* refimpl._clock: the cycle counter, timing loops and machine probes.
  *
  * On x86-64 a region is read as  start = lfence; rdtsc   and
- *                                 stop  = rdtscp; lfence  (TSC_AUX -> cpu id).
+ *                                 stop  = rdtscp; lfence  (TSC_AUX -> cpu id),
+ * or stop = lfence; rdtsc; lfence (cpu id unknown) on a CPU without RDTSCP.
  * On aarch64 the virtual counter cntvct_el0 (isb-fenced) is read instead, and
  * elsewhere clock_gettime(CLOCK_MONOTONIC) in nanoseconds.
  * Units are "ticks" of that counter: reference ticks, not core cycles.
@@ -22,6 +23,12 @@ uint64_t rf_counter_nominal_hz(void);
 uint64_t rf_ticks_start(void);
 /* one fenced read for the end of a region; *cpu <- TSC_AUX (cpu id) or -1 */
 uint64_t rf_ticks_stop(int32_t *cpu);
+/* 1 when stops read the cpu id (x86-64 with RDTSCP), else 0: without RDTSCP a stop is
+ * lfence; rdtsc; lfence and migrations cannot be seen from the counter */
+int rf_counter_cpu_ids(void);
+/* for tests: on = 1 makes the x86-64 stops take the path without RDTSCP from now on (as on
+ * a CPU without it); on = 0 goes back to asking CPUID.  No effect on other counters. */
+void rf_counter_without_cpu_ids(int on);
 
 /* deltas[i] = stop - start of an empty fenced region, i < n (overhead, granularity);
  * returns the number of regions whose start and stop cpu ids differed */
@@ -44,7 +51,9 @@ void rf_add_chain_thunk(void *ctx /* -> uint64_t n_adds */);
 /* write one byte per 64-byte line of buf (bytes long): evicts other data from the caches */
 void rf_touch(uint8_t *buf /* (bytes,) */, size_t bytes);
 
-/* streaming read of buf (bytes, a multiple of 256, 64-byte aligned) passes times;
+/* (both: bytes should be a multiple of 256 and buf 64-byte aligned; bytes is rounded down
+ * to a multiple of 256, so nothing past buf + bytes is touched)
+ * streaming read of buf (bytes, a multiple of 256, 64-byte aligned) passes times;
  * returns ticks of the whole region; *sink <- xor of all words (keeps the loads live) */
 uint64_t rf_bw_read(uint64_t *sink, const void *buf /* (bytes,) */, size_t bytes, uint64_t passes);
 /* copy src -> dst (bytes, a multiple of 256, 64-byte aligned) passes times; returns ticks */

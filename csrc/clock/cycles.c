@@ -19,6 +19,14 @@ const char *rf_counter_name(void) { return RF_COUNTER; }
 uint64_t rf_counter_nominal_hz(void) { return rf__nominal_hz(); }
 uint64_t rf_ticks_start(void) { return rf__start(); }
 uint64_t rf_ticks_stop(int32_t *cpu) { return rf__stop(cpu); }
+int rf_counter_cpu_ids(void) { return rf__has_rdtscp(); }
+void rf_counter_without_cpu_ids(int on) {
+#if defined(__x86_64__) || defined(__i386__)
+    rf__aux = on ? 0 : -1;
+#else
+    (void)on;
+#endif
+}
 
 /* ---------------------------------------------------------------- overhead */
 
@@ -38,30 +46,33 @@ int64_t rf_empty_regions(uint64_t *deltas /* (n,) */, int64_t n) {
 /* -------------------------------------------------------------- add chain */
 
 /* n_trips trips of 16 dependent adds: 16 core cycles per trip on any core with
- * 1-cycle integer add latency; the loop counter is an independent chain. */
+ * 1-cycle integer add latency; the loop counter is an independent chain.  The added 1
+ * comes from a register, not an immediate: Intel cores from Golden Cove on can fold
+ * small-immediate adds at rename, several dependent ones a cycle, which would make the
+ * chain run faster than its latency and core/TSC come out too high. */
 static inline uint64_t rf__add_chain(uint64_t n_trips) {
-    uint64_t x = 0;
+    uint64_t x = 0, one = 1;
     if (!n_trips) return x;
 #if defined(__x86_64__)
     __asm__ __volatile__(
         "1:\n\t"
-        "add $1, %0\n\tadd $1, %0\n\tadd $1, %0\n\tadd $1, %0\n\t"
-        "add $1, %0\n\tadd $1, %0\n\tadd $1, %0\n\tadd $1, %0\n\t"
-        "add $1, %0\n\tadd $1, %0\n\tadd $1, %0\n\tadd $1, %0\n\t"
-        "add $1, %0\n\tadd $1, %0\n\tadd $1, %0\n\tadd $1, %0\n\t"
+        "add %2, %0\n\tadd %2, %0\n\tadd %2, %0\n\tadd %2, %0\n\t"
+        "add %2, %0\n\tadd %2, %0\n\tadd %2, %0\n\tadd %2, %0\n\t"
+        "add %2, %0\n\tadd %2, %0\n\tadd %2, %0\n\tadd %2, %0\n\t"
+        "add %2, %0\n\tadd %2, %0\n\tadd %2, %0\n\tadd %2, %0\n\t"
         "dec %1\n\t"
         "jnz 1b"
-        : "+r"(x), "+r"(n_trips) : : "cc");
+        : "+r"(x), "+r"(n_trips) : "r"(one) : "cc");
 #elif defined(__aarch64__)
     __asm__ __volatile__(
         "1:\n\t"
-        "add %0, %0, #1\n\tadd %0, %0, #1\n\tadd %0, %0, #1\n\tadd %0, %0, #1\n\t"
-        "add %0, %0, #1\n\tadd %0, %0, #1\n\tadd %0, %0, #1\n\tadd %0, %0, #1\n\t"
-        "add %0, %0, #1\n\tadd %0, %0, #1\n\tadd %0, %0, #1\n\tadd %0, %0, #1\n\t"
-        "add %0, %0, #1\n\tadd %0, %0, #1\n\tadd %0, %0, #1\n\tadd %0, %0, #1\n\t"
+        "add %0, %0, %2\n\tadd %0, %0, %2\n\tadd %0, %0, %2\n\tadd %0, %0, %2\n\t"
+        "add %0, %0, %2\n\tadd %0, %0, %2\n\tadd %0, %0, %2\n\tadd %0, %0, %2\n\t"
+        "add %0, %0, %2\n\tadd %0, %0, %2\n\tadd %0, %0, %2\n\tadd %0, %0, %2\n\t"
+        "add %0, %0, %2\n\tadd %0, %0, %2\n\tadd %0, %0, %2\n\tadd %0, %0, %2\n\t"
         "subs %1, %1, #1\n\t"
         "b.ne 1b"
-        : "+r"(x), "+r"(n_trips) : : "cc");
+        : "+r"(x), "+r"(n_trips) : "r"(one) : "cc");
 #else
     for (uint64_t i = 0; i < n_trips * 16; i++) {
         x += 1;
@@ -223,6 +234,7 @@ int rf_bw_simd_bits(void) {
 }
 
 uint64_t rf_bw_read(uint64_t *sink, const void *buf /* (bytes,) */, size_t bytes, uint64_t passes) {
+    bytes &= ~(size_t)255;               /* whole 256-byte trips: never past buf + bytes */
 #ifdef RF_X86
     int w = rf_bw_simd_bits();
     if (w == 512) return bw_read_avx512(sink, buf, bytes, passes);
@@ -232,6 +244,7 @@ uint64_t rf_bw_read(uint64_t *sink, const void *buf /* (bytes,) */, size_t bytes
 }
 
 uint64_t rf_bw_copy(void *dst /* (bytes,) */, const void *src /* (bytes,) */, size_t bytes, uint64_t passes) {
+    bytes &= ~(size_t)255;
 #ifdef RF_X86
     int w = rf_bw_simd_bits();
     if (w == 512) return bw_copy_avx512(dst, src, bytes, passes);

@@ -19,6 +19,8 @@ core_per_tsc       core cycles per tick (1.0 when the chain cannot be trusted)
 perf_available     perf_event_open counted real core cycles and instructions
 perf_reason        why not (e.g. "ENOENT: no hardware PMU in this VM")
 perf_core_per_tsc  core/TSC from the PMU when available (a cross-check)
+cpu_ids            stops read the cpu id (x86-64 RDTSCP's TSC_AUX), so a migration inside a
+                   region is seen; False on aarch64, clock_gettime and x86 CPUs without RDTSCP
 
 When the PMU works, `PMU("hardware")` counts core cycles and instructions of this
 thread, and the harness reads them around every sample beside the ticks
@@ -57,6 +59,13 @@ def current_cpu() -> int:
     return cycles_stop()[1]
 
 
+def reads_cpu_ids() -> bool:
+    """Whether a stop read also gives the cpu id (x86-64 with RDTSCP): only then does the harness
+    see a migration inside a region.  Without RDTSCP (some virtual CPUs) a stop is
+    `lfence; rdtsc; lfence`, and pinning alone keeps the thread in place."""
+    return bool(lib.rf_counter_cpu_ids())
+
+
 @dataclass(frozen=True)
 class Calibration:
     counter: str
@@ -70,6 +79,7 @@ class Calibration:
     perf_core_per_tsc: float | None
     n_empty_regions: int
     empty_region_migrations: int
+    cpu_ids: bool = True           # stops read the cpu id (RDTSCP): migrations are detected
 
     @property
     def floor_ticks(self) -> int:
@@ -248,7 +258,7 @@ def calibrate(force: bool = False, hz_seconds: float = 0.1, n_empty: int = 20000
     _CACHE = Calibration(counter=COUNTER, tsc_hz=hz, overhead_ticks=overhead, granularity_ticks=gran,
                          core_per_tsc=cpt, core_per_tsc_spread=spread, perf_available=ok,
                          perf_reason=reason, perf_core_per_tsc=perf_cpt, n_empty_regions=n_empty,
-                         empty_region_migrations=migrated)
+                         empty_region_migrations=migrated, cpu_ids=reads_cpu_ids())
     return _CACHE
 
 

@@ -12,7 +12,9 @@ Recipe (design.md "Timing on bare CPUs"):
      Numba compiles on its first call: that call is part of the warm-up and
      never of a sample;
   3. size the inner repetitions so one sample lasts >= 1000 x
-     max(overhead, granularity) ticks (cold mode: 1 call per sample);
+     max(overhead, granularity) ticks, the overhead of the region the target is
+     timed in: the C loop's (~26 ticks here) or the Python loop's (~390), checked
+     by timing regions of that many calls (cold mode: 1 call per sample);
   4. take samples until `budget_s` has passed (>= `min_samples`,
      <= `max_samples`); cold mode touches a buffer larger than L3 before
      each sample, outside the timed region;
@@ -206,18 +208,27 @@ def pinned(cpu: int | None = None):
         os.sched_setaffinity(0, before)
 
 
-def steal_of(cpu: int) -> int:
-    """Steal time (USER_HZ ticks) of `cpu` (or of all CPUs when cpu < 0) from /proc/stat; 0 if unknown."""
+def steal_of(cpu: int, path: str = "/proc/stat") -> int:
+    """Steal time (USER_HZ ticks) of `cpu` from /proc/stat; 0 if unknown.  cpu < 0 (an unpinned
+    run, which may have been on any CPU): the mean over all CPUs, not their sum, so that it
+    compares with one thread's wall time as a pinned CPU's does."""
     key = f"cpu{cpu}" if cpu >= 0 else "cpu"
+    steal, n_cpus = 0, 0
     try:
-        with open("/proc/stat") as f:
+        with open(path) as f:
             for line in f:
                 parts = line.split()
-                if parts and parts[0] == key:
-                    return int(parts[8]) if len(parts) > 8 else 0
+                if not parts:
+                    continue
+                if parts[0] == key:
+                    steal = int(parts[8]) if len(parts) > 8 else 0
+                    if cpu >= 0:
+                        return steal
+                elif parts[0][:3] == "cpu" and parts[0][3:].isdigit():
+                    n_cpus += 1
     except OSError:
-        pass
-    return 0
+        return 0
+    return round(steal / n_cpus) if n_cpus else steal
 
 
 # ------------------------------------------------------------- cold caches
@@ -384,7 +395,7 @@ class Sampler:
                  cal: Calibration | None = None, pmu: Any = "auto"):
         self.cal = cal or calibrate()
         self.pmu = _resolve_pmu(pmu, self.cal)
-        self.pmu_base = None      # counts of an empty region (min; first take()), subtracted like the ticks' overhead
+        self.pmu_base = None      # counts of an empty region (median; first take()), subtracted like the ticks' overhead
         self.pmu_c: list[float] = []   # per call, parallel to per_call (nan: the sample's counts were partial)
         self.pmu_i: list[float] = []
         kwargs = kwargs or {}
@@ -394,6 +405,8 @@ class Sampler:
             raise TypeError(f"measure: target must be a CCall or a callable, got {type(target).__name__}")
         if reps is not None and reps < 1:
             raise ValueError(f"measure: reps={reps} must be >= 1")
+        if cold and reps not in (None, 1):
+            raise ValueError(f"measure: reps={reps} with cold=True: a cold sample is one call after a flush")
         self.name = name or getattr(target, "__qualname__", None) or type(target).__name__
         if self.is_c:
             fn = ffi.cast("void(*)(void*)", target.fn_addr)
@@ -423,8 +436,16 @@ class Sampler:
         self.faults = 0           # page faults inside the timed samples (rewarm excluded)
         self.calls = 0            # calls inside those samples
 
+    def floor_ticks(self) -> float:
+        """max(overhead, granularity) of this target's regions: the C loop's fenced region, or
+        the Python loop's (~15x larger here: the counter is read through two cffi calls)."""
+        return max(self.overhead, self.cal.granularity_ticks, 1)
+
     def warm(self, warmup_s: float = 0.02, warmup_calls: int = 2) -> None:
-        """Call until `warmup_s` has passed (>= warmup_calls calls); size the inner repetitions."""
+        """Call until `warmup_s` has passed (>= warmup_calls calls); size the inner repetitions
+        so a sample lasts >= sample_factor x floor_ticks(): first from the cheapest one-call
+        region, then by timing regions of r calls and growing r until one is long enough (one
+        call alone costs more than a call inside a loop, so the first estimate falls short)."""
         one = math.inf
         t_end = time.perf_counter() + warmup_s
         k = 0
@@ -432,8 +453,14 @@ class Sampler:
             one = min(one, self.region(1)[0] - self.overhead)
             k += 1
         if self.r is None:
-            one = max(one, 1.0)
-            self.r = max(1, math.ceil(self.sample_factor * self.cal.floor_ticks / one))
+            target = self.sample_factor * self.floor_ticks()
+            r = max(1, math.ceil(target / max(one, 1.0)))
+            for _ in range(8):
+                t = min(self.region(r)[0] for _ in range(3)) - self.overhead
+                if t >= target:
+                    break
+                r = max(r + 1, math.ceil(r * 1.1 * target / max(t, 1.0)))
+            self.r = r
 
     def take(self, budget_s: float, min_samples: int, max_samples: int, rewarm: int = 0,
              rewarm_s: float = 0.0, give_up_s: float | None = None) -> None:
@@ -674,8 +701,9 @@ class BufferRead:
 
     def __init__(self, nbytes: int):
         from refimpl.kernels.buffers import aligned_empty
-        if nbytes < 64:
-            raise ValueError(f"BufferRead: nbytes={nbytes} must be >= 64")
+        if nbytes < 256 or nbytes % 256:
+            raise ValueError(f"BufferRead: nbytes={nbytes} must be a positive multiple of 256 "
+                             "(the read goes in whole 256-byte trips)")
         self.nbytes = nbytes
         self._buf = aligned_empty(nbytes, np.uint8)
         self._buf[:] = 1

@@ -12,10 +12,11 @@ Peak FLOP per core cycle (FMA = 2 FLOP), one core, by microarchitecture:
 |---|---|---|---|
 | zen4 | 32 | 16 | 2 x 256-bit FMA pipes; zmm FMA is double-pumped |
 | zen5 | 64 | 32 | 2 x 512-bit FMA pipes (full-width AVX-512) |
+| zen5-mobile (Strix Point, Krackan Point) | 32 | 16 | 2 x 256-bit FMA pipes; AVX-512 double-pumped |
 | zen2, zen3 | 32 | 16 | 2 x 256-bit FMA pipes |
 | zen1 | 16 | 8 | 2 x 128-bit FMA pipes |
 | haswell .. comet lake (AVX2 client/server) | 32 | 16 | 2 x 256-bit FMA ports |
-| skylake-x, cascade lake, ice lake server, sapphire rapids | 64 | 32 | 2 x 512-bit FMA ports |
+| skylake-x, cascade lake, ice lake server, sapphire / emerald / granite rapids | 64 | 32 | 2 x 512-bit FMA ports (Xeon Bronze, Silver and some Gold 5xxx parts have one: override) |
 | ice lake / tiger lake client | 32 | 16 | 1 x 512-bit FMA port (or 2 x 256) |
 
 Unknown CPUs fall back on the flags (avx512f or avx2+fma -> 32/16, avx -> 16/8,
@@ -53,9 +54,10 @@ from refimpl.timing.counter import calibrate
 # cycle = pipes x (bits / element bits) x 2 (an FMA is a multiply and an add)
 FMA_TABLE = {
     "zen1": (2, 128), "zen2": (2, 256), "zen3": (2, 256), "zen4": (2, 256), "zen5": (2, 512),
+    "zen5-mobile": (2, 256),   # Strix Point, Krackan Point: AVX-512 on 256-bit datapaths
     "haswell": (2, 256), "broadwell": (2, 256), "skylake": (2, 256),
     "skylake-x": (2, 512), "cascadelake": (2, 512), "icelake-server": (2, 512),
-    "sapphirerapids": (2, 512), "icelake-client": (1, 512),
+    "sapphirerapids": (2, 512), "graniterapids": (2, 512), "icelake-client": (1, 512),
 }
 
 
@@ -71,7 +73,7 @@ _INTEL = {
     "haswell": {0x3C, 0x3F, 0x45, 0x46}, "broadwell": {0x3D, 0x47, 0x4F, 0x56},
     "skylake": {0x4E, 0x5E, 0x8E, 0x9E, 0xA5, 0xA6}, "skylake-x": {0x55},
     "icelake-server": {0x6A, 0x6C}, "icelake-client": {0x7D, 0x7E, 0x8C, 0x8D},
-    "sapphirerapids": {0x8F, 0xCF},
+    "sapphirerapids": {0x8F, 0xCF}, "graniterapids": {0xAD, 0xAE},
 }
 
 
@@ -103,8 +105,8 @@ def microarch(vendor: str, family: int | None, model: int | None) -> str | None:
             if model <= 0x0F or 0x20 <= model <= 0x5F:
                 return "zen3"
             return "zen4"   # 0x10-0x1F Genoa, 0x60-0x7F Raphael/Phoenix, 0xA0-0xAF Bergamo
-        if family == 0x1A:
-            return "zen5"
+        if family == 0x1A:   # 0x20-0x2F Strix Point, 0x60-0x6F Krackan Point: the mobile parts
+            return "zen5-mobile" if 0x20 <= model <= 0x2F or 0x60 <= model <= 0x6F else "zen5"
     if vendor == "GenuineIntel" and family == 6:
         for name, models in _INTEL.items():
             if model in models:
@@ -297,6 +299,7 @@ class Machine:
     perf_reason: str
     blas: list
     bandwidth: dict = field(default_factory=dict)   # {level: {bytes, capacity, read, copy}}: B/tick
+    cpu_ids: bool = True           # the counter's stops read the cpu id (Calibration.cpu_ids)
 
     def peak_flop_per_tick(self, dtype="float32") -> float:
         """Peak FLOP per TSC tick = per core cycle x core/TSC."""
@@ -351,6 +354,6 @@ def describe(bandwidth: bool = False, peak: dict | None = None) -> Machine:
                 core_per_tsc=cal.core_per_tsc, overhead_ticks=cal.overhead_ticks,
                 granularity_ticks=cal.granularity_ticks, perf_available=cal.perf_available,
                 perf_reason=cal.perf_reason, blas=blas_info(),
-                bandwidth=measure_bandwidth() if bandwidth else {})
+                bandwidth=measure_bandwidth() if bandwidth else {}, cpu_ids=cal.cpu_ids)
     _MACHINE[key] = m
     return m

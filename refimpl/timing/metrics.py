@@ -126,7 +126,8 @@ class Roofline:
     bandwidth_level: str
     bandwidth_bytes_per_tick: float
     roofline_ticks: float        # max(flops / peak, bytes / bandwidth)
-    bound: str                   # "compute" or "memory"
+    bound: str                   # "compute" or "memory"; "unknown" without measured bandwidths
+                                 # (roofline_ticks is then the compute roof alone)
     measured_over_bound: float   # ticks / roofline_ticks
 
     def as_dict(self) -> dict:
@@ -150,7 +151,8 @@ def roofline(w: Work, ticks: float, machine, dtype="float32", cold: bool = False
     else:
         level, bw = machine.bandwidth_for(w.bytes)
     t_flop = w.flops / peak_tick
-    t_mem = w.bytes / bw if math.isfinite(bw) and bw > 0 else 0.0
+    measured_bw = math.isfinite(bw) and bw > 0
+    t_mem = w.bytes / bw if measured_bw else 0.0
     roof = max(t_flop, t_mem)
     cyc = ticks * cpt
     safe = ticks if ticks > 0 else math.nan
@@ -159,5 +161,5 @@ def roofline(w: Work, ticks: float, machine, dtype="float32", cold: bool = False
                     pct_peak=100.0 * w.flops / (safe * cpt) / peak_cycle,
                     bytes_per_tick=w.bytes / safe, intensity=w.intensity, peak_flop_per_tick=peak_tick,
                     bandwidth_level=level, bandwidth_bytes_per_tick=bw, roofline_ticks=roof,
-                    bound="compute" if t_flop >= t_mem else "memory",
-                    measured_over_bound=(ticks / roof) if roof > 0 else math.nan)
+                    bound=("compute" if t_flop >= t_mem else "memory") if measured_bw else "unknown",
+                    measured_over_bound=(ticks / roof) if roof > 0 and ticks > 0 else math.nan)
