@@ -47,7 +47,7 @@ import subprocess
 import sys
 import time
 
-THRESHOLD_TICKS = 100_000   # rows the target covers: median >= this in both runs
+THRESHOLD_TICKS = 100_000   # rows the target covers: median >= this in either run
 WITHIN = 0.03               # |B/A - 1| <= WITHIN
 CV_MAX = 0.02               # robust CV <= CV_MAX in both runs
 BUSY_NOT_IDLE = 0.10        # gate busy share above which the host was not idle

@@ -192,6 +192,11 @@ def test_bench_smoke_and_json_schema(quick_json):
     m = d["machine"]
     for k in ("cpu_model", "flags", "tsc_hz", "core_per_tsc", "blas", "peak_flop_per_cycle", "bandwidth"):
         assert k in m
+    # the BLAS thread counts in force while timing (1), not those before the run's limit
+    blas = [b for b in m["blas"] if b.get("user_api") == "blas"]
+    assert blas and all(b["num_threads"] == 1 for b in blas), m["blas"]
+    for k in d["settings"]:                        # every setting is in the schema's description
+        assert f'"{k}"' in bench.__doc__.split("\nRound-robin timing\n")[0], k
     assert {r["op"] for r in d["results"]} == {"matmul", "softmax", "rms_norm"}
     assert {r["backend"] for r in d["results"]} == {"numpy"} | ({"torch"} if bench.torch_impl("matmul") else set())
     need = ("op", "backend", "shape", "dtype", "median_ticks", "min_ticks", "cv", "flops", "bytes",
@@ -235,6 +240,22 @@ def test_read_json_rejects_other_files(tmp_path):
     p.write_text('{"schema": "%s", "results": [{"op": "matmul"}]}' % bench.SCHEMA)
     with pytest.raises(ValueError, match="lacks"):
         bench.read_json(str(p))
+    p.write_text('{"schema": "%s", "results": {"x": 1}}' % bench.SCHEMA)
+    with pytest.raises(ValueError, match="x.json: results must be a list"):
+        bench.read_json(str(p))
+    p.write_bytes(b"\xff\xfe garbage")
+    with pytest.raises(ValueError, match=r"x\.json: not UTF-8"):
+        bench.read_json(str(p))
+    # the numbers compare uses: a positive median, a cv >= 0, optional ones null or >= 0
+    for field, value, msg in (("median_ticks", None, "median_ticks must be a finite number > 0, got None"),
+                              ("median_ticks", 0, "> 0, got 0"), ("cv", -0.1, "cv must be .* >= 0"),
+                              ("cv", "0.1", "cv must be"), ("mad_ticks", float("nan"), "mad_ticks .* or null"),
+                              ("faults_per_call", -1, "faults_per_call")):
+        d = _synthetic()
+        d["results"][1][field] = value
+        p.write_text(json.dumps(d))
+        with pytest.raises(ValueError, match=r"x\.json: results\[1\] \(matmul/numpy 8x8x8\): .*" + msg):
+            bench.read_json(str(p))
 
 
 def _synthetic(cv=0.01):
@@ -271,6 +292,80 @@ def test_compare_flags_a_2x_regression_not_a_1pct_change(tmp_path):
     assert main(["bench", "compare", str(po), str(pn)]) == 1
     assert main(["bench", "compare", str(po), str(po)]) == 0
     assert main(["bench", "compare", str(po), str(tmp_path / "missing.json")]) == 2
+
+
+def _cli_compare(tmp_path, capsys, old, new, *opts, pre=()):
+    po, pn = tmp_path / "old.json", tmp_path / "new.json"
+    for p, d in ((po, old), (pn, new)):
+        p.write_bytes(d) if isinstance(d, bytes) else p.write_text(json.dumps(d))
+    rc = main(["bench", *pre, "compare", str(po), str(pn), *opts])
+    return rc, " ".join(capsys.readouterr().out.split())
+
+
+def test_compare_refuses_failed_or_unmatched_runs(tmp_path, capsys):
+    """A run that failed verification, or two runs without a common row, are bad input (2), never
+    "no regression" (0)."""
+    old = dict(_synthetic(), passed=True)
+    failed = dict(old, passed=False, results=[])
+    rc, out = _cli_compare(tmp_path, capsys, old, failed)
+    assert rc == 2 and "new.json: that run failed verification (passed: false)" in out
+    rc, out = _cli_compare(tmp_path, capsys, failed, old)
+    assert rc == 2 and "old.json: that run failed verification" in out
+    other = copy.deepcopy(old)
+    for r in other["results"]:
+        r["shape"] = "16x16x16"
+    rc, out = _cli_compare(tmp_path, capsys, old, other)
+    assert rc == 2 and "no rows match between" in out and "(2 rows)" in out
+    rc, out = _cli_compare(tmp_path, capsys, old, dict(old, results=[]))
+    assert rc == 2 and "no rows match" in out
+
+
+def test_compare_lists_rows_of_one_run_only(tmp_path, capsys):
+    """A row of OLD missing from NEW is a failure (1: it can no longer show a regression); a row
+    only in NEW is listed and passes."""
+    full, part = _synthetic(), _synthetic()
+    part["results"] = part["results"][:1]
+    rc, out = _cli_compare(tmp_path, capsys, full, part)
+    assert rc == 1 and "1 row(s) of" in out and "missing from" in out and "matmul/numpy 8x8x8 float32" in out
+    rc, out = _cli_compare(tmp_path, capsys, part, full)
+    assert rc == 0 and "1 row(s) only in" in out and "matmul/numpy 8x8x8 float32" in out
+    assert bench.unmatched(full, part) == (["matmul/numpy 8x8x8 float32"], [])
+    rc, out = _cli_compare(tmp_path, capsys, full, full)
+    assert rc == 0 and "missing" not in out and "only in" not in out
+
+
+def test_compare_warns_when_settings_differ(tmp_path, capsys):
+    old, new = _synthetic(), _synthetic()
+    old["settings"] = {"dtype": "float32", "cold": False, "quick": False, "rounds": 40}
+    new["settings"] = dict(old["settings"], quick=True, rounds=2)
+    assert bench.settings_differences(old, new) == ["quick False -> True"]     # rounds: not warned
+    rc, out = _cli_compare(tmp_path, capsys, old, new)
+    assert rc == 0 and "warning: the runs differ in settings: quick False -> True" in out
+    rc, out = _cli_compare(tmp_path, capsys, old, old)
+    assert "warning" not in out
+
+
+def test_compare_bad_input_exits_2_never_1(tmp_path, capsys, monkeypatch):
+    """Bad files, negative thresholds, run options before `compare` and unforeseen errors: exit 2,
+    which `refimpl bench compare` keeps apart from 1 (a regression)."""
+    old = _synthetic()
+    nulled = copy.deepcopy(old)
+    nulled["results"][0]["median_ticks"] = None
+    rc, out = _cli_compare(tmp_path, capsys, old, nulled)
+    assert rc == 2 and "new.json: results[0] (matmul/c 8x8x8): median_ticks" in out
+    rc, out = _cli_compare(tmp_path, capsys, old, b"\xff\xfe{}")
+    assert rc == 2 and "new.json: not UTF-8" in out
+    for opt in ("--sigmas", "--min-change"):
+        rc, out = _cli_compare(tmp_path, capsys, old, old, opt, "-0.5")
+        assert rc == 2 and f"{opt} must be a number >= 0, got -0.5" in out
+        with pytest.raises(ValueError, match=opt):
+            bench.compare(old, old, **{opt[2:].replace("-", "_"): -0.5})
+    rc, out = _cli_compare(tmp_path, capsys, old, old, pre=("--json", str(tmp_path / "x.json"), "--quick"))
+    assert rc == 2 and "option(s) of a bench run, not of `refimpl bench compare`" in out
+    assert "--json" in out and "--quick" in out
+    monkeypatch.setattr(bench, "compare", lambda *a, **k: 1 / 0)
+    rc, out = _cli_compare(tmp_path, capsys, old, old)
+    assert rc == 2 and "ZeroDivisionError" in out
 
 
 def test_compare_shows_page_faults_that_moved(capsys):
@@ -404,6 +499,31 @@ def test_bench_rejects_bad_options():
     assert main(["bench", "--shapes", "matmul:1x2", "--no-progress"]) == 2
 
 
+def test_mismatched_options_are_refused_not_an_empty_run(monkeypatch, capsys):
+    """--ops and --shapes naming different ops, --shapes naming nothing, or no backend with a kernel
+    for the ops: an error naming the op (exit 2), not a run that times nothing and passes."""
+    mm = bench.parse_shapes("matmul:8x8x8")
+    with pytest.raises(ValueError, match=r"--shapes: matmul not in --ops softmax"):
+        bench.plan(["softmax"], ["numpy"], mm)
+    with pytest.raises(ValueError, match=r"--ops: softmax has no shape in --shapes .* softmax:RxN"):
+        bench.plan(["matmul", "softmax"], ["numpy"], mm)
+    assert [j[0] for j in bench.plan(None, ["numpy"], mm)] == ["matmul"]     # the ops of --shapes
+    with pytest.raises(ValueError, match="names no shape"):
+        bench.parse_shapes(" , ")
+    with pytest.raises(ValueError, match="--ops: none given"):
+        bench.plan([], ["numpy"])
+    for argv, msg in ((["--ops", "softmax", "--shapes", "matmul:64x64x64"], "matmul not in --ops"),
+                      (["--shapes", ","], "names no shape"), (["--shapes", ""], "names no shape")):
+        assert main(["bench", "--quick", "--no-progress", *argv]) == 2
+        assert msg in capsys.readouterr().out
+    monkeypatch.setattr(bench, "torch_impl", lambda op: None)                # torch not installed
+    with pytest.raises(ValueError, match=r"nothing to time: no backend of torch has a kernel for softmax "
+                                         r"\(torch is not installed\)"):
+        bench.plan(["softmax"], ["torch"])
+    assert main(["bench", "--quick", "--ops", "softmax", "--backends", "torch", "--no-progress"]) == 2
+    assert [j[3] for j in bench.plan(["softmax"], ["numpy", "torch"], quick=True)] == [["numpy"]]
+
+
 # ------------------------------------------------------------------ profile
 
 
@@ -474,6 +594,47 @@ def test_float64_refusal_is_skipped_not_failed(monkeypatch):
     monkeypatch.setitem(registry._REGISTRY, ("softmax", "numba"), lambda x: f32_only(x.astype(np.float64)))
     rep = bench.run(ops=["softmax"], backends=["numpy", "numba"], quick=True, progress=False)
     assert not rep["passed"] and rep["results"] == []
+
+
+def test_float64_output_of_the_wrong_dtype_fails_verification(monkeypatch):
+    """A kernel that takes float64 inputs but returns float32 is wrong, not a refusal: the run fails
+    verification and times nothing (it passed, with the backend dropped, before)."""
+    from refimpl.kernels import registry
+    registry.available()
+    good = registry.get("softmax", "numpy")
+    monkeypatch.setitem(registry._REGISTRY, ("softmax", "numba"), lambda x: good(x.astype(np.float32)))
+    rep = bench.run(ops=["softmax"], backends=["numpy", "numba"], dtype="float64", quick=True, progress=False)
+    assert not rep["passed"] and rep["results"] == []
+    (f,) = rep["failed"]
+    assert f["backend"] == "numba" and "unsupported" not in f
+    assert f["error"] == "call returned dtype float32, expected float64"
+    # a TypeError from the call that does not name float64 is a crash, not a refusal
+    case = bench.Case("softmax", (2, 8), False, "float64")
+    def crash(x):
+        raise TypeError("unsupported operand for dtype object")
+    row = bench.verify(case, "c", crash)
+    assert not row["passed"] and "unsupported" not in row and "dtype object" in row["error"]
+
+
+def test_report_worst_bound_ratio_is_over_passed_checks(capsys):
+    """The header's worst bound ratio is over the checks that passed; the dropped ones (a failed
+    optional torch peer, a float64 refusal) are listed apart."""
+    import dataclasses
+
+    from refimpl.timing import machine
+    ver = [{"op": "softmax", "backend": "numpy", "shape": "16x256", "dtype": "float64", "passed": True,
+            "bound_ratio": 0.25, "error": None},
+           {"op": "softmax", "backend": "torch", "shape": "16x256", "dtype": "float64", "passed": False,
+            "bound_ratio": 7.5, "error": "ratio 7.5"},
+           {"op": "softmax", "backend": "c", "shape": "16x256", "dtype": "float64", "passed": False,
+            "bound_ratio": None, "error": "TypeError: float64", "unsupported": "float64"}]
+    rep = {"settings": {"dtype": "float64", "cold": False}, "machine": dataclasses.asdict(machine.describe()),
+           "verification": ver, "warnings": [], "passed": True, "results": []}
+    bench.print_report(rep, bench_console())
+    out = " ".join(capsys.readouterr().out.split())
+    assert "1 kernel checks passed against the float64 oracle (worst bound ratio 0.25); 2 dropped, not " \
+           "timed: softmax/torch 16x256 (failed; an optional peer), softmax/c 16x256 (refuses float64)" in out
+    assert "all 1" not in out and "7.5" not in out
 
 
 def test_prepare_of_finds_the_c_timing_entry(monkeypatch):

@@ -24,20 +24,26 @@ JSON schema "refimpl.bench/1" (`--json PATH`)
   "created": ISO-8601 UTC time, "argv": [...],
   "settings": {"dtype", "cold", "budget_s" (seconds of samples per row), "rounds" (slices
       each row's budget is split into; see "Round-robin timing"), "max_samples" (per row),
-      "threads": 1, "quick"},
+      "threads": 1, "quick", "gate" (the quiet gate ran: asked for, and rounds >= 2 x
+      harness.GATE_MIN_ROUNDS)},
   "machine": Machine.as_dict() (refimpl.timing.machine): cpu_model, vendor,
       family, model, stepping, uarch, flags, simd_bits, n_cpus,
       peak_flop_per_cycle {dtype: FLOP per core cycle}, peak_source, caches,
       counter, tsc_hz, core_per_tsc, overhead_ticks, granularity_ticks,
-      perf_available, perf_reason, blas (threadpoolctl), bandwidth
+      perf_available, perf_reason, cpu_ids (the counter's stops read the cpu id: false on
+      aarch64 and on x86 without RDTSCP, where migrations are not detected), blas
+      (threadpoolctl's libraries and num_threads as in force during verification and timing:
+      read inside the run's 1-thread limit; an OpenMP runtime first loaded by numba's
+      threading layer keeps its default there, numba's own count being set to 1), bandwidth
       {level: {bytes (test size), capacity (the cache's size; null for DRAM), read, copy}}
       (B/tick); core_per_tsc is the one every estimated
       core-cycle figure of the run uses: after timing, the core_add_chain probe's (see
       "noise"), with core_per_tsc_source saying which and core_per_tsc_calibrated the
       one-shot calibration's (`core_clock`),
   "verification": [{op, backend, shape, dtype, passed, bound_ratio, max_ulp, nmse, error,
-                    unsupported (present when a fast backend refuses the dtype with a
-                    TypeError, as its contract allows for float64: not timed, not a failure)}],
+                    unsupported (present when the kernel call itself refuses float64 inputs
+                    with a TypeError naming float64, as a fast backend's contract allows: not
+                    timed, not a failure; an output of the wrong dtype is a failure)}],
   "warnings": [str], "passed": bool (false: something failed verification, nothing timed),
   "noise": {timing_wall_s, cpu (the CPU every row was pinned to), other_cpus_busy (fraction
       of the timing phase the machine's other CPUs were busy, /proc/stat; null if unknown),
@@ -196,6 +202,8 @@ def parse_shapes(text: str) -> dict:
         if op == "attention" and d[0] % d[1]:
             raise ValueError(f"--shapes: {item!r}: query heads H={d[0]} must be a multiple of key/value heads Hkv={d[1]}")
         out.setdefault(op, []).append((d, causal))
+    if not out:
+        raise ValueError(f"--shapes: {text!r} names no shape")
     return out
 
 
@@ -388,12 +396,22 @@ def _impl(op, backend):
 
 
 def verify(case: Case, backend: str, fn) -> dict:
-    """Run `fn` on the case (and its prepared C call, if any); check against the bound."""
+    """Run `fn` on the case (and its prepared C call, if any); check against the bound.
+
+    A TypeError naming float64, raised by the call itself on float64 inputs, is the refusal
+    the fast backends' contract allows (`unsupported`: not timed, not a failure); an output
+    of the wrong dtype, or any other error, fails the check."""
     from refimpl.verify.compare import error_stats
     row = {"op": case.op, "backend": backend, "shape": case.label, "dtype": str(case.dtype),
            "passed": False, "bound_ratio": None, "max_ulp": None, "nmse": None, "error": None}
     try:
         outs = [("call", fn(*case.args, **case.kwargs))]
+    except Exception as e:  # a crash is a failed verification, reported with its message
+        row["error"] = f"{type(e).__name__}: {e}"
+        if isinstance(e, TypeError) and case.dtype == np.float64 and "float64" in str(e):
+            row["unsupported"] = str(e)      # the call refused float64 inputs: the contract allows it
+        return row
+    try:
         prep = prepare_of(fn, case.op) if backend == "c" else None
         if prep is not None:
             cc = prep(*case.args, **case.kwargs)
@@ -403,7 +421,8 @@ def verify(case: Case, backend: str, fn) -> dict:
         for how, out in outs:
             out = np.asarray(out)
             if out.dtype != case.dtype:
-                raise TypeError(f"{how} returned dtype {out.dtype}, expected {case.dtype}")
+                row["error"] = f"{how} returned dtype {out.dtype}, expected {case.dtype}"
+                return row
             s = error_stats(out, case.want, case.bound)
             if worst is None or s.bound_ratio > worst[1].bound_ratio or s.nonfinite_mismatches:
                 worst = (how, s)
@@ -413,11 +432,6 @@ def verify(case: Case, backend: str, fn) -> dict:
                                 f"nonfinite mismatches {s.nonfinite_mismatches}")
         s = worst[1]
         row.update(bound_ratio=s.bound_ratio, max_ulp=s.max_ulp, nmse=s.nmse, passed=row["error"] is None)
-    except TypeError as e:
-        if case.dtype != np.float32 and "dtype" in str(e):
-            # the contract lets a fast backend refuse float64 with a TypeError naming the dtype
-            row["unsupported"] = str(e)
-        row["error"] = f"{type(e).__name__}: {e}"
     except Exception as e:  # a crash is a failed verification, reported with its message
         row["error"] = f"{type(e).__name__}: {e}"
     return row
@@ -459,14 +473,31 @@ class _Threads:
 
 
 def plan(ops=None, backends=None, shapes=None, quick=False):
-    """[(op, dims, causal, [backends])] the run will verify and time."""
+    """[(op, dims, causal, [backends])] the run will verify and time.
+
+    With `shapes` ({op: [(dims, causal)]}, `parse_shapes`) the ops are its ops; when `ops` is
+    given too, both must name the same ops (ValueError naming the op otherwise).  ValueError
+    when nothing is left to time: no requested backend has a kernel for a requested op."""
     from refimpl.kernels import available
     have = available()
-    ops = list(ops or (shapes.keys() if shapes else SHAPE_DIMS))
+    for name, given in (("--ops", ops), ("--backends", backends), ("--shapes", shapes)):
+        if given is not None and not given:
+            raise ValueError(f"{name}: none given")
+    ops = list(dict.fromkeys(ops or (shapes.keys() if shapes else SHAPE_DIMS)))
     for op in ops:
         if op not in SHAPE_DIMS:
             raise ValueError(f"--ops: unknown op {op!r}; ops are {list(SHAPE_DIMS)}")
-    backends = list(backends or ALL_BACKENDS)
+    if shapes:
+        extra = [op for op in shapes if op not in ops]
+        if extra:
+            raise ValueError(f"--shapes: {', '.join(extra)} not in --ops {','.join(ops)} "
+                             "(add it to --ops, or leave its shapes out)")
+        lacking = [op for op in ops if op not in shapes]
+        if lacking:
+            raise ValueError(f"--ops: {', '.join(lacking)} has no shape in --shapes (with --shapes, "
+                             f"every op of --ops needs its shapes there, e.g. {lacking[0]}:"
+                             f"{'x'.join(SHAPE_DIMS[lacking[0]])})")
+    backends = list(dict.fromkeys(backends or ALL_BACKENDS))
     for b in backends:
         if b not in ALL_BACKENDS:
             raise ValueError(f"--backends: unknown backend {b!r}; backends are {list(ALL_BACKENDS)}")
@@ -475,8 +506,12 @@ def plan(ops=None, backends=None, shapes=None, quick=False):
     out = []
     for op in ops:
         bks = [b for b in backends if (b in have.get(op, []) or (b == "torch" and torch_ok))]
-        for dims, causal in table.get(op, []):
-            out.append((op, tuple(dims), bool(causal), bks))
+        if bks:
+            out.extend((op, tuple(dims), bool(causal), bks) for dims, causal in table.get(op, []))
+    if not out:
+        raise ValueError(f"nothing to time: no backend of {','.join(backends)} has a kernel for "
+                         f"{','.join(ops)}" + ("" if torch_ok or "torch" not in backends else
+                                               " (torch is not installed)"))
     return out
 
 
@@ -486,7 +521,7 @@ def run(ops=None, backends=None, shapes=None, dtype="float32", cold=False, quick
     """Verify, then time; returns the report dict (see the module docstring for its schema)."""
     from refimpl.timing.harness import (GATE_LEVEL_PCT, GATE_MIN_ROUNDS, GATE_TOL, QuietProbe, cpu_times,
                                         measure_interleaved)
-    from refimpl.timing.machine import describe
+    from refimpl.timing.machine import blas_info, describe
     dtype = str(np.dtype(dtype))
     if dtype not in ("float32", "float64"):
         raise ValueError(f"--dtype must be float32 or float64, got {dtype}")
@@ -516,6 +551,9 @@ def run(ops=None, backends=None, shapes=None, dtype="float32", cold=False, quick
     prog = _progress(console) if progress else None
     cases = {}
     with _Threads():
+        # the thread counts in force from here on, not describe()'s (cached, read before the limit)
+        machine = dataclasses.replace(machine, blas=blas_info())
+        report["machine"] = machine.as_dict()
         # 1. verify everything first
         n_verify = sum(len(b) for *_, b in jobs)
         task = prog.add_task("verifying", total=n_verify) if prog else None
@@ -617,7 +655,7 @@ def machine_probes() -> list:
     from refimpl.timing.machine import cache_sizes
     l3 = next((c["size"] for c in cache_sizes() if c["level"] == 3), 32 << 20)
     return [("core_add_chain", add_chain_ccall(PROBE_ADDS)),
-            ("l3_read", BufferRead(l3 // 2))]
+            ("l3_read", BufferRead(max(256, l3 // 2 // 256 * 256)))]   # whole 256-byte trips
 
 
 def core_clock(machine, probe: dict | None, source: str = "core_add_chain probe (same rounds as the rows)"):
@@ -743,7 +781,9 @@ def print_report(report: dict, console=None) -> None:
                   f"{m['tsc_hz'] * m['core_per_tsc'] / 1e9:.2f} GHz{_core_source(report)}), peak "
                   f"{m['peak_flop_per_cycle'][report['settings']['dtype']]:g} FLOP/core cycle "
                   f"\\[{m['peak_source']}]; timer overhead {m['overhead_ticks']} ticks, step "
-                  f"{m['granularity_ticks']}; PMU: {m['perf_reason'] if not m['perf_available'] else 'yes'}")
+                  f"{m['granularity_ticks']}; PMU: {m['perf_reason'] if not m['perf_available'] else 'yes'}"
+                  + ("" if m.get("cpu_ids", True) else "; the counter reads no cpu id (no RDTSCP): "
+                     "a migration inside a sample is not seen, only pinning prevents it"))
     bw = m.get("bandwidth") or {}
     if bw:
         console.print("bandwidth B/tick (read / copy): " + ", ".join(
@@ -757,9 +797,14 @@ def print_report(report: dict, console=None) -> None:
         for v in bad:
             console.print(f"  {v['op']}/{v['backend']} {v['shape']} {v['dtype']}: {v['error']}")
         return
-    nv = sum(1 for v in report["verification"] if v["passed"])
-    console.print(f"all {nv} kernel checks passed against the float64 oracle "
-                  f"(worst bound ratio {max(((v['bound_ratio'] or 0) for v in report['verification']), default=0):.3g})")
+    ok = [v for v in report["verification"] if v["passed"]]
+    dropped = [v for v in report["verification"] if not v["passed"]]    # torch failures, float64 refusals
+    console.print(("" if dropped else "all ") + f"{len(ok)} kernel checks passed against the float64 oracle "
+                  f"(worst bound ratio {max(((v['bound_ratio'] or 0) for v in ok), default=0):.3g})"
+                  + (f"; {len(dropped)} dropped, not timed: " + ", ".join(
+                      f"{v['op']}/{v['backend']} {v['shape']} "
+                      f"({'refuses ' + v['dtype'] if v.get('unsupported') else 'failed; an optional peer'})"
+                      for v in dropped) if dropped else ""))
     counted = any(r.get("core_cycles_source") == "pmu" for r in report["results"])
     t = Table(title=f"refimpl bench ({report['settings']['dtype']}, "
                     f"{'cold' if report['settings']['cold'] else 'warm'} cache, 1 thread; ticks = TSC ticks/call, "
@@ -831,20 +876,43 @@ def _json_default(o):
 
 
 def read_json(path: str) -> dict:
-    """Load a bench JSON file, checking the schema and the row fields compare needs."""
-    with open(path, encoding="utf-8") as f:
-        try:
+    """Load a bench JSON file, checking the schema and the row fields compare uses: ValueError
+    naming the file (and the row and field) otherwise."""
+    try:
+        with open(path, encoding="utf-8") as f:
             d = json.load(f)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}: not JSON: {e}") from None
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not UTF-8 text: {e}") from None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not JSON: {e}") from None
     if not isinstance(d, dict) or d.get("schema") != SCHEMA:
         raise ValueError(f"{path}: not a refimpl bench file (schema {d.get('schema') if isinstance(d, dict) else None!r}, "
                          f"expected {SCHEMA!r})")
+    results = d.get("results", [])
+    if not isinstance(results, list):
+        raise ValueError(f"{path}: results must be a list of rows, got {type(results).__name__}")
     need = ("op", "backend", "shape", "dtype", "median_ticks", "min_ticks", "cv", "flops", "bytes")
-    for i, r in enumerate(d.get("results", [])):
+    for i, r in enumerate(results):
+        if not isinstance(r, dict):
+            raise ValueError(f"{path}: results[{i}] must be an object, got {type(r).__name__}")
         miss = [k for k in need if k not in r]
         if miss:
             raise ValueError(f"{path}: results[{i}] lacks {miss}")
+        where = f"{path}: results[{i}] ({r['op']}/{r['backend']} {r['shape']})"
+        bad = [k for k in ("op", "backend", "shape", "dtype") if not isinstance(r[k], str)]
+        if bad:
+            raise ValueError(f"{where}: {bad[0]} must be a string, got {r[bad[0]]!r}")
+        # the numbers compare divides by or scales with: median > 0, the rest >= 0 (or null)
+        for k, positive, optional in (("median_ticks", True, False), ("cv", False, False),
+                                      ("mad_ticks", False, True), ("median_core_cycles", False, True),
+                                      ("faults_per_call", False, True)):
+            v = r.get(k)
+            if v is None and optional:
+                continue
+            ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+            if not (ok and (v > 0 if positive else v >= 0)):
+                raise ValueError(f"{where}: {k} must be a finite number {'> 0' if positive else '>= 0'}"
+                                 f"{' or null' if optional else ''}, got {v!r}")
     return d
 
 
@@ -880,9 +948,13 @@ def compare(old: dict, new: dict, sigmas: float = 3.0, min_change: float = 0.05)
     host's core clock (22 % between two back-to-back runs, measured here) moves every
     row's ticks but not its core cycles, while a change of the code moves both.  Else
     those two are None.  `old_faults` / `new_faults` are the rows' page faults per call
-    (None when a run did not record them).  The exit status of `refimpl bench compare`
-    follows `verdict` only.
+    (None when a run did not record them).  Rows of only one run are left out (`unmatched`
+    lists them).  The exit status of `refimpl bench compare` follows `verdict`, and is a
+    failure too when a row of `old` is missing from `new`.
     """
+    for name, v in (("--sigmas", sigmas), ("--min-change", min_change)):
+        if not (isinstance(v, (int, float)) and v >= 0):
+            raise ValueError(f"{name} must be a number >= 0, got {v!r}")
     olds = {_key(r): r for r in old.get("results", [])}
     cycles = _probe_clock(old) and _probe_clock(new)
     out = []
@@ -907,6 +979,28 @@ def compare(old: dict, new: dict, sigmas: float = 3.0, min_change: float = 0.05)
         row["vs_shift"] = row["ratio"] / shift["ratio"] if shift else None
         row["verdict_vs_shift"] = (_verdict(row["vs_shift"], row["threshold"]) if shift else None)
     return out
+
+
+def _label(key) -> str:
+    op, backend, shape, dtype, cold = key
+    return f"{op}/{backend} {shape} {dtype}" + (" cold" if cold else "")
+
+
+def unmatched(old: dict, new: dict) -> tuple[list[str], list[str]]:
+    """(rows only in `old`, rows only in `new`) as "op/backend shape dtype[ cold]" labels: the rows
+    `compare` cannot match.  `refimpl bench compare` fails (exit 1) on a row of `old` missing from
+    `new` (a kernel no longer timed cannot show its regression) and lists the new ones."""
+    ko = [_key(r) for r in old.get("results", [])]
+    kn = [_key(r) for r in new.get("results", [])]
+    so, sn = set(ko), set(kn)
+    return [_label(k) for k in ko if k not in sn], [_label(k) for k in kn if k not in so]
+
+
+def settings_differences(old: dict, new: dict) -> list[str]:
+    """The settings (dtype, cold, quick) two runs differ in, as "name old -> new": their rows
+    differ in shape or in what they measure, so the ratios are not comparable."""
+    so, sn = old.get("settings") or {}, new.get("settings") or {}
+    return [f"{k} {so.get(k)} -> {sn.get(k)}" for k in ("dtype", "cold", "quick") if so.get(k) != sn.get(k)]
 
 
 def _probe_clock(report: dict) -> bool:

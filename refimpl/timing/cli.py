@@ -26,7 +26,8 @@ def add_parser(subparsers) -> None:
     b.add_argument("--shapes", default=None,
                    help="op:AxB..[,op:..] e.g. matmul:256x256x256,attention:8x2x128x128x64c "
                         "(matmul MxKxN, softmax RxN, attention HxHkvxLqxLkxD[c=causal], norms and "
-                        "activations TxD, rope HxTxD)")
+                        "activations TxD, rope HxTxD); the ops default to those named here, and with "
+                        "--ops both must name the same ops (an op of --ops without shapes here is an error)")
     b.add_argument("--dtype", default="float32", choices=("float32", "float64"))
     b.add_argument("--cold", action="store_true", help="cold cache: flush (> L3) before every sample, 1 call each")
     b.add_argument("--quick", action="store_true", help="small shapes and a short time budget (smoke test)")
@@ -44,13 +45,21 @@ def add_parser(subparsers) -> None:
     b.add_argument("--no-progress", action="store_true", help="no progress bar")
     b.set_defaults(func=_bench)
     sub = b.add_subparsers(dest="bench_command", metavar="{compare}")
-    c = sub.add_parser("compare", help="compare two bench JSON files; flag regressions beyond noise")
+    c = sub.add_parser(
+        "compare", help="compare two bench JSON files; flag regressions beyond noise",
+        description="Match the rows of OLD and NEW by (op, backend, shape, dtype, cold) and judge each "
+                    "ratio new / old against the rows' noise.  Exit status 1 when a row regressed or a "
+                    "row of OLD is missing from NEW (rows only in NEW are listed, not a failure); 2 when "
+                    "a file is unreadable or failed verification (passed: false), or no rows match.  "
+                    "A difference in settings dtype, cold or quick is warned about.")
     c.add_argument("old")
     c.add_argument("new")
     c.add_argument("--sigmas", type=float, default=3.0, help="noise multiple for a change (default 3)")
     c.add_argument("--min-change", type=float, default=0.05,
                    help="smallest relative change ever flagged (default 0.05 = 5%%)")
-    c.set_defaults(func=_compare)
+    # `refimpl bench --json X compare A B`: the run's options would be silently ignored
+    c.set_defaults(func=_compare, run_defaults={k: v for k, v in vars(b.parse_args([])).items()
+                                                if k not in ("func", "bench_command")})
 
     p = subparsers.add_parser(
         "profile", help="cycles per token by stage (prefill and decode) against the analytic roofline",
@@ -106,7 +115,7 @@ def _bench(args) -> int:
     console = _console()
     try:
         check_outputs(args)
-        shapes = bench.parse_shapes(args.shapes) if args.shapes else None
+        shapes = bench.parse_shapes(args.shapes) if args.shapes is not None else None
         report = bench.run(ops=args.ops, backends=args.backends, shapes=shapes, dtype=args.dtype,
                            cold=args.cold, quick=args.quick, budget_s=args.budget, rounds=args.rounds,
                            max_samples=args.max_samples, gate=not args.no_gate,
@@ -126,16 +135,44 @@ def _bench(args) -> int:
 
 
 def _compare(args) -> int:
-    from refimpl.timing import bench
+    """Exit 0: no regression; 1: a regression, or a row of OLD missing from NEW; 2: bad input."""
     console = _console()
     try:
-        old, new = bench.read_json(args.old), bench.read_json(args.new)
+        return _compare_files(args, console)
     except (OSError, ValueError) as e:
         console.print(f"[red]error:[/] {e}")
         return 2
+    except Exception as e:  # a bug or a malformed file we did not foresee: never exit 1 ("regression")
+        console.print(f"[red]error:[/] compare failed: {type(e).__name__}: {e}")
+        return 2
+
+
+def _compare_files(args, console) -> int:
+    from refimpl.timing import bench
+    given = [f"--{k.replace('_', '-')}" for k, v in args.run_defaults.items() if getattr(args, k) != v]
+    if given:
+        raise ValueError(f"{', '.join(given)}: option(s) of a bench run, not of `refimpl bench compare` "
+                         "(which takes OLD NEW --sigmas --min-change)")
+    old, new = bench.read_json(args.old), bench.read_json(args.new)
+    for path, d in ((args.old, old), (args.new, new)):
+        if not d.get("passed", True):
+            raise ValueError(f"{path}: that run failed verification (passed: false): nothing was timed to compare")
     rows = bench.compare(old, new, sigmas=args.sigmas, min_change=args.min_change)
+    only_old, only_new = bench.unmatched(old, new)
+    diff = bench.settings_differences(old, new)
+    if diff:
+        console.print(f"[yellow]warning:[/] the runs differ in settings: {'; '.join(diff)}")
+    if not rows:
+        raise ValueError(f"no rows match between {args.old} ({len(old.get('results', []))} rows) and "
+                         f"{args.new} ({len(new.get('results', []))} rows): rows are matched by op, backend, "
+                         "shape, dtype and cold")
     bench.print_compare(rows, console, probes=bench.compare_probes(old, new))
-    return 1 if any(r["verdict"] == "regression" for r in rows) else 0
+    if only_old:
+        console.print(f"[red]{len(only_old)} row(s) of {args.old} missing from {args.new}[/] (not compared: "
+                      f"a failure): {'; '.join(only_old)}")
+    if only_new:
+        console.print(f"{len(only_new)} row(s) only in {args.new} (not compared): {'; '.join(only_new)}")
+    return 1 if only_old or any(r["verdict"] == "regression" for r in rows) else 0
 
 
 def _profile(args) -> int:

@@ -62,11 +62,13 @@ peer {model, check_worst_over_bound} (torch only),
 prefill_per_layer_ticks_per_token {"layers.i.stage": ticks}, wall_s, core_per_tsc,
 core_per_tsc_source, core_per_tsc_calibrated}}} with row = {stage, ticks,
 core_cycles (estimated: ticks x the backend's core_per_tsc), flops, bytes,
-roofline_ticks, bound, measured_over_bound, summed}; all per token; the last row
-is "total".  core_per_tsc is the mean of an add-chain probe timed just before and
-just after the backend's runs (`bench.core_clock`: the host's core clock moves
-between runs, and the one-shot calibration at start-up differed from a probe timed
-through the following run by up to 8 %).
+roofline_ticks, bound ("compute"|"memory": the larger term of the stage's roofline
+minimum), measured_over_bound, summed}; all per token; the last row is "total", the
+sum of the summed rows, whose bound is instead the level every row's bytes were charged
+to and its bandwidth (e.g. "L3 38.3 B/tick").  core_per_tsc is the mean of an add-chain
+probe timed just before and just after the backend's runs (`bench.core_clock`: the host's
+core clock moves between runs, and the one-shot calibration at start-up differed from a
+probe timed through the following run by up to 8 %).
 """
 from __future__ import annotations
 
