@@ -25,7 +25,7 @@ def test_classic_matches_torch_transformer_layers(seed):
     c, P = m.config, m.params
     D, T = c.d_model, 11
     ids = np.random.default_rng(seed).integers(0, c.vocab_size, T)
-    t = lambda a: torch.from_numpy(np.ascontiguousarray(a))  # noqa: E731
+    t = lambda a: torch.from_numpy(np.array(a))  # noqa: E731
 
     pos = torch.arange(T, dtype=torch.float64)[:, None]
     i2 = torch.arange(0, D, 2, dtype=torch.float64)[None, :]

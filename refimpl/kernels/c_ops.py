@@ -18,7 +18,8 @@ import numpy as np
 from refimpl._kernels import ffi, lib
 from refimpl.kernels.buffers import address, apart_empty
 from refimpl.kernels.ccall import CCall
-from refimpl.kernels.contracts import check_array, check_attention_args, check_attention_shapes
+from refimpl.kernels.contracts import (check_array, check_attention_args, check_attention_shapes, check_finite,
+                                      check_flag)
 from refimpl.kernels.registry import register
 
 _INT32_MAX = 2**31 - 1
@@ -34,17 +35,6 @@ def _f32(name: str, x, ndim: int | None = None) -> np.ndarray:
 
 def _fp(a: np.ndarray):
     return ffi.from_buffer("float[]", a)
-
-
-def _finite(name: str, value, positive: bool = False, nonneg: bool = False) -> float:
-    try:
-        f = float(value)
-    except (TypeError, ValueError):
-        raise TypeError(f"argument {name!r} must be a real number, got {type(value).__name__}") from None
-    if not math.isfinite(f) or (positive and f <= 0) or (nonneg and f < 0):
-        need = "> 0" if positive else (">= 0" if nonneg else "finite")
-        raise ValueError(f"argument {name!r} must be finite and {need}, got {value!r}")
-    return f
 
 
 def _prepared(thunk: str, ctype: str, fields: dict, out: np.ndarray, keep: list, status: bool = False) -> CCall:
@@ -103,7 +93,7 @@ softmax.prepare = prepare_softmax
 def _kv_head_stride(k, v):
     """Floats between kv heads if k and v are the same kind of head-strided view (rows of a head
     contiguous, e.g. cache[:, :Lk] of a (Hkv, S_max, D) KV cache), else None (they get copied)."""
-    if not (isinstance(k, np.ndarray) and isinstance(v, np.ndarray) and k.ndim == 3 and k.shape == v.shape
+    if not (type(k) is np.ndarray and type(v) is np.ndarray and k.ndim == 3 and k.shape == v.shape
             and k.dtype == v.dtype == np.float32 and k.dtype.isnative and k.flags.aligned and v.flags.aligned
             and k.strides == v.strides):
         return None
@@ -114,14 +104,15 @@ def _kv_head_stride(k, v):
     return s0 // 4
 
 
-def _attention_args(q, k, v, causal, scale):  # -> q, k, v, kv_stride, scale
+def _attention_args(q, k, v, causal, scale):  # -> q, k, v, kv_stride, causal, scale
     """Checked arguments; k, v may stay head-strided views of a KV cache (kv_stride floats apart)."""
+    causal = check_flag("causal", causal)
     kv_stride = _kv_head_stride(k, v)
     q = _f32("q", q, ndim=3)
     if kv_stride is None:
-        q, k, v = check_attention_args(q, _f32("k", k, ndim=3), _f32("v", v, ndim=3), bool(causal))
+        q, k, v = check_attention_args(q, _f32("k", k, ndim=3), _f32("v", v, ndim=3), causal)
     else:
-        check_attention_shapes(q.shape, k.shape, v.shape, bool(causal))
+        check_attention_shapes(q.shape, k.shape, v.shape, causal)
     H, Lq, D = q.shape
     Hkv, Lk, _ = k.shape
     if D == 0:
@@ -130,8 +121,8 @@ def _attention_args(q, k, v, causal, scale):  # -> q, k, v, kv_stride, scale
         raise ValueError(f"attention: needs at least one key, got k of shape {k.shape}")
     if Lk > _INT32_MAX:
         raise ValueError(f"attention: Lk={Lk} exceeds the C kernel's limit {_INT32_MAX}")
-    scale = 1.0 / math.sqrt(D) if scale is None else _finite("scale", scale)
-    return q, k, v, kv_stride or Lk * D, scale
+    scale = 1.0 / math.sqrt(D) if scale is None else check_finite("scale", scale, np.float32)
+    return q, k, v, kv_stride or Lk * D, causal, scale
 
 
 def _kv_pointers(k, v):
@@ -141,14 +132,14 @@ def _kv_pointers(k, v):
 
 def prepare_attention(q, k, v, causal=False, scale=None) -> CCall:  # [H,Lq,D],[Hkv,Lk,D],[Hkv,Lk,D] -> [H,Lq,D]
     """Also takes k, v as head-strided views of a longer KV cache without copying them."""
-    q, k, v, kv_stride, scale = _attention_args(q, k, v, causal, scale)
+    q, k, v, kv_stride, causal, scale = _attention_args(q, k, v, causal, scale)
     H, Lq, D = q.shape
     Hkv, Lk, _ = k.shape
     out = apart_empty(q.shape, q.dtype, like=q)
     bufs = [_fp(out), _fp(q), *_kv_pointers(k, v)] if q.size else [ffi.NULL] * 4
     return _prepared("rf_attention_thunk", "rf_attention_args",
                      dict(out=bufs[0], q=bufs[1], k=bufs[2], v=bufs[3], H=H, Hkv=Hkv, Lq=Lq, Lk=Lk, D=D,
-                          kv_stride=kv_stride, scale=scale, causal=int(bool(causal)), status=0),
+                          kv_stride=kv_stride, scale=scale, causal=int(causal), status=0),
                      out, [q, k, v, *bufs], status=True)
 
 
@@ -156,11 +147,11 @@ def prepare_attention(q, k, v, causal=False, scale=None) -> CCall:  # [H,Lq,D],[
 def attention(q, k, v, causal=False, scale=None):  # [H,Lq,D],[Hkv,Lk,D],[Hkv,Lk,D] -> [H,Lq,D]
     """Flash-style attention (online softmax over 64-key tiles, 48-row query blocks, GQA in place);
     blocks of <= 8 rows per kv head (decode) take a dot-product path with a two-pass softmax."""
-    q, k, v, kv_stride, scale = _attention_args(q, k, v, causal, scale)
+    q, k, v, kv_stride, causal, scale = _attention_args(q, k, v, causal, scale)
     out = apart_empty(q.shape, q.dtype, like=q)
     if q.size and lib.rf_attention_f32_strided(_fp(out), _fp(q), *_kv_pointers(k, v), q.shape[0], k.shape[0],
                                                q.shape[1], k.shape[1], q.shape[2], kv_stride, scale,
-                                               int(bool(causal))):
+                                               int(causal)):
         raise MemoryError("rf_attention_f32: could not allocate its scratch buffers")
     return out
 
@@ -173,22 +164,22 @@ attention.prepare = prepare_attention
 # --------------------------------------------------------------------------
 
 
-def _norm_args(x, w, b):
+def _row_vector(name: str, a, x) -> np.ndarray:
+    """`a` checked as a float32 [D] for the rows of x [T,D]."""
+    a = _f32(name, a, ndim=1)
+    if a.shape != x.shape[1:]:
+        raise ValueError(f"argument {name!r} has shape {a.shape}, expected ({x.shape[1]},) to match x {x.shape}")
+    return a
+
+
+def _norm_args(x, w, eps, *b):  # -> x, w, eps, then b if given (layer_norm)
     x = _f32("x", x, ndim=2)
-    D = x.shape[1]
-    w = _f32("w", w, ndim=1)
-    if w.shape != (D,):
-        raise ValueError(f"argument 'w' has shape {w.shape}, expected ({D},) to match x {x.shape}")
-    if b is not None:
-        b = _f32("b", b, ndim=1)
-        if b.shape != (D,):
-            raise ValueError(f"argument 'b' has shape {b.shape}, expected ({D},) to match x {x.shape}")
-    return x, w, b
+    return (x, _row_vector("w", w, x), check_finite("eps", eps, np.float32, nonneg=True),
+            *(_row_vector("b", a, x) for a in b))
 
 
 def prepare_layer_norm(x, w, b, eps=1e-5) -> CCall:  # [T,D],[D],[D] -> [T,D]
-    x, w, b = _norm_args(x, w, b)
-    eps = _finite("eps", eps, nonneg=True)
+    x, w, eps, b = _norm_args(x, w, eps, b)
     out = apart_empty(x.shape, x.dtype, like=x)
     bufs = [_fp(a) for a in (out, x, w, b)] if x.size else [ffi.NULL] * 4
     T, D = x.shape if x.size else (0, 0)
@@ -199,8 +190,7 @@ def prepare_layer_norm(x, w, b, eps=1e-5) -> CCall:  # [T,D],[D],[D] -> [T,D]
 @register("layer_norm", "c")
 def layer_norm(x, w, b, eps=1e-5):  # [T,D],[D],[D] -> [T,D]
     """LayerNorm over rows: (x - mean) / sqrt(var + eps) * w + b."""
-    x, w, b = _norm_args(x, w, b)
-    eps = _finite("eps", eps, nonneg=True)
+    x, w, eps, b = _norm_args(x, w, eps, b)
     out = apart_empty(x.shape, x.dtype, like=x)
     if x.size:
         lib.rf_layer_norm_f32(_fp(out), _fp(x), _fp(w), _fp(b), *x.shape, eps)
@@ -211,8 +201,7 @@ layer_norm.prepare = prepare_layer_norm
 
 
 def prepare_rms_norm(x, w, eps=1e-6) -> CCall:  # [T,D],[D] -> [T,D]
-    x, w, _ = _norm_args(x, w, None)
-    eps = _finite("eps", eps, nonneg=True)
+    x, w, eps = _norm_args(x, w, eps)
     out = apart_empty(x.shape, x.dtype, like=x)
     bufs = [_fp(a) for a in (out, x, w)] if x.size else [ffi.NULL] * 3
     T, D = x.shape if x.size else (0, 0)
@@ -223,8 +212,7 @@ def prepare_rms_norm(x, w, eps=1e-6) -> CCall:  # [T,D],[D] -> [T,D]
 @register("rms_norm", "c")
 def rms_norm(x, w, eps=1e-6):  # [T,D],[D] -> [T,D]
     """RMSNorm over rows: x / sqrt(mean(x^2) + eps) * w."""
-    x, w, _ = _norm_args(x, w, None)
-    eps = _finite("eps", eps, nonneg=True)
+    x, w, eps = _norm_args(x, w, eps)
     out = apart_empty(x.shape, x.dtype, like=x)
     if x.size:
         lib.rf_rms_norm_f32(_fp(out), _fp(x), _fp(w), *x.shape, eps)
@@ -283,7 +271,7 @@ silu.prepare = prepare_silu
 # --------------------------------------------------------------------------
 
 
-def _rope_args(x, positions, theta):  # -> x [H,T,D], positions [T] int64, theta
+def _rope_args(x, positions, theta, interleaved):  # -> x [H,T,D], positions [T] int64, theta, interleaved
     x = _f32("x", x, ndim=3)
     H, T, D = x.shape
     if D % 2:
@@ -296,11 +284,11 @@ def _rope_args(x, positions, theta):  # -> x [H,T,D], positions [T] int64, theta
     if p.dtype.kind == "u" and p.size and int(p.max()) > np.iinfo(np.int64).max:
         raise ValueError("argument 'positions' has values beyond the int64 range")
     p = np.ascontiguousarray(p, dtype=np.int64)
-    return x, p, _finite("theta", theta, positive=True)
+    return x, p, check_finite("theta", theta, positive=True), check_flag("interleaved", interleaved)
 
 
 def prepare_rope(x, positions, theta=10000.0, interleaved=False) -> CCall:  # [H,T,D],[T] -> [H,T,D]
-    x, p, theta = _rope_args(x, positions, theta)
+    x, p, theta, interleaved = _rope_args(x, positions, theta, interleaved)
     H, T, D = x.shape
     out = apart_empty(x.shape, x.dtype, like=x)
     if x.size:
@@ -309,17 +297,17 @@ def prepare_rope(x, positions, theta=10000.0, interleaved=False) -> CCall:  # [H
         bufs = [ffi.NULL] * 3
     return _prepared("rf_rope_thunk", "rf_rope_args",
                      dict(out=bufs[0], x=bufs[1], positions=bufs[2], H=H, T=T, D=D, theta=theta,
-                          interleaved=int(bool(interleaved)), status=0),
+                          interleaved=int(interleaved), status=0),
                      out, [x, p, *bufs], status=True)
 
 
 @register("rope", "c")
 def rope(x, positions, theta=10000.0, interleaved=False):  # [H,T,D],[T] -> [H,T,D]
     """Rotary embedding, half-split (HF) or interleaved pairs (llama2.c); angles in double."""
-    x, p, theta = _rope_args(x, positions, theta)
+    x, p, theta, interleaved = _rope_args(x, positions, theta, interleaved)
     out = apart_empty(x.shape, x.dtype, like=x)
     if x.size and lib.rf_rope_f32(_fp(out), _fp(x), ffi.from_buffer("int64_t[]", p), *x.shape, theta,
-                                  int(bool(interleaved))):
+                                  int(interleaved)):
         raise MemoryError("rf_rope_f32: could not allocate its angle table")
     return out
 

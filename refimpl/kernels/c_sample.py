@@ -24,15 +24,13 @@ import math
 import numpy as np
 
 from refimpl._kernels import ffi, lib
-from refimpl.oracle.sampling import XorShift64Star, check_temperature, check_top, greedy
+from refimpl.oracle.sampling import XorShift64Star, check_logits, check_temperature, check_top, greedy
 
 
-def _logits(logits, temperature: float) -> np.ndarray:
-    """`logits` as a C-contiguous float64 [V] whose max(z) / temperature is finite: no NaN, no
+def _finite_logits(z: np.ndarray, temperature: float) -> np.ndarray:
+    """float64 [V] `z` as a C-contiguous array whose max(z) / temperature is finite: no NaN, no
     +inf, not all -inf, no overflow (one pass over z when they are fine)."""
-    z = np.ascontiguousarray(logits, dtype=np.float64)
-    if z.ndim != 1 or z.shape[0] == 0:
-        raise ValueError(f"logits must be a non-empty 1-D array [V], got shape {z.shape}")
+    z = np.ascontiguousarray(z)
     top = float(z.max()) / temperature              # Python floats: nan, +inf or -inf for every bad case
     if not math.isfinite(top):
         bad = np.isnan(z) | np.isposinf(z)
@@ -49,16 +47,17 @@ def sample(logits, temperature=0.0, top_k=None, top_p=None, rng: XorShift64Star 
            reference: bool = False) -> int:
     """One token id from `logits` [V] by the rule of refimpl.oracle.sampling (see the module
     docstring).  `reference=True` runs the naive C (an O(V^2) insertion sort; for tests)."""
+    z = check_logits(logits)
     temperature = check_temperature(temperature, rng)
     if temperature is None:
-        return greedy(np.asarray(logits, dtype=np.float64))
+        return greedy(z)
     top_k, top_p = check_top(top_k, top_p)
-    z = _logits(logits, temperature)
+    z = _finite_logits(z, temperature)
     V = z.shape[0]
     p = np.empty(V, np.float64)
     work = np.empty(lib.rf_sample_work_words(V), np.uint64)
     fn = lib.rf_sample_f64_ref if reference else lib.rf_sample_f64
     r = rng.next_f64()
-    return int(fn(ffi.from_buffer("double[]", z), V, temperature, top_k or 0, top_p or 0.0, r,
+    return int(fn(ffi.from_buffer("double[]", z), V, temperature, min(top_k or 0, V), top_p or 0.0, r,
                   ffi.from_buffer("double[]", p, require_writable=True),
                   ffi.from_buffer("uint64_t[]", work, require_writable=True)))

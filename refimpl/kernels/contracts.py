@@ -7,6 +7,11 @@ Argument rules (all backends)
   ValueError naming the argument and the sizes.
 * inputs that are not C-contiguous (or not aligned) are copied to a
   C-contiguous array first; the result is always a new C-contiguous array.
+  Masked arrays are refused (TypeError); other ndarray subclasses are read as ndarrays.
+* flags (causal, interleaved): bool or 0 / 1, else TypeError (check_flag).
+* scalars (eps >= 0, scale, theta > 0): a finite int or float, within float32's range
+  when the kernel takes it as float32; TypeError for bool, str, arrays, ValueError for
+  the rest (check_finite).
 
 Error bounds (elementwise, absolute, computed in float64)
 ---------------------------------------------------------
@@ -52,9 +57,16 @@ def check_array(name: str, x, dtypes=_FLOATS, ndim: int | None = None) -> np.nda
     """Validate `x` (argument `name`): ndarray, allowed dtype, rank; return it C-contiguous.
 
     Non-contiguous, misaligned or byte-swapped inputs are copied (documented contract).
+    A masked array is refused (the C and Numba kernels would read the masked entries);
+    other subclasses (np.matrix, np.memmap) come back as plain ndarrays.
     """
     if not isinstance(x, np.ndarray):
         raise TypeError(f"argument {name!r} must be a numpy.ndarray, got {type(x).__name__}")
+    if isinstance(x, np.ma.MaskedArray):
+        raise TypeError(f"argument {name!r} is a masked array: the kernels read every entry, masked or "
+                        "not (pass x.filled(value) or the plain data)")
+    if type(x) is not np.ndarray:
+        x = np.asarray(x)                            # np.matrix stays 2-D under reshape; kernels need ndarray
     dt = x.dtype if x.dtype.isnative else x.dtype.newbyteorder("=")
     if dt not in dtypes:
         allowed = ", ".join(np.dtype(d).name for d in dtypes)
@@ -66,6 +78,40 @@ def check_array(name: str, x, dtypes=_FLOATS, ndim: int | None = None) -> np.nda
     if not (x.flags.c_contiguous and x.flags.aligned):
         x = np.array(x, order="C", copy=True)        # ascontiguousarray keeps a misaligned array as it is
     return x
+
+
+def check_flag(name: str, value) -> bool:
+    """A bool argument (`causal`, `interleaved`): bool, np.bool_ or the integers 0 / 1; TypeError
+    naming the argument for anything else ('False', None, 2, an array would be truthy or ambiguous)."""
+    if isinstance(value, (bool, np.bool_)) or (isinstance(value, (int, np.integer)) and value in (0, 1)):
+        return bool(value)
+    raise TypeError(f"argument {name!r} must be a bool (or 0 / 1), got {value!r}")
+
+
+_F32_MAX = float(np.finfo(np.float32).max)
+
+
+def check_finite(name: str, value, dtype=np.float64, positive: bool = False, nonneg: bool = False) -> float:
+    """A real scalar argument (eps, scale, theta) as a Python float.
+
+    TypeError naming the argument unless `value` is an int or float (Python or NumPy; not bool,
+    str or an array); ValueError if it is not finite, not > 0 (`positive`) or not >= 0
+    (`nonneg`), or, when the kernel takes it as float32 (`dtype`), beyond float32's range (it
+    would become inf there).
+    """
+    if not isinstance(value, (int, float, np.integer, np.floating)) or isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"argument {name!r} must be a real number, got {type(value).__name__} {value!r}")
+    try:
+        f = float(value)
+    except OverflowError:                            # an int beyond float64
+        f = math.inf
+    if not math.isfinite(f) or (positive and f <= 0) or (nonneg and f < 0):
+        need = "finite and > 0" if positive else ("finite and >= 0" if nonneg else "finite")
+        raise ValueError(f"argument {name!r} must be {need}, got {value!r}")
+    if abs(f) > _F32_MAX and np.dtype(dtype) == np.float32:
+        raise ValueError(f"argument {name!r} = {value!r} overflows float32 (max {_F32_MAX:.7g}), "
+                         "the kernel's dtype")
+    return f
 
 
 def check_same_dtype(**arrays) -> np.dtype:

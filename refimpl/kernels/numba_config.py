@@ -52,6 +52,9 @@ FASTMATH_ELEMENTWISE = frozenset({"contract"})            # gelu, silu, rope, ex
 # a branch out of the loop that stops LLVM vectorising it; "numpy" (IEEE: x/0 = inf) for kernels
 # whose divisors cannot be 0 (the logistic's 1 + e >= 1)
 ERROR_MODEL_ELEMENTWISE = "numpy"
+# the norms' 1 / sqrt(var + eps) is 1 / 0 for a constant row at eps = 0: IEEE inf (the row becomes
+# 0 * inf = NaN, as in the oracle), not the "python" model's ZeroDivisionError
+ERROR_MODEL_NORMS = "numpy"
 CACHE = True
 
 # --------------------------------------------------------------------------
@@ -79,7 +82,7 @@ ATTN_BK = 48
 # kernels recompile instead of silently loading code built with the old values.
 FINGERPRINT = hashlib.sha1(repr((
     sorted(FASTMATH_GEMM), sorted(FASTMATH_REDUCE), sorted(FASTMATH_ELEMENTWISE), ERROR_MODEL_ELEMENTWISE,
-    GEMM_MR, GEMM_NR, GEMM_KC, GEMM_MC, GEMM_NC, GEMV_NB, ATTN_BQ, ATTN_BK)).encode()).hexdigest()[:10]
+    ERROR_MODEL_NORMS, GEMM_MR, GEMM_NR, GEMM_KC, GEMM_MC, GEMM_NC, GEMV_NB, ATTN_BQ, ATTN_BK)).encode()).hexdigest()[:10]
 
 
 def kernel(fastmath, **kw):

@@ -28,7 +28,8 @@ from numba.extending import intrinsic, overload
 
 from refimpl.kernels import numba_config as cfg
 from refimpl.kernels.buffers import aligned_empty, apart_empty, apart_zeros
-from refimpl.kernels.contracts import check_array, check_attention_args, check_matmul_args, check_same_dtype
+from refimpl.kernels.contracts import (check_array, check_attention_args, check_finite, check_flag, check_matmul_args,
+                                      check_same_dtype)
 from refimpl.kernels.registry import register
 
 MR, NR = cfg.GEMM_MR, cfg.GEMM_NR
@@ -618,20 +619,16 @@ def _attention_kernel(out, q, k, v, causal, scale):  # out [H,Lq,D], q [H,Lq,D],
 @register("attention", "numba")
 def attention(q, k, v, causal=False, scale=None):  # [H,Lq,D],[Hkv,Lk,D],[Hkv,Lk,D] -> [H,Lq,D]
     """Flash-style attention with GQA (H % Hkv == 0) and an optional causal mask."""
+    causal = check_flag("causal", causal)
     q, k, v = check_attention_args(q, k, v, causal)
-    if not isinstance(causal, (bool, np.bool_, int, np.integer)) or causal not in (0, 1):
-        raise TypeError(f"argument 'causal' must be a bool, got {causal!r}")
     H, Lq, D = q.shape
     Lk = k.shape[1]
     if Lk == 0 and Lq > 0:
         raise ValueError("attention: k and v have no positions (Lk=0): softmax over zero keys is undefined")
-    if scale is None:
-        scale = 1.0 / math.sqrt(D) if D else 1.0
-    if not isinstance(scale, (int, float, np.floating, np.integer)) or isinstance(scale, bool):
-        raise TypeError(f"argument 'scale' must be a real number, got {type(scale).__name__}")
+    scale = (1.0 / math.sqrt(D) if D else 1.0) if scale is None else check_finite("scale", scale, q.dtype)
     out = np.zeros((H, Lq, D), dtype=q.dtype)
     if out.size:
-        cfg.call(_attention_kernel, q.dtype, out, q, k, v, bool(causal), q.dtype.type(scale))
+        cfg.call(_attention_kernel, q.dtype, out, q, k, v, causal, q.dtype.type(scale))
     return out
 
 
@@ -640,10 +637,11 @@ def attention(q, k, v, causal=False, scale=None):  # [H,Lq,D],[Hkv,Lk,D],[Hkv,Lk
 # ==========================================================================
 
 
-@cfg.kernel(cfg.FASTMATH_REDUCE)
+@cfg.kernel(cfg.FASTMATH_REDUCE, error_model=cfg.ERROR_MODEL_NORMS)
 def _layer_norm_kernel(out, x, w, b, eps):  # out [R,D], x [R,D], w [D], b [D]
     """out = (x - mean) (1 / sqrt(var + eps)) w + b, biased variance, per row, in x's dtype
-    (as the C kernel; an int D or a float64 literal would turn the row into float64 math)."""
+    (as the C kernel; an int D or a float64 literal would turn the row into float64 math).
+    A constant row with eps = 0 gives 1 / 0 = inf, 0 * inf = NaN, as the oracle does."""
     R, D = x.shape
     dt = x.dtype.type
     zero, n = dt(0), dt(D)
@@ -670,6 +668,7 @@ def layer_norm(x, w, b, eps=1e-5):  # [..., D], [D], [D] -> [..., D]
     if x.ndim == 0 or w.shape[0] != x.shape[-1] or b.shape[0] != x.shape[-1]:
         raise ValueError(f"layer_norm: x {x.shape}, w {w.shape}, b {b.shape}: w and b must have "
                          f"x's last size")
+    eps = check_finite("eps", eps, x.dtype, nonneg=True)
     out = apart_empty(x.shape, x.dtype, like=x)
     if x.size:
         D = x.shape[-1]
@@ -677,7 +676,7 @@ def layer_norm(x, w, b, eps=1e-5):  # [..., D], [D], [D] -> [..., D]
     return out
 
 
-@cfg.kernel(cfg.FASTMATH_REDUCE)
+@cfg.kernel(cfg.FASTMATH_REDUCE, error_model=cfg.ERROR_MODEL_NORMS)
 def _rms_norm_kernel(out, x, w, eps):  # out [R,D], x [R,D], w [D]
     """out = x (1 / sqrt(mean(x^2) + eps)) w, per row, in x's dtype (as layer_norm)."""
     R, D = x.shape
@@ -699,6 +698,7 @@ def rms_norm(x, w, eps=1e-6):  # [..., D], [D] -> [..., D]
     check_same_dtype(x=x, w=w)
     if x.ndim == 0 or w.shape[0] != x.shape[-1]:
         raise ValueError(f"rms_norm: x {x.shape}, w {w.shape}: w must have x's last size")
+    eps = check_finite("eps", eps, x.dtype, nonneg=True)
     out = apart_empty(x.shape, x.dtype, like=x)
     if x.size:
         D = x.shape[-1]
@@ -833,8 +833,9 @@ def rope(x, positions, theta=10000.0, interleaved=False):  # [..., T, D], [T] ->
     if pos.dtype.kind not in "iuf" or pos.ndim != 1 or pos.shape[0] != T:
         raise ValueError(f"rope: argument 'positions' must be a 1-D array of {T} numbers (x has T={T}), "
                          f"got shape {pos.shape} dtype {pos.dtype}")
+    theta, interleaved = check_finite("theta", theta, positive=True), check_flag("interleaved", interleaved)
     out = apart_empty(x.shape, x.dtype, like=x)
     if x.size:
         cfg.call(_rope_kernel, x.dtype, out.reshape(-1, T, D), x.reshape(-1, T, D),
-                 np.ascontiguousarray(pos, dtype=np.float64), float(theta), bool(interleaved))
+                 np.ascontiguousarray(pos, dtype=np.float64), theta, interleaved)
     return out

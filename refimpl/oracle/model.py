@@ -25,9 +25,10 @@ from __future__ import annotations
 import functools
 import inspect
 import math
+import os
 import time
 from dataclasses import dataclass, field
-from types import SimpleNamespace
+from types import MappingProxyType, SimpleNamespace
 from typing import Callable, Iterable
 
 import numpy as np
@@ -49,13 +50,45 @@ def _no_trace(name, x):
 # --------------------------------------------------------------------------
 
 
-class KVCache:
-    """Keys and values of every past position, per layer: [Hkv, max_seq_len, Dh]."""
+def _physical_memory() -> int | None:
+    """Bytes of RAM on this machine (None if the OS does not say)."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):
+        return None
 
-    def __init__(self, cfg: Config, dtype):
-        shape = (cfg.n_kv_heads, cfg.max_seq_len, cfg.head_dim)
-        self.k = [np.zeros(shape, dtype) for _ in range(cfg.n_layers)]
-        self.v = [np.zeros(shape, dtype) for _ in range(cfg.n_layers)]
+
+def _read_only(a: np.ndarray) -> np.ndarray:
+    """A view of `a` that cannot be written through (`a` itself keeps its flags)."""
+    v = a.view()
+    v.flags.writeable = False
+    return v
+
+
+class KVCache:
+    """Keys and values of up to `capacity` positions (default: max_seq_len), per layer: [Hkv, capacity, Dh].
+
+    A cache larger than this machine's memory, or one NumPy cannot allocate, raises
+    MemoryError naming its size (a checkpoint may declare a context of 10^9 positions)."""
+
+    def __init__(self, cfg: Config, dtype, capacity: int | None = None):
+        cap = cfg.max_seq_len if capacity is None else int(capacity)
+        if not 1 <= cap <= cfg.max_seq_len:
+            raise ValueError(f"KV cache capacity must be 1..max_seq_len = {cfg.max_seq_len}, got {capacity}")
+        shape = (cfg.n_kv_heads, cap, cfg.head_dim)
+        nbytes = 2 * cfg.n_layers * math.prod(shape) * np.dtype(dtype).itemsize
+        what = (f"a KV cache of {cap} positions (2 x {cfg.n_layers} layers x {shape} {np.dtype(dtype).name}) "
+                f"needs {nbytes / 2 ** 30:.3g} GiB")
+        ram = _physical_memory()
+        if ram and nbytes > ram:
+            raise MemoryError(f"{what}, more than this machine's {ram / 2 ** 30:.3g} GiB of memory "
+                              f"(max_seq_len = {cfg.max_seq_len}; ask for fewer positions)")
+        try:
+            self.k = [np.zeros(shape, dtype) for _ in range(cfg.n_layers)]
+            self.v = [np.zeros(shape, dtype) for _ in range(cfg.n_layers)]
+        except (MemoryError, ValueError) as e:
+            raise MemoryError(f"{what} and cannot be allocated ({e})") from None
+        self.capacity = cap
         self.length = 0                                   # positions filled so far
 
     def append(self, layer, k, v):  # [Hkv,T,Dh] x2 -> keys, values [Hkv,S,Dh]
@@ -116,7 +149,8 @@ class Model:
     """A Transformer with its weights, runnable on any kernel backend.
 
     Model(config, params, dtype="float64", backend="numpy")
-      params: {checkpoint key: array} exactly as config.expected_shapes(config) lists.
+      params: {checkpoint key: array} exactly as config.expected_shapes(config) lists; kept
+              as `model.params`, read-only (another weight: build another Model).
       dtype:  the dtype every weight and activation is computed in.
       backend: "numpy" (the oracle), "c" or "numba" (fast kernels, float32).
     """
@@ -133,7 +167,10 @@ class Model:
         self.config = config
         self.backend = backend
         check_params(config, params)
-        self.params = {k: np.ascontiguousarray(np.asarray(v), dtype=self.dtype) for k, v in params.items()}
+        # fixed from here on (read-only views in a read-only mapping): the (in, out) copies below and
+        # the C decode step's packed pointers are made from them once; for other weights, a new Model
+        self.params = MappingProxyType({k: _read_only(np.ascontiguousarray(np.asarray(v), dtype=self.dtype))
+                                        for k, v in params.items()})
         self.ops = _kernel_ops(backend)
         self._w_io = {}                                  # linear weights as contiguous (in, out)
         self._cuts = {}                                  # column ranges of concatenated weights
@@ -222,10 +259,14 @@ class Model:
         if start + ids.shape[0] > self.config.max_seq_len:
             raise ValueError(f"{what}: {start} cached + {ids.shape[0]} new tokens exceed the context limit "
                              f"max_seq_len = {self.config.max_seq_len}")
+        if cache is not None and start + ids.shape[0] > cache.capacity:
+            raise ValueError(f"{what}: {start} cached + {ids.shape[0]} new tokens exceed the KV cache's "
+                             f"capacity of {cache.capacity} positions")
         return ids.astype(np.int64)
 
-    def new_cache(self) -> KVCache:
-        return KVCache(self.config, self.dtype)
+    def new_cache(self, capacity: int | None = None) -> KVCache:
+        """A KV cache for `capacity` positions (default and at most max_seq_len)."""
+        return KVCache(self.config, self.dtype, capacity)
 
     # -- forward ------------------------------------------------------------
     def forward(self, ids, cache: KVCache | None = None, trace: Trace | None = None,
@@ -409,7 +450,8 @@ class Model:
         ids = self._check_ids(ids, None, "prompt")
         stop_set = {int(stop)} if isinstance(stop, (int, np.integer)) else set(int(s) for s in (stop or ()))
         rng = XorShift64Star(random_seed() if seed is None else seed) if temperature else None
-        cache = self.new_cache()
+        # positions for this prompt and continuation only: a checkpoint may declare a context of 10^9
+        cache = self.new_cache(min(len(ids) + int(max_new_tokens), self.config.max_seq_len))
         out = Generation(tokens=[])
         t0 = time.perf_counter()
         logits = self.forward(ids, cache)[-1]

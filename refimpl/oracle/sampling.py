@@ -80,12 +80,24 @@ def sampling_order(p) -> np.ndarray:  # [V] -> [V] ids
     return np.lexsort((ids, -p))
 
 
+def check_logits(logits) -> np.ndarray:  # -> [V] float64
+    """`logits` as a float64 array; ValueError unless it is a non-empty 1-D [V]."""
+    z = np.asarray(logits, dtype=np.float64)
+    if z.ndim != 1 or z.shape[0] == 0:
+        raise ValueError(f"logits must be a non-empty 1-D array [V], got shape {z.shape}")
+    return z
+
+
 def check_top(top_k=None, top_p=None) -> tuple[int | None, float | None]:
-    """top_k as an int >= 1 and top_p as a float in (0, 1], each or None; ValueError otherwise."""
+    """top_k as an int >= 1 (any size: beyond V it keeps every token) and top_p as a float in
+    (0, 1], each or None; TypeError for a top_k that is not an integer (1.9, nan, True), ValueError
+    for values out of range."""
     if top_k is not None:
-        if int(top_k) < 1:
-            raise ValueError(f"top_k must be >= 1, got {top_k}")
+        if not isinstance(top_k, (int, np.integer)) or isinstance(top_k, bool):
+            raise TypeError(f"top_k must be an integer, got {type(top_k).__name__} {top_k!r}")
         top_k = int(top_k)
+        if top_k < 1:
+            raise ValueError(f"top_k must be >= 1, got {top_k}")
     if top_p is not None:
         if not 0.0 < float(top_p) <= 1.0:
             raise ValueError(f"top_p must be in (0, 1], got {top_p}")
@@ -123,7 +135,7 @@ def kept_tokens(p, top_k=None, top_p=None) -> np.ndarray:  # [V] -> [n] ids, in 
 
 def sample(logits, temperature=0.0, top_k=None, top_p=None, rng: XorShift64Star | None = None) -> int:
     """One token id from `logits` [V] by the documented rule."""
-    z = np.asarray(logits, dtype=np.float64)
+    z = check_logits(logits)
     temperature = check_temperature(temperature, rng)
     if temperature is None:
         return greedy(z)

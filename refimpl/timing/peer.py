@@ -70,7 +70,7 @@ def hf_peer(model):
         peer, prefix = T.GPT2LMHeadModel(hc), "transformer."
     else:
         raise PeerError(f"no transformers peer for arch {c.arch!r} (llama and gpt2 have one)")
-    state = {(k if k == "lm_head.weight" else prefix + k): torch.from_numpy(np.ascontiguousarray(v, np.float32))
+    state = {(k if k == "lm_head.weight" else prefix + k): torch.from_numpy(np.array(v, np.float32))
              for k, v in model.params.items()}
     missing, unexpected = peer.load_state_dict(state, strict=False)
     missing = [k for k in missing if not (k == "lm_head.weight" and c.tie_embeddings)]
