@@ -105,3 +105,39 @@ def test_cli_explain():
     out = subprocess.run([sys.executable, "-m", "refimpl", "explain", "model", "--arch", "llama", "--ids", "4,5",
                           "--temperature", "0.7"], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and "Sampled at temperature 0.7" in out.stdout
+
+
+@pytest.mark.parametrize("digits", [-1, 0, 31, 60, 2.5, True])
+def test_digits_out_of_range_is_a_clear_error(digits, capsys):
+    with pytest.raises(ValueError, match="digits must be an integer from 1 to 30"):
+        explain_attention(digits=digits, out=io.StringIO())
+    from refimpl.cli import main
+    if isinstance(digits, int) and not isinstance(digits, bool):
+        assert main(["explain", "attention", "--digits", str(digits)]) == 2
+        assert "digits must be an integer from 1 to 30" in capsys.readouterr().err
+
+
+def test_thirty_digits_are_all_printed_and_correct():
+    mpmath = pytest.importorskip("mpmath")
+    mpmath.mp.dps = 60
+    buf = io.StringIO()
+    explain_attention([[1, 2]], [[1, 0], [0, 1]], [[1], [2]], digits=30, out=buf)
+    s = [1 / mpmath.sqrt(2), 2 / mpmath.sqrt(2)]
+    p1 = mpmath.exp(s[1] - s[1]) / (mpmath.exp(s[0] - s[1]) + 1)
+    assert "p = [" in buf.getvalue()
+    assert mpmath.nstr(p1, 30, strip_zeros=False) in buf.getvalue()
+
+
+def test_huge_inputs_print_in_scientific_notation():
+    buf = io.StringIO()
+    r = explain_attention([[1e308, 0]], [[1, 0], [0, 1]], [[1], [2]], out=buf)
+    text = buf.getvalue()
+    assert "S / √d_k = [[7.0711e+307, 0.0000]]" in text           # 1e308 / sqrt(2), to 4 places of its mantissa
+    assert r["P"][0][1] == 0 and "O[1] = 1.0000·[1] + 0.0000·[2] = [1.0000]" in text
+
+
+def test_qk_shape_mistake_when_n_k_equals_d_k():
+    buf = io.StringIO()
+    explain_attention([[1, 2]], [[1, 0], [0, 1]], [[1], [2]], out=buf)
+    text = buf.getvalue()
+    assert "1 × 2, not" not in text and "n_k = d_k = 2" in text and "column j is key j" in text

@@ -105,3 +105,37 @@ def test_bert_does_not_generate(tmp_path, capsys):
 def test_unknown_checkpoint_path_exits_2(tmp_path, capsys):
     assert main(["generate", str(tmp_path / "nothere"), "--prompt", "a"]) == 2
     assert "nothere" in capsys.readouterr().err
+
+
+def test_generate_uses_the_tokenizer_file_it_is_given(gpt2_dir, tmp_path, capsys):
+    n = write_tokenizer_bin(tmp_path / "vocab.tok")                     # 268 tokens, the model has 128
+    assert main(["generate", str(gpt2_dir), "--prompt", "hi", "--tokenizer", str(tmp_path / "vocab.tok")]) == 2
+    err = capsys.readouterr().err
+    assert "vocab.tok" in err and f"holds {n} tokens" in err            # loaded (and refused), not ignored
+    (tmp_path / "t.json").write_text("{not json")
+    assert main(["generate", str(gpt2_dir), "--prompt", "hi", "--tokenizer", str(tmp_path / "t.json")]) == 2
+    assert "t.json" in capsys.readouterr().err
+
+
+def test_malformed_tokenizer_next_to_the_checkpoint_exits_2(gpt2_dir, capsys):
+    from conftest import require
+    require("tokenizers")
+    (gpt2_dir / "tokenizer.json").write_text('{"model": {"type": "NoSuchModel"}}')
+    assert main(["generate", str(gpt2_dir), "--prompt", "hi"]) == 2
+    assert "tokenizer.json: not a valid tokenizer.json" in capsys.readouterr().err
+
+
+def test_a_huge_declared_context_does_not_allocate_it(tmp_path, capsys):
+    from test_io_hf import LLAMA_JSON
+    write_dir(tmp_path / "m", dict(LLAMA_JSON, vocab_size=128, max_position_embeddings=10 ** 12))
+    assert main(["generate", str(tmp_path / "m"), "--prompt", "hi", "--max-new-tokens", "3"]) == 0, \
+        capsys.readouterr().err
+    m = rload.load(tmp_path / "m")
+    gen = m.generate([1, 2], 3)
+    assert len(gen.tokens) == 3
+    with pytest.raises(MemoryError, match=r"KV cache of 1000000000000 positions .* needs .* GiB"):
+        m.new_cache()
+    cache = m.new_cache(4)
+    m.forward(np.array([1, 2, 3]), cache)
+    with pytest.raises(ValueError, match="exceed the KV cache's capacity of 4 positions"):
+        m.forward(np.array([1, 2]), cache)

@@ -196,3 +196,45 @@ def test_pickle_file_path_refused(tmp_path):
     (tmp_path / "pytorch_model.bin").write_bytes(b"\x80\x04junk")
     with pytest.raises(ValueError, match="never unpickles"):
         rload.load(tmp_path / "pytorch_model.bin")
+
+
+@pytest.mark.parametrize("cfg_json,key,value", [
+    (GPT2_JSON, "layer_norm_epsilon", float("nan")),
+    (GPT2_JSON, "layer_norm_epsilon", -1e-5),
+    (GPT2_JSON, "layer_norm_epsilon", 0),
+    (LLAMA_JSON, "rms_norm_eps", float("inf")),
+    (BERT_JSON, "layer_norm_eps", -1.0),
+    (LLAMA_JSON, "rope_theta", float("nan")),
+    (LLAMA_JSON, "rope_theta", float("inf")),
+    (LLAMA_JSON, "rope_theta", 10 ** 400),
+])
+def test_absurd_eps_and_theta_are_refused_naming_field_and_file(tmp_path, cfg_json, key, value):
+    c = dict(cfg_json, **{key: value})
+    if key == "rope_theta":
+        c["rope_parameters"] = {"rope_theta": value, "rope_type": "default"}
+    (tmp_path / "config.json").write_text(json.dumps(c))          # NaN / Infinity as Python's json writes them
+    with pytest.raises(CheckpointError) as e:
+        rload.load(tmp_path)
+    msg = str(e.value)
+    assert "config.json" in msg and repr(key) in msg and "must be a finite number" in msg
+
+
+@pytest.mark.parametrize("value,ok", [("false", None), ("true", None), (2, None), ([], None),
+                                      (False, False), (0, False), (True, True), (1, True)])
+def test_tie_word_embeddings_must_be_a_boolean(value, ok):
+    c = dict(GPT2_JSON, tie_word_embeddings=value)
+    if ok is None:
+        with pytest.raises(CheckpointError, match="'tie_word_embeddings' must be true or false"):
+            config_from_dict(c)
+    else:
+        assert config_from_dict(c).tie_embeddings is ok
+
+
+def test_config_json_with_a_huge_integer_names_the_file(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps(GPT2_JSON)[:-1] + ', "x": ' + "9" * 5000 + "}")
+    with pytest.raises(CheckpointError, match=r"config\.json: not valid JSON"):
+        rload.load(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps(dict(GPT2_JSON, layer_norm_epsilon=10 ** 400)))
+    with pytest.raises(CheckpointError, match=r"config\.json: field 'layer_norm_epsilon' must be a finite number, "
+                                              r"got an integer of 401 digits"):
+        rload.load(tmp_path)

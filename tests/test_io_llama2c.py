@@ -138,3 +138,17 @@ def test_writer_refuses_what_the_format_cannot_say(tmp_path):
     cfg = tiny_config("gpt2")
     with pytest.raises(ValueError, match="arch"):
         save_llama2c(tmp_path / "m.bin", cfg, random_params(cfg))
+
+
+@pytest.mark.parametrize("head,kind", [
+    (b"PK\x03\x04\x00\x00\x08\x08", "zip"),                      # torch.save since 1.6: a ZIP archive
+    (b"\x80\x02\x8a\x0al\xfc\x9cF\xf9 j\xa8", "pickle"),         # legacy torch.save: pickle of its magic number
+    (b"\x80\x04\x95\x33\x00\x00\x00\x00", "pickle"),             # pickle protocol 4 (FRAME)
+])
+def test_torch_checkpoint_named_model_bin_is_named_as_such(tmp_path, head, kind):
+    (tmp_path / "model.bin").write_bytes(head + b"\0" * 300)
+    with pytest.raises(Llama2cError) as e:
+        rload.load(tmp_path / "model.bin")
+    msg = str(e.value)
+    assert f"this is a PyTorch {kind} checkpoint" in msg and "never unpickles" in msg and "model.bin" in msg
+    assert "header field" not in msg

@@ -144,7 +144,31 @@ def test_size_does_not_match_shape():
 
 
 def test_huge_shape_does_not_overflow():
-    _raises(raw_file({"a": f32([0, 8], (2 ** 40, 2 ** 40))}, b"\0" * 8), "'a'", "needs")
+    _raises(raw_file({"a": f32([0, 8], (2 ** 40, 2 ** 40))}, b"\0" * 8), "'a'", "too large")
+
+
+@pytest.mark.parametrize("shape", [(2 ** 64, 0), (0, 2 ** 62, 2 ** 62), (2 ** 40, 2 ** 40, 0)])
+def test_zero_element_tensor_with_absurd_dims_is_refused_by_name(shape):
+    # 0 bytes of data match the offsets, but NumPy cannot make such an array: refused in the header
+    _raises(raw_file({"a": f32([0, 0], shape)}, b""), "'a'", "too large", "2^62")
+
+
+def test_too_many_dimensions_is_refused_by_name():
+    _raises(raw_file({"a": f32([0, 0], (1,) * 40 + (0,))}, b""), "'a'", "41 dimensions", "limit of 32")
+    got, _ = st.load_bytes(raw_file({"a": f32([0, 0], (3,) * 31 + (0,))}, b""))      # 32 dims: fine
+    assert got["a"].shape == (3,) * 31 + (0,)
+
+
+def test_torch_checkpoint_bytes_are_named(tmp_path):
+    # torch.save's ZIP archive read as safetensors (e.g. a shard named in an index)
+    _raises(b"PK\x03\x04" + b"\0" * 60, "PyTorch zip checkpoint", "never unpickles", "safetensors")
+    _raises(b"\x80\x04\x95" + b"\0" * 60, "PyTorch pickle checkpoint")
+
+
+def test_header_with_a_huge_integer_names_the_file():
+    big = "9" * 5000
+    text = ('{"a": {"dtype": "F32", "shape": [' + big + '], "data_offsets": [0, 0]}}').encode()
+    _raises(struct.pack("<Q", len(text)) + text, "not valid JSON")
 
 
 @pytest.mark.parametrize("shape", [[-1, 2], [2.0], [True, 2], "2"])

@@ -134,3 +134,35 @@ def test_gpt2_vocab_and_merges(tmp_path):
     assert t.name == "hf"
     assert t.encode("hi hi!") == [3, 4, 5]
     assert t.decode([3, 4, 5]) == "hi hi!"
+
+
+def test_an_explicit_tokenizer_file_is_loaded_whatever_its_name(tmp_path):
+    from refimpl.io.tokenizers import load_tokenizer_file
+    n = write_tokenizer_bin(tmp_path / "my-vocab.model")
+    t = load_tokenizer_file(tmp_path / "my-vocab.model", vocab_size=n)
+    assert isinstance(t, Llama2cTokenizer) and t.encode("ab") == [1, 264]
+    with pytest.raises(FileNotFoundError, match="nothere.json"):
+        load_tokenizer_file(tmp_path / "nothere.json")
+    (tmp_path / "notes.txt").write_text("hello")                      # not a tokenizer: an error naming it
+    with pytest.raises(ValueError, match="notes.txt.*llama2.c tokenizer.bin"):
+        load_tokenizer_file(tmp_path / "notes.txt")
+
+
+def test_an_explicit_tokenizer_json_of_any_name(tmp_path):
+    from conftest import require
+
+    from refimpl.io.tokenizers import load_tokenizer_file
+    tk = require("tokenizers")
+    t = tk.Tokenizer(tk.models.WordLevel({"[UNK]": 0, "hello": 1}, unk_token="[UNK]"))
+    t.pre_tokenizer = tk.pre_tokenizers.Whitespace()
+    t.save(str(tmp_path / "mine.json"))
+    h = load_tokenizer_file(tmp_path / "mine.json")
+    assert h.name == "hf" and h.encode("hello x", bos=False) == [1, 0]
+
+
+def test_malformed_tokenizer_json_names_the_file(tmp_path):
+    from conftest import require
+    require("tokenizers")
+    (tmp_path / "tokenizer.json").write_text('{"model": {"type": "NoSuchModel"}}')
+    with pytest.raises(ValueError, match=r"tokenizer .*tokenizer\.json: not a valid tokenizer\.json"):
+        load_tokenizer(tmp_path)

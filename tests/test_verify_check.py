@@ -242,3 +242,124 @@ def test_cli_verify_python_target(tmp_path):
     assert run("mykern:nothere", "--op", "softmax").returncode == 2
     assert run("mykern:good", "--op", "softmax", "--param", "eps=1").returncode == 2
     assert run("mykern:good", "--op", "nosuchop").returncode == 2
+
+
+# --------------------------------------------------------------------------
+# tiled kernels: a bug in a later tile is caught (cases span several tiles)
+# --------------------------------------------------------------------------
+
+
+def matmul_bug_in_later_row_blocks(a, b):
+    """Blocked GEMM, 64 rows a block; bug: row blocks after the first skip the last k."""
+    a64, b64 = a.astype(np.float64), b.astype(np.float64)
+    M, K = a.shape
+    out = np.empty((M, b.shape[1]))
+    for i0 in range(0, M, 64):
+        kk = K if i0 == 0 else K - 1
+        out[i0:i0 + 64] = a64[i0:i0 + 64, :kk] @ b64[:kk]
+    return out.astype(np.float32)
+
+
+def attention_bug_in_later_query_tiles(q, k, v, causal=False, scale=None):
+    """Flash-style, query tiles of 8 rows; bug: the causal offset uses the tile-local row index."""
+    q64, k64, v64 = (t.astype(np.float64) for t in (q, k, v))
+    H, Lq, D = q.shape
+    Hkv, Lk, _ = k.shape
+    sc = 1 / np.sqrt(D) if scale is None else scale
+    out = np.empty((H, Lq, D))
+    for h in range(H):
+        g = h // (H // Hkv)
+        for t0 in range(0, Lq, 8):
+            s = q64[h, t0:t0 + 8] @ k64[g].T * sc
+            if causal:
+                rows = np.arange(s.shape[0])            # should be t0 + arange
+                s = np.where(np.arange(Lk)[None, :] <= (Lk - Lq + rows)[:, None], s, -np.inf)
+            p = np.exp(s - s.max(-1, keepdims=True))
+            out[h, t0:t0 + 8] = p / p.sum(-1, keepdims=True) @ v64[g]
+    return out.astype(np.float32)
+
+
+def test_bugs_in_later_tiles_are_caught():
+    rep = check(matmul_bug_in_later_row_blocks, "matmul", examples=0)
+    assert {c.name for c in rep.failures} == {"tiles 131x257x133 (M, K, N past 64 and 128)"}, rep.text()
+    rep = check(attention_bug_in_later_query_tiles, "attention", examples=0)
+    assert {c.name for c in rep.failures} == {"causal Lq=Lk=130 D=16 (query and key tiles)",
+                                              "causal Lq=67 < Lk=131, GQA H=4 Hkv=2 (several tiles)"}, rep.text()
+
+
+@pytest.mark.parametrize("backend", ["c", "numba"])
+def test_project_tiled_kernels_pass_the_multi_tile_cases(backend):
+    if backend == "numba":
+        require("numba")
+    for op in ("matmul", "attention", "rope"):
+        rep = check(registry.get(op, backend), op, examples=0)
+        assert rep.passed, rep.text()
+        names = {c.name for c in rep.cases}
+        assert names & {"tiles 131x257x133 (M, K, N past 64 and 128)", "causal Lq=Lk=130 D=16 (query and key tiles)",
+                        "D=128 (a real head width) H=2 T=5"}, names
+
+
+# --------------------------------------------------------------------------
+# a nondeterministic implementation, reproducers, user files
+# --------------------------------------------------------------------------
+
+
+def _wrong_on_first_call():
+    calls = [0]
+
+    def softmax_racy(x):
+        calls[0] += 1
+        p = L.softmax(x.astype(np.float64), axis=-1)
+        return (p * (1.01 if calls[0] == 1 else 1.0)).astype(np.float32)
+    return softmax_racy
+
+
+def test_nondeterministic_implementation_is_a_failure_not_a_crash(tmp_path, capsys):
+    rep = check(_wrong_on_first_call(), "softmax", examples=20, edge=False)
+    assert not rep.passed
+    (hyp,) = rep.cases
+    assert "nondeterministic: same input, different output" in hyp.error and hyp.example
+    # the command line prints the same verdict (exit 1), no traceback
+    from refimpl.cli import main
+    (tmp_path / "racy.py").write_text("import numpy as np\n_n = [0]\n"
+                                      "def softmax(x):\n    _n[0] += 1\n"
+                                      "    e = np.exp(x - x.max(-1, keepdims=True))\n"
+                                      "    return e / e.sum(-1, keepdims=True) * (1.01 if _n[0] == 12 else 1.0)\n")
+    assert main(["verify", f"{tmp_path / 'racy.py'}:softmax", "--op", "softmax", "--examples", "20"]) == 1
+    out = capsys.readouterr().out
+    assert "nondeterministic: same input, different output" in out and "FAIL" in out
+
+
+def test_reproducer_with_all_masked_rows_rebuilds_the_same_input():
+    def wrong_on_long_rows(x):
+        p = L.softmax(x.astype(np.float64), axis=-1)
+        return (p * (1.01 if x.shape[-1] > 1000 else 1.0)).astype(np.float32)
+    rep = check(wrong_on_long_rows, "softmax", examples=0, all_masked_rows=True)
+    (bad,) = rep.failures
+    assert bad.name == "long row n=4099"
+    ns = {"impl": wrong_on_long_rows}
+    exec(bad.example, ns)
+    want = next(c for c in edge_cases("softmax", np.float32, (), all_masked_rows=True) if c.name == bad.name)
+    np.testing.assert_array_equal(ns["case"].arrays["x"], want.arrays["x"])
+
+
+def test_a_user_file_named_like_a_stdlib_module_does_not_replace_it(tmp_path):
+    import random
+    import sys
+
+    from refimpl.verify.cli import load_target
+    (tmp_path / "random.py").write_text("def softmax(x):\n    return x\n")
+    f = load_target(f"{tmp_path / 'random.py'}:softmax")
+    assert f.__module__ != "random" and sys.modules["random"] is random
+    assert 0 <= random.random() < 1
+
+
+def test_assert_within_names_the_first_nonfinite_mismatch():
+    from refimpl.verify.compare import assert_within
+    want = np.array([1.0, 2.0, np.nan, np.inf, 5.0])
+    got = np.array([1.0, 2.5, 3.0, np.inf, 5.0])          # element 1 is the max ratio, element 2 the NaN mismatch
+    with pytest.raises(AssertionError) as e:
+        assert_within(got, want, 1e-3)
+    msg = str(e.value)
+    assert "non-finite mismatch" in msg and "element (2,)" in msg and "oracle nan" in msg and "got 3.0" in msg
+    assert "ratio 0" not in msg

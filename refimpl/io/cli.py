@@ -25,7 +25,8 @@ def add_parser(sub) -> None:
     p.add_argument("--dtype", choices=("float32", "float64"), default="float32")
     p.add_argument("--backend", choices=("numpy", "c", "numba"), default="numpy")
     p.add_argument("--tokenizer", default=None, metavar="FILE",
-                   help="tokenizer.json or tokenizer.bin (default: found next to the checkpoint, else bytes)")
+                   help="a tokenizer file: *.json (HF tokenizer.json) or a llama2.c tokenizer.bin (any name); "
+                        "default: found next to the checkpoint, else bytes")
     p.set_defaults(func=run)
 
 
@@ -36,7 +37,7 @@ def _fail(msg: str) -> int:
 
 def run(args: argparse.Namespace) -> int:
     from refimpl.io.load import load
-    from refimpl.io.tokenizers import ByteTokenizer, load_tokenizer
+    from refimpl.io.tokenizers import ByteTokenizer, load_tokenizer, load_tokenizer_file
 
     if args.max_new_tokens < 0:
         return _fail(f"--max-new-tokens must be >= 0, got {args.max_new_tokens}")
@@ -52,7 +53,10 @@ def run(args: argparse.Namespace) -> int:
     if cfg.arch == "bert":
         return _fail(f"{args.path} is a BERT encoder: it does not generate text")
     try:
-        tok = load_tokenizer(args.tokenizer or args.path, vocab_size=cfg.vocab_size)
+        if args.tokenizer:                            # the user's file: load it or say why not
+            tok = load_tokenizer_file(args.tokenizer, vocab_size=cfg.vocab_size)
+        else:
+            tok = load_tokenizer(args.path, vocab_size=cfg.vocab_size)
     except (OSError, ValueError, ImportError) as e:
         return _fail(str(e))
     if isinstance(tok, ByteTokenizer):

@@ -27,6 +27,7 @@ float64 are kept as stored (the model converts to its compute dtype).
 from __future__ import annotations
 
 import json
+import math
 import re
 from pathlib import Path
 
@@ -51,9 +52,38 @@ def _need(cfg: dict, key: str, source: str, kind=int):
     v = cfg[key]
     if kind is int and (not isinstance(v, int) or isinstance(v, bool)):
         raise CheckpointError(f"{source}: field {key!r} must be an int, got {v!r}")
-    if kind is float and (not isinstance(v, (int, float)) or isinstance(v, bool)):
+    return _number(v, key, source) if kind is float else kind(v)
+
+
+def _number(v, key: str, source: str) -> float:
+    if not isinstance(v, (int, float)) or isinstance(v, bool):
         raise CheckpointError(f"{source}: field {key!r} must be a number, got {v!r}")
-    return kind(v)
+    try:
+        return float(v)
+    except OverflowError:
+        raise CheckpointError(f"{source}: field {key!r} must be a finite number, got an integer of "
+                              f"{len(str(abs(v)))} digits") from None
+
+
+def _eps(cfg: dict, key: str, source: str, default: float) -> float:
+    """A norm eps: a finite number > 0 (the norm divides by sqrt(var + eps) and var is 0 on a constant row)."""
+    v = _need(cfg, key, source, float) if key in cfg else default
+    if not math.isfinite(v) or v <= 0:
+        raise CheckpointError(f"{source}: field {key!r} must be a finite number > 0 (the norm divides by "
+                              f"sqrt(variance + eps), and the variance of a constant row is 0), got {v!r}")
+    return v
+
+
+def _flag(cfg: dict, key: str, source: str, default: bool) -> bool:
+    """A JSON boolean (0 and 1 accepted); a string such as "false" is an error, not True."""
+    v = cfg.get(key, default)
+    if v is None:
+        return default
+    if isinstance(v, bool):
+        return v
+    if isinstance(v, int) and v in (0, 1):
+        return bool(v)
+    raise CheckpointError(f"{source}: field {key!r} must be true or false, got {v!r}")
 
 
 def _token_id(cfg: dict, key: str, vocab: int):
@@ -86,8 +116,8 @@ def _gpt2_config(c: dict, source: str) -> Config:
     return Config(arch="gpt2", vocab_size=V, d_model=D, n_layers=_need(c, "n_layer", source),
                   n_heads=_need(c, "n_head", source), d_ff=4 * D if inner is None else _need(c, "n_inner", source),
                   max_seq_len=_need(c, "n_positions", source),
-                  norm_eps=_need(c, "layer_norm_epsilon", source, float) if "layer_norm_epsilon" in c else 1e-5,
-                  tie_embeddings=bool(c.get("tie_word_embeddings", True)),
+                  norm_eps=_eps(c, "layer_norm_epsilon", source, 1e-5),
+                  tie_embeddings=_flag(c, "tie_word_embeddings", source, True),
                   bos_token_id=_token_id(c, "bos_token_id", V), eos_token_id=_token_id(c, "eos_token_id", V))
 
 
@@ -110,8 +140,9 @@ def _llama_config(c: dict, source: str) -> Config:
         theta = rp.get("rope_theta", theta)
     if c.get("rope_scaling") not in (None, {}):
         raise CheckpointError(f"{source}: rope_scaling={c['rope_scaling']!r} is not supported (only plain RoPE)")
-    if not isinstance(theta, (int, float)) or isinstance(theta, bool) or theta <= 0:
-        raise CheckpointError(f"{source}: rope_theta must be a positive number, got {theta!r}")
+    theta = _number(theta, "rope_theta", source)
+    if not math.isfinite(theta) or theta <= 0:
+        raise CheckpointError(f"{source}: field 'rope_theta' must be a finite number > 0, got {theta!r}")
     D = _need(c, "hidden_size", source)
     H = _need(c, "num_attention_heads", source)
     hd = c.get("head_dim")
@@ -124,9 +155,9 @@ def _llama_config(c: dict, source: str) -> Config:
                   n_heads=H, n_kv_heads=H if kv is None else _need(c, "num_key_value_heads", source),
                   d_ff=_need(c, "intermediate_size", source),
                   max_seq_len=_need(c, "max_position_embeddings", source),
-                  norm_eps=_need(c, "rms_norm_eps", source, float) if "rms_norm_eps" in c else 1e-6,
+                  norm_eps=_eps(c, "rms_norm_eps", source, 1e-6),
                   rope_theta=float(theta), rope_interleaved=False,
-                  tie_embeddings=bool(c.get("tie_word_embeddings", False)),
+                  tie_embeddings=_flag(c, "tie_word_embeddings", source, False),
                   bos_token_id=_token_id(c, "bos_token_id", V), eos_token_id=_token_id(c, "eos_token_id", V))
 
 
@@ -140,7 +171,7 @@ def _bert_config(c: dict, source: str) -> Config:
                   n_layers=_need(c, "num_hidden_layers", source), n_heads=_need(c, "num_attention_heads", source),
                   d_ff=_need(c, "intermediate_size", source),
                   max_seq_len=_need(c, "max_position_embeddings", source),
-                  norm_eps=_need(c, "layer_norm_eps", source, float) if "layer_norm_eps" in c else 1e-12,
+                  norm_eps=_eps(c, "layer_norm_eps", source, 1e-12),
                   type_vocab_size=_need(c, "type_vocab_size", source) if "type_vocab_size" in c else 2,
                   tie_embeddings=True,
                   bos_token_id=_token_id(c, "bos_token_id", V), eos_token_id=_token_id(c, "eos_token_id", V))
@@ -174,8 +205,8 @@ def load_config(path) -> Config:
         raise FileNotFoundError(f"no config.json in {p}")
     try:
         c = json.loads(f.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{f}: not valid JSON ({e})") from None
+    except (ValueError, RecursionError) as e:    # bad UTF-8 or JSON, an integer of > 4300 digits, deep nesting
+        raise CheckpointError(f"{f}: not valid JSON ({e or type(e).__name__})") from None
     return config_from_dict(c, str(f))
 
 
@@ -201,8 +232,8 @@ def read_safetensors_dir(d: Path) -> dict[str, np.ndarray]:
     if index.is_file():
         try:
             idx = json.loads(index.read_text(encoding="utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise CheckpointError(f"{index}: not valid JSON ({e})") from None
+        except (ValueError, RecursionError) as e:    # bad UTF-8 or JSON, a huge integer, deep nesting
+            raise CheckpointError(f"{index}: not valid JSON ({e or type(e).__name__})") from None
         wm = idx.get("weight_map") if isinstance(idx, dict) else None
         if not isinstance(wm, dict) or not all(isinstance(v, str) for v in wm.values()):
             raise CheckpointError(f"{index}: needs a 'weight_map' object of tensor name -> shard file name")

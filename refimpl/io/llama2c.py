@@ -38,6 +38,7 @@ from pathlib import Path
 
 import numpy as np
 
+from refimpl.io.pickles import torch_checkpoint_kind, torch_checkpoint_message
 from refimpl.oracle.config import Config, expected_shapes
 
 MAGIC = 0x616B3432            # "ak42"
@@ -96,6 +97,9 @@ def _config(dim, hidden, n_layers, n_heads, n_kv_heads, vocab, seq_len, shared, 
 
 def read_llama2c_header(data: bytes, source: str) -> tuple[Config, int, bool, int]:
     """(config, version, shared_classifier, header_bytes) from the start of a .bin file."""
+    kind = torch_checkpoint_kind(data)
+    if kind:
+        raise Llama2cError(torch_checkpoint_message(kind, source))
     if len(data) < 28:
         raise Llama2cError(f"llama2.c checkpoint {source}: {len(data)} bytes is too short for a header (28 bytes)")
     (magic,) = struct.unpack_from("<I", data, 0)

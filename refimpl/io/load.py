@@ -29,6 +29,13 @@ def load_params(path) -> tuple[Config, dict[str, np.ndarray]]:
     if p.suffix == ".safetensors" or p.name == "model.safetensors.index.json":
         from refimpl.io.hf import load_hf
         return load_hf(p.parent)
+    from refimpl.io.pickles import torch_checkpoint_kind, torch_checkpoint_message
+    kind = None
+    if p.is_file():
+        with open(p, "rb") as f:
+            kind = torch_checkpoint_kind(f.read(4))
+    if kind:                                      # model.pt, model.pth, ...
+        raise ValueError(torch_checkpoint_message(kind, f"checkpoint {p}"))
     raise ValueError(f"checkpoint {p}: not a model directory, a llama2.c .bin or a .safetensors file")
 
 

@@ -22,7 +22,10 @@ and the tensor or field):
 * `__metadata__`, when present, maps str to str;
 * every tensor entry has exactly the fields dtype, shape, data_offsets; the
   dtype is on the allow-list `DTYPES`; shape and offsets are lists of
-  non-negative ints (JSON booleans are not ints); begin <= end;
+  non-negative ints (JSON booleans are not ints); begin <= end; at most
+  MAX_DIMS dimensions, and the product of the nonzero dimensions times the
+  item size at most MAX_SHAPE_BYTES (so a zero-element tensor with absurd
+  dimensions is refused here, not by NumPy later);
 * prod(shape) * itemsize == end - begin, computed with Python ints (no overflow);
 * the tensors' byte ranges tile the data buffer exactly: sorted by offset they
   start at 0, each begins where the previous ended (no gap, no overlap), and
@@ -43,7 +46,11 @@ from pathlib import Path
 
 import numpy as np
 
+from refimpl.io.pickles import torch_checkpoint_kind, torch_checkpoint_message
+
 MAX_HEADER_BYTES = 100 * 1024 * 1024          # 100 MB, as the reference implementation
+MAX_DIMS = 32                                 # NumPy 1.x allows 32 dimensions (2.x: 64)
+MAX_SHAPE_BYTES = 2 ** 62                     # prod(nonzero dims) * itemsize: NumPy's limit is 2^63 - 1
 
 # safetensors dtype name -> (numpy dtype as stored, little-endian) ; BF16 is decoded by hand
 DTYPES: dict[str, np.dtype] = {
@@ -111,6 +118,10 @@ def parse_header(data: bytes | bytearray | memoryview, source: str = "<bytes>"):
     (n,) = struct.unpack("<Q", bytes(data[:8]))
     if n == 0:
         raise SafetensorsError(f"{where}: header size is 0")
+    if n > MAX_HEADER_BYTES or 8 + n > size:
+        kind = torch_checkpoint_kind(data[:4])
+        if kind:
+            raise SafetensorsError(torch_checkpoint_message(kind, where))
     if n > MAX_HEADER_BYTES:
         raise SafetensorsError(f"{where}: header size {n} bytes exceeds the limit of {MAX_HEADER_BYTES} bytes")
     if 8 + n > size:
@@ -125,7 +136,7 @@ def parse_header(data: bytes | bytearray | memoryview, source: str = "<bytes>"):
         header = json.loads(text, object_pairs_hook=_no_duplicates)
     except _DuplicateKey as e:
         raise SafetensorsError(f"{where}: header repeats the key {e.args[0]!r}") from None
-    except json.JSONDecodeError as e:
+    except ValueError as e:         # JSONDecodeError, or an integer with too many digits
         raise SafetensorsError(f"{where}: header is not valid JSON ({e})") from None
     except RecursionError:
         raise SafetensorsError(f"{where}: header JSON is nested too deeply") from None
@@ -159,6 +170,11 @@ def parse_header(data: bytes | bytearray | memoryview, source: str = "<bytes>"):
         shape = info["shape"]
         if not isinstance(shape, list) or not all(_is_uint(s) for s in shape):
             raise SafetensorsError(f"{what}: shape must be a list of non-negative ints, got {shape!r}")
+        if len(shape) > MAX_DIMS:
+            raise SafetensorsError(f"{what}: shape has {len(shape)} dimensions, more than the limit of {MAX_DIMS}")
+        if math.prod(d for d in shape if d) * DTYPES[dt].itemsize > MAX_SHAPE_BYTES:
+            raise SafetensorsError(f"{what}: shape {shape} is too large: its nonzero dimensions times the "
+                                   f"{dt} item size exceed 2^{MAX_SHAPE_BYTES.bit_length() - 1} bytes")
         offs = info["data_offsets"]
         if not (isinstance(offs, list) and len(offs) == 2 and all(_is_uint(o) for o in offs)):
             raise SafetensorsError(f"{what}: data_offsets must be [begin, end] non-negative ints, got {offs!r}")
@@ -202,10 +218,15 @@ def _decode(data, dt: str, shape, begin: int, end: int) -> np.ndarray:
 
 def load_bytes(data: bytes | bytearray, source: str = "<bytes>") -> tuple[dict[str, np.ndarray], dict[str, str]]:
     """Parse a whole safetensors file held in memory: (tensors, metadata)."""
+    tensors, metadata, _ = _load_entries(data, source)
+    return tensors, metadata
+
+
+def _load_entries(data, source: str):
     entries, metadata, start = parse_header(data, source)
     mv = memoryview(data)[start:]
     tensors = {name: _decode(mv, dt, shape, b, e) for name, (dt, shape, b, e) in entries.items()}
-    return tensors, metadata
+    return tensors, metadata, {name: e[0] for name, e in entries.items()}
 
 
 def _read(path) -> bytes:
@@ -218,6 +239,12 @@ def _read(path) -> bytes:
 def load(path) -> tuple[dict[str, np.ndarray], dict[str, str]]:
     """Read a safetensors file: (tensors by name, `__metadata__` as str -> str)."""
     return load_bytes(_read(path), str(path))
+
+
+def load_with_dtypes(path) -> tuple[dict[str, np.ndarray], dict[str, str], dict[str, str]]:
+    """(tensors, metadata, {name: stored safetensors dtype}): BF16 arrays come back as
+    float32, so the stored dtype is what says how precise the values are."""
+    return _load_entries(_read(path), str(path))
 
 
 def load_file(path) -> dict[str, np.ndarray]:

@@ -180,7 +180,13 @@ class HFTokenizer:
 
     def __init__(self, path, tok=None):
         self.source = str(path)
-        self.tok = tok if tok is not None else _tokenizers_package(path).Tokenizer.from_file(str(path))
+        if tok is None:
+            tk = _tokenizers_package(path)
+            try:
+                tok = tk.Tokenizer.from_file(str(path))
+            except Exception as e:     # the tokenizers package raises a bare Exception for a bad file
+                raise ValueError(f"tokenizer {path}: not a valid tokenizer.json: {e}") from None
+        self.tok = tok
         self.vocab_size = self.tok.get_vocab_size(with_added_tokens=True)
         self.bos_id = self.eos_id = None
         for attr, names in (("bos_id", ("<s>", "<|begin_of_text|>", "[CLS]")),
@@ -195,7 +201,10 @@ class HFTokenizer:
     def from_vocab_merges(cls, vocab, merges) -> "HFTokenizer":
         """GPT-2's byte-level BPE from vocab.json + merges.txt (no BOS added, as GPT-2)."""
         tk = _tokenizers_package(vocab)
-        bpe = tk.ByteLevelBPETokenizer(str(vocab), str(merges))
+        try:
+            bpe = tk.ByteLevelBPETokenizer(str(vocab), str(merges))
+        except Exception as e:         # a bare Exception from the tokenizers package
+            raise ValueError(f"tokenizer {vocab} + {merges}: not a valid GPT-2 vocab.json / merges.txt: {e}") from None
         return cls(vocab, bpe._tokenizer)
 
     def encode(self, text: str, bos: bool = True, eos: bool = False) -> list[int]:
@@ -206,6 +215,28 @@ class HFTokenizer:
 
     def decode(self, ids) -> str:
         return self.tok.decode([int(i) for i in ids], skip_special_tokens=True)
+
+
+def load_tokenizer_file(path, vocab_size: int | None = None):
+    """The tokenizer in the file (or directory) the user named: a .json file is read as an HF
+    tokenizer.json (vocab.json needs merges.txt beside it), any other file as a llama2.c
+    tokenizer.bin, a directory as `load_tokenizer` searches it; anything else raises
+    naming the path (an explicitly given tokenizer is never silently replaced)."""
+    p = Path(path)
+    if p.is_dir():
+        return load_tokenizer(p, vocab_size, default=None)
+    if not p.is_file():
+        raise FileNotFoundError(f"tokenizer file {p} does not exist")
+    if p.name == "vocab.json":
+        if not (p.parent / "merges.txt").is_file():
+            raise FileNotFoundError(f"tokenizer {p}: a GPT-2 vocab.json needs merges.txt beside it")
+        return HFTokenizer.from_vocab_merges(p, p.parent / "merges.txt")
+    if p.suffix == ".json":
+        return HFTokenizer(p)
+    try:
+        return Llama2cTokenizer.from_file(p, vocab_size)
+    except ValueError as e:
+        raise ValueError(f"{e} (a tokenizer file not named *.json is read as a llama2.c tokenizer.bin)") from None
 
 
 def load_tokenizer(path, vocab_size: int | None = None, default: str | None = "bytes"):

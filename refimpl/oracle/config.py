@@ -7,9 +7,20 @@ Linear weights keep the checkpoint's layout: (out, in) for torch Linear
 """
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field
 
 ARCHS = ("gpt2", "llama", "bert", "classic")
+
+
+def _finite_positive(v) -> bool:
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        return False
+    try:
+        v = float(v)
+    except OverflowError:             # an int beyond float range
+        return False
+    return math.isfinite(v) and v > 0
 
 
 @dataclass
@@ -40,6 +51,14 @@ class Config:
             v = getattr(self, name)
             if not isinstance(v, int) or v <= 0:
                 raise ValueError(f"config.{name} must be a positive int, got {v!r}")
+        for name, why in (("norm_eps", "the norms divide by sqrt(variance + eps), and a constant row has variance 0"),
+                          ("rope_theta", "RoPE's frequencies are theta^(-2i/Dh)")):
+            v = getattr(self, name)
+            if not _finite_positive(v):
+                raise ValueError(f"config.{name} must be a finite number > 0 ({why}), got {v!r}")
+        for name in ("rope_interleaved", "tie_embeddings"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"config.{name} must be True or False, got {getattr(self, name)!r}")
         if self.d_model % self.n_heads:
             raise ValueError(f"config.d_model={self.d_model} is not a multiple of n_heads={self.n_heads}")
         if self.n_heads % self.n_kv_heads:

@@ -16,7 +16,9 @@ same inputs, the contract's error bound (`refimpl.kernels.contracts`), and
 max abs / max relative error, max ulp distance, the error/bound ratio
 ("% of the error budget used"; > 100% fails), NMSE, and non-finite
 mismatches (NaN/inf must match the oracle exactly).  A failure found by
-hypothesis is shrunk and printed as Python source small enough to paste.
+hypothesis is shrunk and printed as Python source small enough to paste; a
+failing input that passes when hypothesis calls it again is reported as
+"nondeterministic: same input, different output".
 
 Calling convention
 ------------------
@@ -232,7 +234,7 @@ class _CaseFailed(Exception):
 
 
 def run_case(call, op: str, case: CS.Case, fixed: dict, accepts: set, dtype, varied=(),
-             seed: int = 0) -> CaseResult:
+             seed: int = 0, all_masked_rows: bool = False) -> CaseResult:
     """One case: oracle, bound, the implementation's result, statistics."""
     sp = CS.SPECS[op]
     params = {**fixed, **case.params}
@@ -243,7 +245,8 @@ def run_case(call, op: str, case: CS.Case, fixed: dict, accepts: set, dtype, var
 
     def failed(msg, stats=None):
         return CaseResult(case.name, case.describe(), False, stats, msg,
-                          CS.format_case(op, case, kwargs, dtype=dtype, accepts=varied, seed=seed))
+                          CS.format_case(op, case, kwargs, dtype=dtype, accepts=varied, seed=seed,
+                                          all_masked_rows=all_masked_rows))
     try:
         got = call([case.arrays[n].copy() for n in sp.arrays], kwargs)
     except Exception as e:   # the implementation's failure is the finding, not ours
@@ -295,7 +298,7 @@ def check(impl, op: str, *, examples: int = 100, seed: int = 0, dtype=None, edge
                          f"non-default value are skipped ({sp.signature})")
     if edge:
         for case in CS.edge_cases(op, dt, varied, seed, all_masked_rows):
-            rep.cases.append(run_case(call, op, case, fixed, accepts, dt, varied, seed))
+            rep.cases.append(run_case(call, op, case, fixed, accepts, dt, varied, seed, all_masked_rows))
     if examples > 0:
         rep.cases.append(_hypothesis_phase(call, op, fixed, accepts, varied, dt, examples, seed, all_masked_rows))
     rep.passed = all(c.passed for c in rep.cases)
@@ -307,6 +310,7 @@ def check(impl, op: str, *, examples: int = 100, seed: int = 0, dtype=None, edge
 def _hypothesis_phase(call, op, fixed, accepts, varied, dt, examples, seed, all_masked_rows) -> CaseResult:
     from hypothesis import HealthCheck, Verbosity, given, settings, target
     from hypothesis import seed as hseed
+    from hypothesis.errors import Flaky
 
     failures: list[CaseResult] = []
     worst: list[CaseResult] = []
@@ -334,6 +338,12 @@ def _hypothesis_phase(call, op, fixed, accepts, varied, dt, examples, seed, all_
         prop()
     except _CaseFailed:
         pass
+    except Flaky:      # a failing input passed when hypothesis replayed it
+        f = failures[-1] if failures else CaseResult(label, "-", False)
+        return CaseResult(f"{label}, nondeterministic", f.shapes, False, f.stats,
+                          "nondeterministic: same input, different output (this input failed once and "
+                          "passed when called again: a race, uninitialised memory or hidden state?)"
+                          + (f"; the failing call: {f.error}" if f.error else ""), f.example)
     if failures:
         f = failures[-1]          # hypothesis replays the shrunk (minimal) example last
         return CaseResult(f"{label}, shrunk", f.shapes, False, f.stats, f.error, f.example)

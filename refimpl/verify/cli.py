@@ -146,9 +146,11 @@ def load_target(spec: str):
         path = Path(mod_part)
         if not path.is_file():
             raise ValueError(f"file {mod_part!r} not found")
-        s = importlib.util.spec_from_file_location(path.stem, path)
+        # a private module name: a file called random.py or types.py must not replace the stdlib module
+        name = "_refimpl_verify_target_" + "".join(c if c.isalnum() else "_" for c in path.stem)
+        s = importlib.util.spec_from_file_location(name, path)
         mod = importlib.util.module_from_spec(s)
-        sys.modules[path.stem] = mod
+        sys.modules[name] = mod
         s.loader.exec_module(mod)
     else:
         if "" not in sys.path and "." not in sys.path:

@@ -20,7 +20,7 @@ class ErrorStats:
     max_ulp: float          # max distance in units of the result dtype's spacing at |want|
     bound_ratio: float      # max |got - want| / bound: <= 1 passes ("% of the error budget")
     nmse: float             # sum (got - want)^2 / sum want^2 (llama.cpp test-backend-ops)
-    worst_index: tuple      # where the bound ratio is largest
+    worst_index: tuple      # where the bound ratio is largest (the first non-finite mismatch if any)
     worst_got: float
     worst_want: float
     worst_bound: float
@@ -41,7 +41,8 @@ def error_stats(got, want, bound) -> ErrorStats:
     nan_bad = np.isnan(want64) & ~np.isnan(got64)
     inf_bad = np.isinf(want64) & (got64 != want64)
     fin_bad = fin & ~np.isfinite(got64)
-    nonfinite = int(nan_bad.sum() + inf_bad.sum() + fin_bad.sum())
+    nf_bad = nan_bad | inf_bad | fin_bad
+    nonfinite = int(nf_bad.sum())
     with np.errstate(invalid="ignore", over="ignore"):      # inf - inf where both are non-finite: masked out
         err = np.where(fin & np.isfinite(got64), np.abs(got64 - want64), 0.0)
     err = np.where(fin_bad, np.inf, err)
@@ -53,7 +54,10 @@ def error_stats(got, want, bound) -> ErrorStats:
         num = float((err[fin] ** 2).sum())
         den = float((want64[fin] ** 2).sum())
     nmse = num / den if den > 0 else (0.0 if num == 0 else np.inf)
-    if ratio.size:
+    if nonfinite:    # an infinite error: the first one is the element to show
+        ratio = np.where(nf_bad, np.inf, ratio)
+        wi = np.unravel_index(int(np.argmax(nf_bad)), ratio.shape)
+    elif ratio.size:
         wi = np.unravel_index(int(np.argmax(ratio)), ratio.shape)
     else:
         wi = ()
@@ -71,12 +75,16 @@ def error_stats(got, want, bound) -> ErrorStats:
 
 
 def assert_within(got, want, bound, what: str = "result") -> ErrorStats:
-    """Raise AssertionError naming the worst element, its bound and the ratio."""
+    """Raise AssertionError naming the worst element, its bound and the ratio
+    (or the first non-finite mismatch: NaN/inf must match the oracle exactly)."""
     s = error_stats(got, want, bound)
-    if s.nonfinite_mismatches or not s.bound_ratio <= 1.0:
+    if s.nonfinite_mismatches:
+        raise AssertionError(
+            f"{what}: {s.nonfinite_mismatches} non-finite mismatch(es) (NaN/inf must match the oracle "
+            f"exactly); first at element {s.worst_index}: got {s.worst_got!r}, oracle {s.worst_want!r}")
+    if not s.bound_ratio <= 1.0:
         raise AssertionError(
             f"{what}: error exceeds its bound: worst element {s.worst_index}: got {s.worst_got!r}, "
             f"oracle {s.worst_want!r}, |error| {abs(s.worst_got - s.worst_want):.3e} > bound "
-            f"{s.worst_bound:.3e} (ratio {s.bound_ratio:.3g}); nonfinite mismatches: "
-            f"{s.nonfinite_mismatches}; max ulp {s.max_ulp:.3g}; nmse {s.nmse:.3e}")
+            f"{s.worst_bound:.3e} (ratio {s.bound_ratio:.3g}); max ulp {s.max_ulp:.3g}; nmse {s.nmse:.3e}")
     return s

@@ -7,8 +7,11 @@ tensors present in only one file are listed and skipped.
 The bound (elementwise, absolute), stated
 -----------------------------------------
     |b - a| <= C * gamma(n, u) * scale,      C = 2,  gamma(n, u) = n u / (1 - n u)
-    u      = the larger unit roundoff of the two traces' dtypes (2^-24 for float32,
-             2^-53 for float64, 2^-11 float16, 2^-8 bfloat16)
+    u      = the largest unit roundoff of the two traces' dtypes: the compute
+             dtype of the metadata and every dtype a tensor is stored in (from
+             the safetensors header: a BF16 tensor is read as float32 but only
+             holds bfloat16 precision); 2^-24 float32, 2^-53 float64,
+             2^-11 float16, 2^-8 bfloat16
     n      = (l + 1) * (D + F + S): every block adds at most D + F + S roundings
              to each value (its longest inner products: the D-wide projections,
              the F-wide down projection, the S-long attention sum); l = 0 for
@@ -50,8 +53,8 @@ import numpy as np
 from refimpl.verify.compare import ErrorStats, error_stats
 
 C_DIFF = 2.0
-_U = {np.dtype(np.float64): 2.0 ** -53, np.dtype(np.float32): 2.0 ** -24, np.dtype(np.float16): 2.0 ** -11}
 _U_NAME = {"float64": 2.0 ** -53, "float32": 2.0 ** -24, "float16": 2.0 ** -11, "bfloat16": 2.0 ** -8}
+_U_STORED = {"F64": 2.0 ** -53, "F32": 2.0 ** -24, "F16": 2.0 ** -11, "BF16": 2.0 ** -8}   # safetensors names
 
 
 @dataclass
@@ -124,10 +127,13 @@ class DiffReport:
             d = self.first_bad
             s = d.stats
             console.print(f"[bold red]FAIL[/]: first tensor out of bound: [bold]{d.name}[/] {list(d.shape)}", )
-            console.print(f"  worst element {s.worst_index}: A {s.worst_want!r}, B {s.worst_got!r}, |error| "
-                          f"{abs(s.worst_got - s.worst_want):.3e} > bound {d.tol:.3e} (ratio {s.bound_ratio:.3g}); "
-                          f"max rel {s.max_rel:.3g}; NMSE {s.nmse:.3g}; non-finite mismatches "
-                          f"{s.nonfinite_mismatches}", markup=False)
+            if d.note:
+                console.print(f"  {d.note}", markup=False)
+            else:
+                console.print(f"  worst element {s.worst_index}: A {s.worst_want!r}, B {s.worst_got!r}, |error| "
+                              f"{abs(s.worst_got - s.worst_want):.3e} > bound {d.tol:.3e} (ratio {s.bound_ratio:.3g}); "
+                              f"max rel {s.max_rel:.3g}; NMSE {s.nmse:.3g}; non-finite mismatches "
+                              f"{s.nonfinite_mismatches}", markup=False)
             if self.trap is not None:
                 console.print(f"  [bold]likely convention trap: {self.trap_family}[/]: B matches "
                               f"{self.trap.description} (recomputed from B's inputs: ratio {self.trap.ratio:.3g}), "
@@ -151,11 +157,11 @@ class DiffReport:
 # --------------------------------------------------------------------------
 
 
-def _unit(arr: np.ndarray, meta: dict) -> float:
-    name = meta.get("dtype", "")
-    if name in _U_NAME:
-        return _U_NAME[name]
-    return _U.get(np.dtype(arr.dtype), 2.0 ** -24)
+def _trace_unit(meta: dict, stored: dict) -> float:
+    """The coarsest unit roundoff among the trace's compute dtype (metadata) and its stored dtypes."""
+    us = [_U_NAME[meta["dtype"]]] if meta.get("dtype") in _U_NAME else []
+    us += [_U_STORED[d] for d in stored.values() if d in _U_STORED]
+    return max(us, default=2.0 ** -24)
 
 
 def _depth(name: str, n_layers: int) -> int:
@@ -418,9 +424,9 @@ class _Recompute:
 
 def diff(path_a, path_b, model=None) -> DiffReport:
     """Compare trace B with reference trace A; see the module docstring."""
-    from refimpl.verify.trace import load_model_spec, read_trace
-    ta, ma = read_trace(path_a)
-    tb, mb = read_trace(path_b)
+    from refimpl.verify.trace import load_model_spec, read_trace_with_dtypes
+    ta, ma, sa = read_trace_with_dtypes(path_a)
+    tb, mb, sb = read_trace_with_dtypes(path_b)
     if ma.get("ids") and mb.get("ids") and ma["ids"] != mb["ids"]:
         raise ValueError(f"the traces are of different inputs: A ids [{ma['ids']}], B ids [{mb['ids']}]")
     rep = DiffReport(str(path_a), str(path_b), 0.0)
@@ -434,13 +440,13 @@ def diff(path_a, path_b, model=None) -> DiffReport:
     D = ta["embed"].shape[-1] if "embed" in ta else ta[common[0]].shape[-1]
     F = next((ta[n].shape[-1] for n in ta if n.endswith("ffn_hidden")), 4 * D)
     S = next((ta[n].shape[-1] for n in ta if n.endswith("attn_probs")), len(ma.get("ids", "").split(",")))
-    u = max(_unit(ta[common[0]], ma), _unit(tb[common[0]], mb))
+    u = max(_trace_unit(ma, sa), _trace_unit(mb, sb))
     rep.u = u
     for n in common:
         a, b = ta[n], tb[n]
         if a.shape != b.shape:
             d = TensorDiff(n, a.shape, math.inf, error_stats(np.full(a.shape, np.nan), a, 1.0), False,
-                           f"shape {b.shape} in B, {a.shape} in A")
+                           f"shape mismatch: {b.shape} in B, {a.shape} in A")
             rep.tensors.append(d)
             rep.first_bad = rep.first_bad or d
             break
@@ -455,18 +461,79 @@ def diff(path_a, path_b, model=None) -> DiffReport:
             break
     if rep.only_a or rep.only_b:
         rep.notes.append(f"tensors only in A: {rep.only_a or 'none'}; only in B: {rep.only_b or 'none'} (skipped)")
+    vacuous = [d.name for d in rep.tensors if not math.isfinite(d.tol) and not d.note]
+    if vacuous:
+        rep.notes.append(f"{len(vacuous)} tensor(s) from {vacuous[0]} on have no finite bound: n u >= 1 at u = {u:.3g} "
+                         "(the first-order bound says nothing at that depth and precision), so they were not checked")
     if rep.first_bad is not None and rep.first_bad.stats is not None and not rep.first_bad.note:
         spec = model or _model_spec(mb, path_b) or _model_spec(ma, path_a)
         if not spec:
             rep.notes.append("no model named in the traces' metadata (or --model): convention traps not checked")
         else:
+            why = None
             try:
                 mdl = load_model_spec(spec, dtype="float64")
                 ids = [int(x) for x in (mb.get("ids") or ma.get("ids")).split(",")]
-                _find_trap(rep, _Recompute(mdl, tb, ids), rep.first_bad)
-            except (OSError, ValueError, KeyError) as e:
+                why = _model_mismatch(mdl, ta, (ma, mb), ids, u, n_layers, D, F, S)
+                if not why:
+                    _find_trap(rep, _Recompute(mdl, tb, ids), rep.first_bad)
+            except (OSError, ValueError, KeyError, IndexError) as e:
                 rep.notes.append(f"convention traps not checked: {type(e).__name__}: {e}")
+            if why and model:      # the user named a model: recomputing with it would explain nothing
+                raise ValueError(f"--model {model} is not the model of these traces: {why}")
+            if why:
+                rep.notes.append(f"convention traps not checked: the model {spec} named in the trace metadata "
+                                 f"is not the model of these traces: {why}")
     return rep
+
+
+class _EmbedDone(Exception):
+    pass
+
+
+def _model_mismatch(mdl, ta, metas, ids, u, n_layers, D, F, S) -> str | None:
+    """Why `mdl` cannot be the model trace A was made with (arch, config, shapes, the embedding
+    of the ids), or None.  Recomputing a layer with another model's weights explains nothing."""
+    import json
+    cfg = mdl.config
+    for meta in metas:
+        if meta.get("arch") and meta["arch"] != cfg.arch:
+            return f"it is a {cfg.arch} model, the trace metadata says arch {meta['arch']!r}"
+        try:
+            tc = json.loads(meta.get("config") or "{}")
+        except ValueError:
+            tc = {}
+        for f in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "d_ff"):
+            if isinstance(tc, dict) and f in tc and tc[f] != getattr(cfg, f):
+                return f"its {f} is {getattr(cfg, f)}, the trace metadata's config says {tc[f]!r}"
+    if n_layers > cfg.n_layers:
+        return f"the traces have {n_layers} layers, the model {cfg.n_layers}"
+    bad = [i for i in ids if not 0 <= i < cfg.vocab_size]
+    if bad:
+        return f"the traces' ids include {bad[0]}, outside the model's vocabulary of {cfg.vocab_size}"
+    if "embed" not in ta:
+        return None
+    a = np.asarray(ta["embed"], np.float64)
+    if a.shape != (len(ids), cfg.d_model):
+        return f"trace A's embed has shape {a.shape}, the model gives {(len(ids), cfg.d_model)}"
+    got = {}
+
+    def stop_after_embed(name, x):
+        if name == "embed":
+            got["embed"] = np.asarray(x, np.float64)
+            raise _EmbedDone
+
+    try:
+        mdl.forward(np.asarray(ids, np.int64), trace=stop_after_embed)
+    except _EmbedDone:
+        pass
+    tol = tolerance("embed", a, u, n_layers, D, F, S)
+    with np.errstate(all="ignore"):
+        st = error_stats(got["embed"], a, tol)
+    if st.nonfinite_mismatches or st.bound_ratio > 1.0:
+        return (f"its embedding of the ids differs from trace A's embed ({st.bound_ratio:.3g} times the bound): "
+                "other weights")
+    return None
 
 
 def _model_spec(meta: dict, trace_path):

@@ -16,7 +16,9 @@ Rows and columns are numbered from 1 in the printout, as on paper.
 """
 from __future__ import annotations
 
+import decimal
 import sys
+from decimal import Decimal
 from fractions import Fraction
 
 from refimpl.oracle import exact as X
@@ -31,12 +33,42 @@ def _printer(out):
     return lambda s="": print(s, file=out)
 
 
+# Decimals carry X.PREC significant digits; GUARD of them absorb the rounding of a few operations,
+# so a value is printed to `digits` places only while its integer digits + digits fit in the rest
+# (larger values switch to scientific notation), and `digits` itself is at most MAX_DIGITS.
+GUARD = 5
+MAX_DIGITS = 30
+
+
+def _fmt(x, digits: int = 4) -> str:
+    """A Fraction as X.fmt prints it; a Decimal rounded to `digits` places, or as
+    d.ddd…e+N when its integer digits and `digits` do not fit in the precision."""
+    if isinstance(x, Fraction):
+        return X.fmt(x)
+    if x.is_zero() or x.adjusted() + 1 + digits <= X.PREC - GUARD:
+        v = x.quantize(Decimal(1).scaleb(-digits), rounding=decimal.ROUND_HALF_EVEN,
+                       context=decimal.Context(prec=X.PREC))
+        return f"{v:f}" if v != 0 else "0." + "0" * digits
+    return f"{x:.{digits}e}"
+
+
+def _fmt_decimal(x, digits: int = 4) -> str:
+    return _fmt(X.to_decimal(x), digits)
+
+
+def _fmt_matrix(A, digits: int = 4) -> str:
+    return "[" + ", ".join("[" + ", ".join(_fmt(v, digits) for v in r) + "]" for r in A) + "]"
+
+
 def _terms(a_row, b_col, digits):
-    return " + ".join(f"{X.fmt(a, digits)}·{X.fmt(b, digits)}" for a, b in zip(a_row, b_col))
+    return " + ".join(f"{_fmt(a, digits)}·{_fmt(b, digits)}" for a, b in zip(a_row, b_col))
 
 
 def explain_attention(Q=None, K=None, V=None, d_k=None, digits: int = 4, out=None) -> dict:
     """Walk softmax(Q Kᵀ / √d_k) V exactly, printing every step; return the exact values."""
+    if isinstance(digits, bool) or not isinstance(digits, int) or not 1 <= digits <= MAX_DIGITS:
+        raise ValueError(f"digits must be an integer from 1 to {MAX_DIGITS} (the values carry {X.PREC} "
+                         f"significant digits), got {digits!r}")
     p = _printer(out)
     Q = X.matrix(DEFAULT_Q if Q is None else Q)
     K = X.matrix(DEFAULT_K if K is None else K)
@@ -56,31 +88,35 @@ def explain_attention(Q=None, K=None, V=None, d_k=None, digits: int = 4, out=Non
       f"(shown to {digits} places). Rows numbered from 1.")
     p()
     p("Step 0. Inputs and shapes")
-    p(f"    Q: n_q × d_k = {nq} × {dq}   Q = {X.fmt_matrix(Q, digits)}")
-    p(f"    K: n_k × d_k = {nk} × {dk_}   K = {X.fmt_matrix(K, digits)}")
-    p(f"    V: n_k × d_v = {nv} × {dv}   V = {X.fmt_matrix(V, digits)}")
-    p(f"    d_k = {X.fmt(d_k)}")
+    p(f"    Q: n_q × d_k = {nq} × {dq}   Q = {_fmt_matrix(Q, digits)}")
+    p(f"    K: n_k × d_k = {nk} × {dk_}   K = {_fmt_matrix(K, digits)}")
+    p(f"    V: n_k × d_v = {nv} × {dv}   V = {_fmt_matrix(V, digits)}")
+    p(f"    d_k = {_fmt(d_k)}")
     p()
     Kt = X.transpose(K)
     p(f"Step 1. Kᵀ: transpose K ({nk} × {dk_}) into d_k × n_k = {dk_} × {nk}")
-    p(f"    Kᵀ = {X.fmt_matrix(Kt, digits)}")
+    p(f"    Kᵀ = {_fmt_matrix(Kt, digits)}")
     p()
     S = X.matmul(Q, Kt)
     p(f"Step 2. S = Q Kᵀ: ({nq} × {dq}) · ({dk_} × {nk}) = {nq} × {nk}, one score per (query, key) pair")
     p("    S[i][j] = Σ_c Q[i][c] · K[j][c]   (the dot product of query i with key j)")
     for i in range(nq):
         for j in range(nk):
-            p(f"    S[{i + 1}][{j + 1}] = {_terms(Q[i], K[j], digits)} = {X.fmt(S[i][j], digits)}")
-    p(f"    S = {X.fmt_matrix(S, digits)}   ({nq} × {nk})")
-    p(f"    Mistake to avoid: Q Kᵀ is n_q × n_k = {nq} × {nk} (queries × keys), not n_q × d_k = {nq} × {dq}.")
+            p(f"    S[{i + 1}][{j + 1}] = {_terms(Q[i], K[j], digits)} = {_fmt(S[i][j], digits)}")
+    p(f"    S = {_fmt_matrix(S, digits)}   ({nq} × {nk})")
+    if nk != dq:
+        p(f"    Mistake to avoid: Q Kᵀ is n_q × n_k = {nq} × {nk} (queries × keys), not n_q × d_k = {nq} × {dq}.")
+    else:
+        p(f"    Mistake to avoid: Q Kᵀ is n_q × n_k (queries × keys), not n_q × d_k; here n_k = d_k = {nk}, so the "
+          "shape looks the same either way, but column j is key j, not feature j.")
     p()
     r = X.sqrt(d_k)
     c = X.div(Fraction(1), r)
-    p(f"Step 3. Scale by 1/√d_k: √{X.fmt(d_k)} = {X.fmt(r, digits)}"
+    p(f"Step 3. Scale by 1/√d_k: √{_fmt(d_k)} = {_fmt(r, digits)}"
       + ("" if isinstance(r, Fraction) else " (irrational: decimals from here on)")
-      + f", 1/√d_k = {X.fmt(c, digits)}")
+      + f", 1/√d_k = {_fmt(c, digits)}")
     A = X.scale(S, c)
-    p(f"    S / √d_k = {X.fmt_matrix(A, digits)}")
+    p(f"    S / √d_k = {_fmt_matrix(A, digits)}")
     p("    Why: for unit-variance q, k the dot product has variance d_k; the scale keeps softmax out of saturation.")
     p()
     p("Step 4. P = softmax of each row: p_j = exp(a_j − max a) / Σ_k exp(a_k − max a)")
@@ -91,25 +127,25 @@ def explain_attention(Q=None, K=None, V=None, d_k=None, digits: int = 4, out=Non
         s = X.total(e)
         pr = [X.div(v, s) for v in e]
         P.append(pr)
-        p(f"    row {i + 1}: a = [{', '.join(X.fmt(a, digits) for a in row)}], max a = {X.fmt(m, digits)}")
-        p(f"        exp(a − max) = [{', '.join(X.fmt(v, digits) for v in e)}], sum = {X.fmt(s, digits)}")
-        p(f"        p = [{', '.join(X.fmt(v, digits) for v in pr)}]   (sums to 1)")
+        p(f"    row {i + 1}: a = [{', '.join(_fmt(a, digits) for a in row)}], max a = {_fmt(m, digits)}")
+        p(f"        exp(a − max) = [{', '.join(_fmt(v, digits) for v in e)}], sum = {_fmt(s, digits)}")
+        p(f"        p = [{', '.join(_fmt(v, digits) for v in pr)}]   (sums to 1)")
     p("    Subtracting max a changes nothing mathematically and keeps exp from overflowing (exp(89) > float32 max).")
     sm12 = X.softmax([Fraction(1), Fraction(2)])
     p(f"    Mistake to avoid: softmax normalises exponentials, not the raw values: "
-      f"softmax([1, 2]) = [{', '.join(X.fmt_decimal(v, digits) for v in sm12)}], not [1/3, 2/3].")
+      f"softmax([1, 2]) = [{', '.join(_fmt_decimal(v, digits) for v in sm12)}], not [1/3, 2/3].")
     p()
     O = X.matmul(P, V)
     p(f"Step 5. Output O = P V: ({nq} × {nk}) · ({nv} × {dv}) = {nq} × {dv}; row i mixes the value rows by p")
     for i in range(nq):
-        terms = " + ".join(f"{X.fmt(P[i][j], digits)}·[{', '.join(X.fmt(v, digits) for v in V[j])}]"
+        terms = " + ".join(f"{_fmt(P[i][j], digits)}·[{', '.join(_fmt(v, digits) for v in V[j])}]"
                            for j in range(nk))
-        p(f"    O[{i + 1}] = {terms} = [{', '.join(X.fmt(v, digits) for v in O[i])}]")
-    p(f"    O = {X.fmt_matrix(O, digits)}")
+        p(f"    O[{i + 1}] = {terms} = [{', '.join(_fmt(v, digits) for v in O[i])}]")
+    p(f"    O = {_fmt_matrix(O, digits)}")
     p()
     tie = X.softmax([Fraction(1), Fraction(1)])
     p("Also worth knowing")
-    p(f"    softmax([1, 1]) = [{', '.join(X.fmt(v) for v in tie)}] exactly (equal scores share equally).")
+    p(f"    softmax([1, 1]) = [{', '.join(_fmt(v) for v in tie)}] exactly (equal scores share equally).")
     p(f"    argmax([1/2, 1/2]) = index {X.argmax(tie) + 1} of 2 (0 in 0-based code): "
       "a tie picks the first index (numpy.argmax and greedy decoding do the same).")
     return {"Kt": Kt, "S": S, "scale": c, "scaled": A, "P": P, "O": O}

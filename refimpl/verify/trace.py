@@ -112,8 +112,14 @@ def write_trace(path, tensors: dict[str, np.ndarray], ids, dtype: str, arch: str
 
 def read_trace(path) -> tuple[dict[str, np.ndarray], dict[str, str]]:
     """({name: array} in forward order, metadata); ValueError naming the file if it is not a trace."""
-    from refimpl.io.safetensors import load
-    tensors, meta = load(path)
+    tensors, meta, _ = read_trace_with_dtypes(path)
+    return tensors, meta
+
+
+def read_trace_with_dtypes(path) -> tuple[dict[str, np.ndarray], dict[str, str], dict[str, str]]:
+    """read_trace, plus {name: safetensors dtype as stored} (a BF16 tensor is read as float32)."""
+    from refimpl.io.safetensors import load_with_dtypes
+    tensors, meta, stored = load_with_dtypes(path)
     meta = meta or {}
     if meta.get("format") != FORMAT:
         raise ValueError(f"{path}: not a refimpl trace (__metadata__.format is {meta.get('format')!r}, "
@@ -127,7 +133,7 @@ def read_trace(path) -> tuple[dict[str, np.ndarray], dict[str, str]]:
     unlisted = sorted(set(tensors) - set(order))
     if unlisted:
         raise ValueError(f"{path}: tensor {unlisted[0]!r} is not listed in __metadata__.order")
-    return {n: tensors[n] for n in order}, meta
+    return {n: tensors[n] for n in order}, meta, stored
 
 
 def trace_to_file(spec: str, ids, out, dtype: str = "float64", backend: str = "numpy") -> dict[str, np.ndarray]:
