@@ -121,3 +121,73 @@ def test_bad_sampling_arguments():
             S.sample(np.zeros(3), t, rng=S.XorShift64Star(1))
     with pytest.raises(ValueError, match="needs an rng"):
         S.sample(np.zeros(3), 1.0)
+
+
+def _literal_rule(p, top_k, top_p, r):
+    """Steps 3-6 of the module docstring as a port would write them: plain Python float loops."""
+    order = sorted(range(len(p)), key=lambda i: (-p[i], i))
+    if top_k is not None:
+        order = order[:top_k]
+    if top_p is not None:
+        s = 0.0
+        for i in order:
+            s += p[i]
+        c, n = 0.0, len(order)
+        for j, i in enumerate(order):
+            c += p[i] / s
+            if c >= top_p:
+                n = j + 1
+                break
+        order = order[:n]
+    s = 0.0
+    for i in order:
+        s += p[i]
+    c = 0.0
+    for i in order:
+        c += p[i] / s
+        if c > r:
+            return i, order
+    return order[-1], order
+
+
+def test_a_literal_port_of_the_rule_draws_the_oracles_tokens():
+    """Given the same p, the docstring's rule written as plain loops keeps the same set and draws
+    the same token, also with top_p placed exactly on running-sum boundaries (where a total
+    summed in another order, e.g. NumPy's pairwise sum, keeps a different set)."""
+    from refimpl.oracle.layers import softmax
+    rng = np.random.default_rng(7)
+    z = rng.standard_normal(1000) * 2.0
+    p = softmax(z)
+    pl = [float(x) for x in p]
+    order = sorted(range(len(pl)), key=lambda i: (-pl[i], i))
+    total = 0.0
+    for i in order:
+        total += pl[i]
+    c, bounds = 0.0, []
+    for i in order:
+        c += pl[i] / total
+        bounds.append(c)
+    tops = [None, 1.0, 0.5] + [bounds[j] for j in range(0, 999, 37)]
+    for seed, top_p in enumerate(tops, 1):
+        for top_k in (None, 10, 400):
+            want_tok, want_kept = _literal_rule(pl, top_k, top_p, S.XorShift64Star(seed).next_f64())
+            assert list(S.kept_tokens(p, top_k, top_p)) == want_kept, (top_k, top_p)
+            assert S.sample(z, 1.0, top_k, top_p, S.XorShift64Star(seed)) == want_tok, (top_k, top_p)
+
+
+BAD_LOGITS = [([1.0, np.nan, 2.0], 1.0, r"logits\[1\] = nan"), ([1.0, np.nan], 0.0, r"logits\[1\] = nan"),
+              ([1.0, np.inf, 2.0], 1.0, r"logits\[1\] = inf"), ([-np.inf, -np.inf], 1.0, "all -inf"),
+              ([1.0, 3.0, 2.0], 5e-324, "overflows float64"), ([10.0, 30.0, 20.0], 1e-307, "overflows float64")]
+
+
+@pytest.mark.parametrize("logits, temperature, match", BAD_LOGITS)
+def test_both_samplers_refuse_logits_the_rule_has_no_answer_for(logits, temperature, match):
+    """The oracle used to return token 0 here (NaN probabilities through lexsort and searchsorted):
+    both samplers refuse, by the first bad index or the overflow, and draw nothing."""
+    from refimpl.kernels.c_sample import sample as c_sample
+    for sample in (S.sample, c_sample):
+        rng = S.XorShift64Star(3)
+        with pytest.raises(ValueError, match=match):
+            sample(np.array(logits), temperature, rng=rng)
+        assert rng.state == S.XorShift64Star(3).state
+    assert S.sample(np.array([1.0, np.inf]), 0.0) == 1                 # greedy: +inf is the argmax

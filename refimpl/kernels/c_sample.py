@@ -7,40 +7,23 @@ argmax), otherwise exactly one draw of `rng` per token and the same rule, in flo
 oracle orders all V ids with np.lexsort, ~3 ms at V = 32000 (more than a stories15M-sized
 forward on the C backend); the C sampler splits them by the binade of p and sorts a binade
 only when the rule walks into it.  Its softmax runs on the SIMD path in force, with its own
-float64 vector exp (< 1 ulp from libm's) and sums over all V ids split into lanes (the rule's
-running sums go front to back in the order), so its probabilities can differ from the oracle's
-in the last bits:
-the token can differ only when the draw lies within that rounding of a running-sum boundary
-(tests/test_kernels_c_sample.py holds it to that).
+float64 vector exp (< 1 ulp from libm's), and its sums over all V ids (the softmax's, and the
+renormalising total when no top_k applies) run in id order split into lanes; the rule's running
+sums over a sorted prefix go front to back in the order.  So its probabilities and totals can
+differ from the oracle's in the last bits: the token can differ only when the draw (or top_p)
+lies within that rounding of a running-sum boundary (tests/test_kernels_c_sample.py holds it
+to that).
 
-Unlike the oracle, logits with a NaN or +inf, or all -inf, or whose max / temperature
-overflows, are refused (ValueError naming the first bad index or the overflow): the rule has
-no answer for them, and the oracle's would be arbitrary.
+Bad logits are refused as by the oracle (step 0 of the rule, `check_finite_logits`): a NaN,
+and when sampling a +inf, all -inf, or max / temperature overflowing float64.
 """
 from __future__ import annotations
-
-import math
 
 import numpy as np
 
 from refimpl._kernels import ffi, lib
-from refimpl.oracle.sampling import XorShift64Star, check_logits, check_temperature, check_top, greedy
-
-
-def _finite_logits(z: np.ndarray, temperature: float) -> np.ndarray:
-    """float64 [V] `z` as a C-contiguous array whose max(z) / temperature is finite: no NaN, no
-    +inf, not all -inf, no overflow (one pass over z when they are fine)."""
-    z = np.ascontiguousarray(z)
-    top = float(z.max()) / temperature              # Python floats: nan, +inf or -inf for every bad case
-    if not math.isfinite(top):
-        bad = np.isnan(z) | np.isposinf(z)
-        if bad.any():
-            i = int(np.argmax(bad))
-            raise ValueError(f"logits[{i}] = {z[i]}: sampling needs logits without NaN or +inf")
-        if np.isneginf(z).all():
-            raise ValueError("logits are all -inf: no token has a probability")
-        raise ValueError(f"max(logits) / temperature = {z.max()} / {temperature} overflows float64")
-    return z
+from refimpl.oracle.sampling import (XorShift64Star, check_finite_logits, check_logits, check_temperature,
+                                     check_top, greedy)
 
 
 def sample(logits, temperature=0.0, top_k=None, top_p=None, rng: XorShift64Star | None = None,
@@ -49,10 +32,11 @@ def sample(logits, temperature=0.0, top_k=None, top_p=None, rng: XorShift64Star 
     docstring).  `reference=True` runs the naive C (an O(V^2) insertion sort; for tests)."""
     z = check_logits(logits)
     temperature = check_temperature(temperature, rng)
+    z = check_finite_logits(z, temperature)
     if temperature is None:
         return greedy(z)
     top_k, top_p = check_top(top_k, top_p)
-    z = _finite_logits(z, temperature)
+    z = np.ascontiguousarray(z)
     V = z.shape[0]
     p = np.empty(V, np.float64)
     work = np.empty(lib.rf_sample_work_words(V), np.uint64)

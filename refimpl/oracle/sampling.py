@@ -1,7 +1,10 @@
 """Output decoding: from logits to a token id, reproducibly.
 
 Every step is specified precisely enough that a C or Rust port with the same
-seed produces the same token stream.
+seed and the same probabilities p (step 2) produces the same token stream.  p's
+exponentials and softmax sum are float64 but not correctly rounded (libm's exp,
+NumPy's pairwise sum), so a port whose p differ in the last bits agrees except
+where a draw or top_p falls within that rounding of a cumulative-sum boundary.
 
 The RNG: xorshift64* (Marsaglia 2003; Vigna 2016), as in llama2.c
 -------------------------------------------------------------------
@@ -15,6 +18,9 @@ The RNG: xorshift64* (Marsaglia 2003; Vigna 2016), as in llama2.c
 
 The sampling rule, for logits z (float, length V)
 --------------------------------------------------
+0. Logits with a NaN are refused (ValueError naming the first), and, when sampling,
+   logits with a +inf, all -inf, or whose max / temperature overflows float64: the
+   rule has no answer for them.
 1. temperature == 0: greedy. Return argmax z; ties go to the lowest token id.
    No random number is drawn.
 2. Otherwise, in float64: p = softmax(z / temperature) (max-shifted; see
@@ -88,6 +94,29 @@ def check_logits(logits) -> np.ndarray:  # -> [V] float64
     return z
 
 
+def check_finite_logits(z, temperature: float | None) -> np.ndarray:  # [V] float64 -> the same
+    """Step 0 of the rule: ValueError for a NaN in `z`, and with a `temperature` (sampling) for a
+    +inf, all -inf, or max(z) / temperature overflowing float64 (one pass over z when fine)."""
+    top = float(z.max())                            # NaN if any is NaN
+    if temperature is not None:
+        top /= temperature                          # Python floats: nan, +inf or -inf for every bad case
+    if math.isfinite(top) or (temperature is None and not math.isnan(top)):
+        return z
+    bad = np.isnan(z) if temperature is None else np.isnan(z) | np.isposinf(z)
+    if bad.any():
+        i = int(np.argmax(bad))
+        raise ValueError(f"logits[{i}] = {z[i]}: " + ("greedy decoding needs logits without NaN"
+                         if temperature is None else "sampling needs logits without NaN or +inf"))
+    if np.isneginf(z).all():
+        raise ValueError("logits are all -inf: no token has a probability")
+    raise ValueError(f"max(logits) / temperature = {z.max()} / {temperature} overflows float64")
+
+
+def ordered_sum(x) -> float:  # [n] -> sum
+    """float64 sum front to back, as the rule's sums run (a port's plain loop gives the same bits)."""
+    return float(np.cumsum(x)[-1]) if x.shape[0] else 0.0
+
+
 def check_top(top_k=None, top_p=None) -> tuple[int | None, float | None]:
     """top_k as an int >= 1 (any size: beyond V it keeps every token) and top_p as a float in
     (0, 1], each or None; TypeError for a top_k that is not an integer (1.9, nan, True), ValueError
@@ -126,7 +155,7 @@ def kept_tokens(p, top_k=None, top_p=None) -> np.ndarray:  # [V] -> [n] ids, in 
     if top_k is not None:
         order = order[:top_k]
     if top_p is not None:
-        q = p[order] / p[order].sum()
+        q = p[order] / ordered_sum(p[order])
         cum = np.cumsum(q)
         n = int(np.searchsorted(cum, top_p, side="left")) + 1          # first index with cum >= top_p
         order = order[: min(n, order.shape[0])]
@@ -137,11 +166,12 @@ def sample(logits, temperature=0.0, top_k=None, top_p=None, rng: XorShift64Star 
     """One token id from `logits` [V] by the documented rule."""
     z = check_logits(logits)
     temperature = check_temperature(temperature, rng)
+    z = check_finite_logits(z, temperature)
     if temperature is None:
         return greedy(z)
     p = softmax(z / temperature)
     kept = kept_tokens(p, top_k, top_p)
-    q = p[kept] / p[kept].sum()
+    q = p[kept] / ordered_sum(p[kept])
     r = rng.next_f64()
     cum = np.cumsum(q)
     i = int(np.searchsorted(cum, r, side="right"))                  # first index with cum > r
