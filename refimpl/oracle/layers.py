@@ -8,6 +8,11 @@ Dimension letters used in this module (and only these):
     Dh = head width (D // H)
     F  = feed-forward hidden width
     V  = vocabulary size
+    P  = rows of a learned position table (the context limit, max_seq_len)
+    Dv = value width in `attention` (Dh in a Transformer; kept apart: q.k and p.v are separate sums)
+    In, Out = a linear map's input and output widths
+    n  = heads in `split_heads` / `merge_heads` (H or Hkv)
+    ... = any leading dimensions (elementwise functions keep their input's shape)
 
 Every function is dtype-generic: it computes in the dtype of its inputs
 (float64 for the oracle's truth, float32 to mimic a float32 port).  Nothing
@@ -109,12 +114,12 @@ def linear(x, w, b=None):  # [..., In], [Out,In], [Out] -> [..., Out]
     return y if b is None else y + b
 
 
-def relu(x):
+def relu(x):  # [...] -> [...]
     """max(x, 0)."""
     return np.maximum(x, 0)
 
 
-def gelu_tanh(x):
+def gelu_tanh(x):  # [...] -> [...]
     """GELU, tanh approximation (GPT-2 `gelu_new`): 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))."""
     c = x.dtype.type(math.sqrt(2.0 / math.pi))
     return 0.5 * x * (1.0 + np.tanh(c * (x + 0.044715 * (x * x * x))))
@@ -123,13 +128,13 @@ def gelu_tanh(x):
 _erf = np.frompyfunc(math.erf, 1, 1)
 
 
-def gelu_erf(x):
+def gelu_erf(x):  # [...] -> [...]
     """GELU, exact form (BERT `gelu`): 0.5 x (1 + erf(x / sqrt(2))); erf from the C library."""
     e = _erf(np.asarray(x, dtype=np.float64) / math.sqrt(2.0)).astype(np.float64)
     return (0.5 * x * (1.0 + e.astype(x.dtype))).astype(x.dtype)
 
 
-def silu(x):
+def silu(x):  # [...] -> [...]
     """SiLU / swish: x * sigmoid(x) = x / (1 + exp(-x))."""
     return x / (1.0 + np.exp(-x))
 
@@ -212,10 +217,10 @@ def multi_head_attention(q, k, v, mask=None, scale=None):  # [H,T,Dh],[Hkv,S,Dh]
                      for h in range(H)])
 
 
-def split_heads(x, n_heads):  # [T, n*Dh] -> [n,T,Dh]
+def split_heads(x, n_heads):  # [T, n*Dh] -> [n,T,Dh], n = n_heads
     """Reshape a projection into heads."""
-    T, C = x.shape
-    return x.reshape(T, n_heads, C // n_heads).transpose(1, 0, 2)
+    T, width = x.shape
+    return x.reshape(T, n_heads, width // n_heads).transpose(1, 0, 2)
 
 
 def merge_heads(x):  # [n,T,Dh] -> [T, n*Dh]
