@@ -296,3 +296,43 @@ def test_top_k_beyond_v_keeps_every_token(sample):
         want = sample(z, 1.0, rng=S.XorShift64Star(seed))
         for top_k in (50, 51, np.int64(2 ** 62), 2 ** 70):
             assert sample(z, 1.0, top_k=top_k, rng=S.XorShift64Star(seed)) == want
+
+
+# ---------------------------------------------------------------- norms at float32's edges
+
+NORM_EDGES = [
+    ("overflow", np.array([[2e19, -1e19, 3e19, 5e18]], F32), 0.0),       # x^2 overflows float32
+    ("tiny, eps 0", np.array([[1e-30, -2e-30, 3e-30]], F32), 0.0),         # x^2 underflows to 0
+    ("subnormal square", np.array([[1.2345678e-21]], F32), 0.0),           # x^2 keeps 3 digits
+    ("constant row, eps 0", np.full((1, 127), 0.001, F32), 0.0),           # the float32 mean is the variance
+    ("near-constant row", (100.0 + np.arange(64) * 2.0 ** -17).astype(F32)[None], 1e-12),
+]
+
+
+@pytest.mark.parametrize("case, x, eps", NORM_EDGES, ids=[c[0] for c in NORM_EDGES])
+@pytest.mark.parametrize("backend", ["c", "numba"])
+def test_norms_fall_back_to_double_where_float32_cannot(backend, case, x, eps):
+    """Rows whose float32 sums overflow, underflow or cancel are redone in double (norms.c, and
+    the Numba kernels alike): within the bound of the float64 oracle, NaN where it is NaN (a
+    constant row with eps = 0 is 0 / 0).  Numba gave zeros for the overflow row; both gave inf
+    for the tiny row and finite values of ~0.24 for the constant one."""
+    from refimpl.kernels import contracts as C
+    from refimpl.kernels.cdispatch import forced_path, runnable_paths
+    from refimpl.oracle import layers as L
+    from refimpl.verify.compare import assert_within
+    D = x.shape[1]
+    w, b = f32(D, seed=1), f32(D, seed=2)
+    f = lambda a: a.astype(np.float64)  # noqa: E731
+    for path in (runnable_paths() if backend == "c" else [None]):
+        with forced_path(path) if path else _nothing(), np.errstate(all="ignore"):
+            got = get("layer_norm", backend)(x, w, b, eps)
+            want = L.layer_norm(f(x), f(w), f(b), eps)
+            assert_within(got, want, C.layer_norm_bound(x, w, b, eps, F32))
+            if case != "constant row, eps 0":
+                got = get("rms_norm", backend)(x, w, eps)
+                assert_within(got, L.rms_norm(f(x), f(w), eps), C.rms_norm_bound(x, w, eps, F32))
+
+
+def _nothing():
+    import contextlib
+    return contextlib.nullcontext()

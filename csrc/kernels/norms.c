@@ -3,8 +3,16 @@
  *   rms_norm:    ms = sum x^2 / D;  out = x (1 / sqrt(ms + eps)) w
  * Two passes (LayerNorm three) over a row, sums in float32 with 4 vector accumulators: the error
  * analysis of contracts.layer_norm_bound / rms_norm_bound (gamma(D) for each sum).
- * A row whose sums are not finite (overflow of x^2 above |x| ~ 1e19, or inf/NaN inputs) is
- * redone by the _ref row in double, which gives the oracle's answer (NaN rows for inf/NaN). */
+ * A row is redone by the _ref row in double, which gives the oracle's answer, when float32 cannot:
+ *   - its sums are not finite: x^2 overflows above |x| ~ 1.8e19, or inf / NaN inputs (NaN rows);
+ *   - var + eps < 2^-100: x^2 below 2^-126 lost bits to the subnormal range or rounded to 0
+ *     (tiny rows with eps = 0 or an eps that small gave inf or 250 bounds off);
+ *   - LayerNorm only, var + eps <= 2^-40 mu^2: the row is constant to a few ulps of its mean, and
+ *     the float32 mean's own rounding (up to gamma(D) |mu|) is the variance (a constant row of
+ *     0.001 with eps = 0 gave values of 0.24 where the oracle's exact mean gives 0 / 0 = NaN).
+ * Tests: tests/test_kernel_boundaries.py (test_norms_fall_back_to_double_where_float32_cannot). */
+#define RF_NORM_TINY 0x1p-100f
+#define RF_NORM_FLAT 0x1p-40f
 #ifdef RF_VW
 /* ======== SIMD body, compiled once per path (see _vmath.h) ======== */
 RF_INL float V(row_sum)(const float *x /* (D,) */, int64_t D, float shift, int squares) {
@@ -38,11 +46,12 @@ static void V(layer_norm)(float *out /* (T,D) */, const float *x /* (T,D) */, co
         float *yr = out + t * D;
         float mu = V(row_sum)(xr, D, 0.0f, 0) / (float)D;
         float var = V(row_sum)(xr, D, mu, 1) / (float)D;
-        if (!isfinite(mu) || !isfinite(var)) {   /* overflow, inf or NaN: the double row decides */
-            rf_layer_norm_f32_ref(yr, xr, w, b, 1, D, eps);
+        float v = var + eps;
+        if (!(v >= RF_NORM_TINY && v <= FLT_MAX && v > RF_NORM_FLAT * mu * mu)) {   /* NaN fails too */
+            rf_layer_norm_f32_ref(yr, xr, w, b, 1, D, eps);      /* the double row decides (above) */
             continue;
         }
-        float rs = 1.0f / sqrtf(var + eps);
+        float rs = 1.0f / sqrtf(v);
         const vf vmu = V(vset1)(mu), vrs = V(vset1)(rs);
         int64_t i = 0;
         for (; i + RF_VW <= D; i += RF_VW)
@@ -56,12 +65,12 @@ static void V(rms_norm)(float *out /* (T,D) */, const float *x /* (T,D) */, cons
     for (int64_t t = 0; t < T; t++) {
         const float *xr = x + t * D;
         float *yr = out + t * D;
-        float ms = V(row_sum)(xr, D, 0.0f, 1) / (float)D;
-        if (!isfinite(ms)) {       /* overflow, inf or NaN: the double row decides */
-            rf_rms_norm_f32_ref(yr, xr, w, 1, D, eps);
+        float v = V(row_sum)(xr, D, 0.0f, 1) / (float)D + eps;
+        if (!(v >= RF_NORM_TINY && v <= FLT_MAX)) {             /* NaN fails too */
+            rf_rms_norm_f32_ref(yr, xr, w, 1, D, eps);           /* the double row decides (above) */
             continue;
         }
-        float rs = 1.0f / sqrtf(ms + eps);
+        float rs = 1.0f / sqrtf(v);
         const vf vrs = V(vset1)(rs);
         int64_t i = 0;
         for (; i + RF_VW <= D; i += RF_VW) V(vst)(yr + i, V(vld)(xr + i) * vrs * V(vld)(w + i));
@@ -70,6 +79,7 @@ static void V(rms_norm)(float *out /* (T,D) */, const float *x /* (T,D) */, cons
 }
 #else
 /* ======== common part: references, dispatch, thunks ======== */
+#include <float.h>
 #include <math.h>
 #include "norms.h"
 #include "_dispatch.h"

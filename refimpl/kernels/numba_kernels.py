@@ -637,11 +637,40 @@ def attention(q, k, v, causal=False, scale=None):  # [H,Lq,D],[Hkv,Lk,D],[Hkv,Lk
 # ==========================================================================
 
 
+# Rows float32 cannot normalise are redone in float64, as the C kernels do (csrc/kernels/norms.c):
+# sums not finite (x^2 overflows above |x| ~ 1.8e19), var + eps below 2^-100 (x^2 lost bits to
+# the subnormal range or rounded to 0: tiny rows with eps = 0), and for LayerNorm a row constant
+# to a few ulps of its mean (var + eps <= 2^-40 mean^2: the float32 mean's rounding is the variance).
+# `_norm_limits(dtype)` gives (tiny, flat, big); for float64 inputs they let every finite row through.
+
+
+def _norm_limits(dtype):
+    if dtype == np.float32:
+        return (dtype.type(2.0 ** -100), dtype.type(2.0 ** -40), dtype.type(np.finfo(np.float32).max))
+    return (dtype.type(0), dtype.type(0), dtype.type(np.inf))
+
+
 @cfg.kernel(cfg.FASTMATH_REDUCE, error_model=cfg.ERROR_MODEL_NORMS)
-def _layer_norm_kernel(out, x, w, b, eps):  # out [R,D], x [R,D], w [D], b [D]
+def _layer_norm_row64(out, x, w, b, eps, r):  # row r of out [R,D] from x [R,D], in float64
+    D = x.shape[1]
+    s = 0.0
+    for i in range(D):
+        s += np.float64(x[r, i])
+    mean = s / D
+    s2 = 0.0
+    for i in range(D):
+        c = np.float64(x[r, i]) - mean
+        s2 += c * c
+    rs = 1.0 / np.sqrt(s2 / D + np.float64(eps))
+    for i in range(D):
+        out[r, i] = (np.float64(x[r, i]) - mean) * rs * np.float64(w[i]) + np.float64(b[i])
+
+
+@cfg.kernel(cfg.FASTMATH_REDUCE, error_model=cfg.ERROR_MODEL_NORMS)
+def _layer_norm_kernel(out, x, w, b, eps, tiny, flat, big):  # out [R,D], x [R,D], w [D], b [D]
     """out = (x - mean) (1 / sqrt(var + eps)) w + b, biased variance, per row, in x's dtype
-    (as the C kernel; an int D or a float64 literal would turn the row into float64 math).
-    A constant row with eps = 0 gives 1 / 0 = inf, 0 * inf = NaN, as the oracle does."""
+    (as the C kernel; an int D or a float64 literal would turn the row into float64 math);
+    the rows above in float64.  A constant row with eps = 0 is then 0 / 0 = NaN, as the oracle's."""
     R, D = x.shape
     dt = x.dtype.type
     zero, n = dt(0), dt(D)
@@ -654,7 +683,11 @@ def _layer_norm_kernel(out, x, w, b, eps):  # out [R,D], x [R,D], w [D], b [D]
         for i in range(D):
             c = x[r, i] - mean
             s2 += c * c
-        rs = dt(1) / np.sqrt(s2 / n + eps)
+        v = s2 / n + eps
+        if not (v >= tiny and v <= big and v > flat * mean * mean):      # NaN fails too
+            _layer_norm_row64(out, x, w, b, eps, r)
+            continue
+        rs = dt(1) / np.sqrt(v)
         for i in range(D):
             out[r, i] = (x[r, i] - mean) * rs * w[i] + b[i]
 
@@ -672,13 +705,26 @@ def layer_norm(x, w, b, eps=1e-5):  # [..., D], [D], [D] -> [..., D]
     out = apart_empty(x.shape, x.dtype, like=x)
     if x.size:
         D = x.shape[-1]
-        cfg.call(_layer_norm_kernel, x.dtype, out.reshape(-1, D), x.reshape(-1, D), w, b, x.dtype.type(eps))
+        cfg.call(_layer_norm_kernel, x.dtype, out.reshape(-1, D), x.reshape(-1, D), w, b, x.dtype.type(eps),
+                 *_norm_limits(x.dtype))
     return out
 
 
 @cfg.kernel(cfg.FASTMATH_REDUCE, error_model=cfg.ERROR_MODEL_NORMS)
-def _rms_norm_kernel(out, x, w, eps):  # out [R,D], x [R,D], w [D]
-    """out = x (1 / sqrt(mean(x^2) + eps)) w, per row, in x's dtype (as layer_norm)."""
+def _rms_norm_row64(out, x, w, eps, r):  # row r of out [R,D] from x [R,D], in float64
+    D = x.shape[1]
+    s = 0.0
+    for i in range(D):
+        s += np.float64(x[r, i]) * np.float64(x[r, i])
+    rs = 1.0 / np.sqrt(s / D + np.float64(eps))
+    for i in range(D):
+        out[r, i] = np.float64(x[r, i]) * rs * np.float64(w[i])
+
+
+@cfg.kernel(cfg.FASTMATH_REDUCE, error_model=cfg.ERROR_MODEL_NORMS)
+def _rms_norm_kernel(out, x, w, eps, tiny, big):  # out [R,D], x [R,D], w [D]
+    """out = x (1 / sqrt(mean(x^2) + eps)) w, per row, in x's dtype (as layer_norm; the rows
+    float32 cannot normalise in float64)."""
     R, D = x.shape
     dt = x.dtype.type
     zero, n = dt(0), dt(D)
@@ -686,7 +732,11 @@ def _rms_norm_kernel(out, x, w, eps):  # out [R,D], x [R,D], w [D]
         s = zero
         for i in range(D):
             s += x[r, i] * x[r, i]
-        rs = dt(1) / np.sqrt(s / n + eps)
+        v = s / n + eps
+        if not (v >= tiny and v <= big):                                  # NaN fails too
+            _rms_norm_row64(out, x, w, eps, r)
+            continue
+        rs = dt(1) / np.sqrt(v)
         for i in range(D):
             out[r, i] = x[r, i] * rs * w[i]
 
@@ -702,7 +752,8 @@ def rms_norm(x, w, eps=1e-6):  # [..., D], [D] -> [..., D]
     out = apart_empty(x.shape, x.dtype, like=x)
     if x.size:
         D = x.shape[-1]
-        cfg.call(_rms_norm_kernel, x.dtype, out.reshape(-1, D), x.reshape(-1, D), w, x.dtype.type(eps))
+        tiny, _, big = _norm_limits(x.dtype)
+        cfg.call(_rms_norm_kernel, x.dtype, out.reshape(-1, D), x.reshape(-1, D), w, x.dtype.type(eps), tiny, big)
     return out
 
 
