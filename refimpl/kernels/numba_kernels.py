@@ -644,10 +644,12 @@ def attention(q, k, v, causal=False, scale=None):  # [H,Lq,D],[Hkv,Lk,D],[Hkv,Lk
 # `_norm_limits(dtype)` gives (tiny, flat, big); for float64 inputs they let every finite row through.
 
 
+_NORM_LIMITS = {np.dtype(np.float32): (np.float32(2.0 ** -100), np.float32(2.0 ** -40), np.finfo(np.float32).max),
+                np.dtype(np.float64): (np.float64(0), np.float64(0), np.float64(np.inf))}
+
+
 def _norm_limits(dtype):
-    if dtype == np.float32:
-        return (dtype.type(2.0 ** -100), dtype.type(2.0 ** -40), dtype.type(np.finfo(np.float32).max))
-    return (dtype.type(0), dtype.type(0), dtype.type(np.inf))
+    return _NORM_LIMITS[np.dtype(dtype)]
 
 
 @cfg.kernel(cfg.FASTMATH_REDUCE, error_model=cfg.ERROR_MODEL_NORMS)
