@@ -183,24 +183,19 @@ def padding_mask(attention_mask, T):  # [S] of 0/1 -> [T,S] bool
 # --------------------------------------------------------------------------
 
 
-def attention(q, k, v, mask=None, scale=None):  # [T,Dh],[S,Dh],[S,Dv],[T,S] -> [T,Dv]
-    """Scaled dot-product attention: softmax(q k^T * scale, masked) v, scale = 1/sqrt(Dh)."""
+def attention_probs(q, k, mask=None, scale=None):  # [T,Dh],[S,Dh],[T,S] -> [T,S]
+    """P = softmax(q k^T * scale, masked), scale = 1/sqrt(Dh) by default (also traced and taught)."""
     if scale is None:
         scale = 1.0 / math.sqrt(q.shape[-1])
     scores = (q @ k.swapaxes(-1, -2)) * q.dtype.type(scale)                # [T,S]
     if mask is not None:
         scores = np.where(mask, scores, -np.inf)                          # masked -> prob 0
-    return softmax(scores, axis=-1) @ v
-
-
-def attention_probs(q, k, mask=None, scale=None):  # [T,Dh],[S,Dh],[T,S] -> [T,S]
-    """The attention probabilities alone (for traces and teaching)."""
-    if scale is None:
-        scale = 1.0 / math.sqrt(q.shape[-1])
-    scores = (q @ k.swapaxes(-1, -2)) * q.dtype.type(scale)
-    if mask is not None:
-        scores = np.where(mask, scores, -np.inf)
     return softmax(scores, axis=-1)
+
+
+def attention(q, k, v, mask=None, scale=None):  # [T,Dh],[S,Dh],[S,Dv],[T,S] -> [T,Dv]
+    """Scaled dot-product attention: P v with P = attention_probs(q, k, mask, scale)."""
+    return attention_probs(q, k, mask, scale) @ v
 
 
 def kv_head_of(h, H, Hkv):
