@@ -203,11 +203,16 @@ def load_config(path) -> Config:
     f = p / "config.json" if p.is_dir() else p
     if not f.is_file():
         raise FileNotFoundError(f"no config.json in {p}")
+    return config_from_dict(_read_json(f), str(f))
+
+
+def _read_json(f: Path):
+    """The JSON value in file `f`; CheckpointError naming it for bad UTF-8 or JSON, an integer of
+    more than 4300 digits, or nesting too deep."""
     try:
-        c = json.loads(f.read_text(encoding="utf-8"))
-    except (ValueError, RecursionError) as e:    # bad UTF-8 or JSON, an integer of > 4300 digits, deep nesting
+        return json.loads(f.read_text(encoding="utf-8"))
+    except (ValueError, RecursionError) as e:
         raise CheckpointError(f"{f}: not valid JSON ({e or type(e).__name__})") from None
-    return config_from_dict(c, str(f))
 
 
 # --------------------------------------------------------------------------
@@ -230,10 +235,7 @@ def read_safetensors_dir(d: Path) -> dict[str, np.ndarray]:
     if single.is_file():
         return st.load_file(single)
     if index.is_file():
-        try:
-            idx = json.loads(index.read_text(encoding="utf-8"))
-        except (ValueError, RecursionError) as e:    # bad UTF-8 or JSON, a huge integer, deep nesting
-            raise CheckpointError(f"{index}: not valid JSON ({e or type(e).__name__})") from None
+        idx = _read_json(index)
         wm = idx.get("weight_map") if isinstance(idx, dict) else None
         if not isinstance(wm, dict) or not all(isinstance(v, str) for v in wm.values()):
             raise CheckpointError(f"{index}: needs a 'weight_map' object of tensor name -> shard file name")

@@ -14,7 +14,7 @@ differ from the oracle's in the last bits: the token can differ only when the dr
 lies within that rounding of a running-sum boundary (tests/test_kernels_c_sample.py holds it
 to that).
 
-Bad logits are refused as by the oracle (step 0 of the rule, `check_finite_logits`): a NaN,
+Bad logits are refused as by the oracle (step 0 of the rule, `checked_inputs`): a NaN,
 and when sampling a +inf, all -inf, or max / temperature overflowing float64.
 """
 from __future__ import annotations
@@ -22,17 +22,14 @@ from __future__ import annotations
 import numpy as np
 
 from refimpl._kernels import ffi, lib
-from refimpl.oracle.sampling import (XorShift64Star, check_finite_logits, check_logits, check_temperature,
-                                     check_top, greedy)
+from refimpl.oracle.sampling import XorShift64Star, check_top, checked_inputs, greedy
 
 
 def sample(logits, temperature=0.0, top_k=None, top_p=None, rng: XorShift64Star | None = None,
            reference: bool = False) -> int:
     """One token id from `logits` [V] by the rule of refimpl.oracle.sampling (see the module
     docstring).  `reference=True` runs the naive C (an O(V^2) insertion sort; for tests)."""
-    z = check_logits(logits)
-    temperature = check_temperature(temperature, rng)
-    z = check_finite_logits(z, temperature)
+    z, temperature = checked_inputs(logits, temperature, rng)
     if temperature is None:
         return greedy(z)
     top_k, top_p = check_top(top_k, top_p)

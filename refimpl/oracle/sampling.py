@@ -112,6 +112,13 @@ def check_finite_logits(z, temperature: float | None) -> np.ndarray:  # [V] floa
     raise ValueError(f"max(logits) / temperature = {z.max()} / {temperature} overflows float64")
 
 
+def checked_inputs(logits, temperature, rng) -> tuple[np.ndarray, float | None]:  # -> z [V] float64, T
+    """Step 0's checks, shared by every sampler: (z, temperature), temperature None for greedy."""
+    z = check_logits(logits)
+    temperature = check_temperature(temperature, rng)
+    return check_finite_logits(z, temperature), temperature
+
+
 def ordered_sum(x) -> float:  # [n] -> sum
     """float64 sum front to back, as the rule's sums run (a port's plain loop gives the same bits)."""
     return float(np.cumsum(x)[-1]) if x.shape[0] else 0.0
@@ -164,9 +171,7 @@ def kept_tokens(p, top_k=None, top_p=None) -> np.ndarray:  # [V] -> [n] ids, in 
 
 def sample(logits, temperature=0.0, top_k=None, top_p=None, rng: XorShift64Star | None = None) -> int:
     """One token id from `logits` [V] by the documented rule."""
-    z = check_logits(logits)
-    temperature = check_temperature(temperature, rng)
-    z = check_finite_logits(z, temperature)
+    z, temperature = checked_inputs(logits, temperature, rng)
     if temperature is None:
         return greedy(z)
     p = softmax(z / temperature)

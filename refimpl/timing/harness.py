@@ -439,7 +439,7 @@ class Sampler:
     def floor_ticks(self) -> float:
         """max(overhead, granularity) of this target's regions: the C loop's fenced region, or
         the Python loop's (~15x larger here: the counter is read through two cffi calls)."""
-        return max(self.overhead, self.cal.granularity_ticks, 1)
+        return max(self.overhead, self.cal.floor_ticks)
 
     def warm(self, warmup_s: float = 0.02, warmup_calls: int = 2) -> None:
         """Call until `warmup_s` has passed (>= warmup_calls calls); size the inner repetitions
