@@ -287,6 +287,104 @@ def test_bugs_in_later_tiles_are_caught():
                                               "causal Lq=67 < Lk=131, GQA H=4 Hkv=2 (several tiles)"}, rep.text()
 
 
+# --------------------------------------------------------------------------
+# SIMD kernels: a bug in the remainder loop after a vector body is caught
+# --------------------------------------------------------------------------
+
+
+def _body(n: int, W: int) -> int:
+    """Elements a W-lane kernel runs in whole blocks; below W its scalar path runs them all."""
+    return n - n % W if n >= W else n
+
+
+def softmax_denominator_without_tail(W):
+    def f(x):
+        e = np.exp(x.astype(np.float64) - x.max(-1, keepdims=True))
+        return (e / e[..., :_body(x.shape[-1], W)].sum(-1, keepdims=True)).astype(x.dtype)
+    return f
+
+
+def softmax_max_without_tail(W):
+    def f(x):
+        with np.errstate(all="ignore"):         # float32 exp overflows: that is the bug
+            e = np.exp(x - x[..., :_body(x.shape[-1], W)].max(-1, keepdims=True))
+            return e / e.sum(-1, keepdims=True)
+    return f
+
+
+def layer_norm_mean_without_tail(W):
+    def f(x, w, b, eps=1e-5):
+        x64 = x.astype(np.float64)
+        mu = x64[..., :_body(x.shape[-1], W)].sum(-1, keepdims=True) / x.shape[-1]
+        var = ((x64 - mu) ** 2).mean(-1, keepdims=True)
+        return ((x64 - mu) / np.sqrt(var + eps) * w + b).astype(x.dtype)
+    return f
+
+
+def rms_norm_squares_without_tail(W):
+    def f(x, w, eps=1e-6):
+        x64 = x.astype(np.float64)
+        ms = (x64[..., :_body(x.shape[-1], W)] ** 2).sum(-1, keepdims=True) / x.shape[-1]
+        return (x64 / np.sqrt(ms + eps) * w).astype(x.dtype)
+    return f
+
+
+def activation_tail_left_unprocessed(fn, W):
+    def f(x):
+        y = fn(x.astype(np.float64)).astype(x.dtype)
+        k = _body(x.shape[-1], W)
+        y[..., k:] = x[..., k:]
+        return y
+    return f
+
+
+def matmul_k_without_tail(W):
+    def f(a, b):
+        k = _body(a.shape[1], W)
+        return (a[:, :k].astype(np.float64) @ b[:k].astype(np.float64)).astype(a.dtype)
+    return f
+
+
+def attention_scores_without_d_tail(W):
+    def f(q, k, v, causal=False, scale=None):
+        D = q.shape[-1]
+        q_body = q.astype(np.float64)
+        q_body[..., _body(D, W):] = 0.0         # q.k summed over the vector body of D only
+        mask = L.causal_mask(q.shape[1], k.shape[1]) if causal else None
+        return L.multi_head_attention(q_body, k.astype(np.float64), v.astype(np.float64), mask,
+                                      1 / math.sqrt(D) if scale is None else scale).astype(q.dtype)
+    return f
+
+
+def rope_tail_pairs_not_rotated(W):
+    def f(x, positions, theta=10000.0):
+        y = L.rope(x.astype(np.float64), positions, theta).astype(x.dtype)
+        half = x.shape[-1] // 2
+        k = _body(half, W)
+        y[..., k:half], y[..., half + k:] = x[..., k:half], x[..., half + k:]
+        return y
+    return f
+
+
+TAIL_BUGS = [("softmax", softmax_denominator_without_tail), ("softmax", softmax_max_without_tail),
+             ("layer_norm", layer_norm_mean_without_tail), ("rms_norm", rms_norm_squares_without_tail),
+             ("gelu_tanh", lambda W: activation_tail_left_unprocessed(L.gelu_tanh, W)),
+             ("silu", lambda W: activation_tail_left_unprocessed(L.silu, W)),
+             ("matmul", matmul_k_without_tail), ("attention", attention_scores_without_d_tail),
+             ("rope", rope_tail_pairs_not_rotated)]
+
+
+@pytest.mark.parametrize("W", [4, 8, 16, 32, 64])
+@pytest.mark.parametrize("op, bug", TAIL_BUGS, ids=[f"{op}-{i}" for i, (op, _) in enumerate(TAIL_BUGS)])
+def test_bugs_in_vector_tails_are_caught(op, bug, W):
+    """Before the vector-tail cases, a softmax dropping the last n % 16 terms of its denominator
+    passed every case (the long row n=4099 hides 3 dropped terms inside its own budget), as did
+    a D-tail bug in attention's q.k and untouched RoPE tail pairs at every width."""
+    rep = check(bug(W), op, examples=0)
+    assert not rep.passed
+    assert any("vector tail" in c.name for c in rep.failures), rep.text()
+
+
 @pytest.mark.parametrize("backend", ["c", "numba"])
 def test_project_tiled_kernels_pass_the_multi_tile_cases(backend):
     if backend == "numba":
@@ -297,6 +395,18 @@ def test_project_tiled_kernels_pass_the_multi_tile_cases(backend):
         names = {c.name for c in rep.cases}
         assert names & {"tiles 131x257x133 (M, K, N past 64 and 128)", "causal Lq=Lk=130 D=16 (query and key tiles)",
                         "D=128 (a real head width) H=2 T=5"}, names
+
+
+@pytest.mark.parametrize("op", OPS)
+def test_project_c_kernels_pass_every_edge_case_on_every_simd_path(op):
+    """The C library's AVX-512, AVX2 and portable paths each run their own vector bodies and
+    remainder loops: each path, forced in turn, passes every edge case, vector tails included."""
+    from refimpl.kernels.cdispatch import forced_path, runnable_paths
+    for path in runnable_paths():
+        with forced_path(path):
+            rep = check(registry.get(op, "c"), op, examples=0)
+        assert rep.passed, f"{path}: " + rep.text()
+        assert any("vector tail" in c.name for c in rep.cases)
 
 
 # --------------------------------------------------------------------------
@@ -321,10 +431,11 @@ def test_nondeterministic_implementation_is_a_failure_not_a_crash(tmp_path, caps
     assert "nondeterministic: same input, different output" in hyp.error and hyp.example
     # the command line prints the same verdict (exit 1), no traceback
     from refimpl.cli import main
+    wrong_call = len(edge_cases("softmax", np.float32)) + 2    # the second hypothesis example
     (tmp_path / "racy.py").write_text("import numpy as np\n_n = [0]\n"
                                       "def softmax(x):\n    _n[0] += 1\n"
                                       "    e = np.exp(x - x.max(-1, keepdims=True))\n"
-                                      "    return e / e.sum(-1, keepdims=True) * (1.01 if _n[0] == 12 else 1.0)\n")
+                                      f"    return e / e.sum(-1, keepdims=True) * (1.01 if _n[0] == {wrong_call} else 1.0)\n")
     assert main(["verify", f"{tmp_path / 'racy.py'}:softmax", "--op", "softmax", "--examples", "20"]) == 1
     out = capsys.readouterr().out
     assert "nondeterministic: same input, different output" in out and "FAIL" in out

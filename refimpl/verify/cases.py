@@ -24,7 +24,9 @@ M, K, N past 64 and 128; attention with several query and key tiles, causal
 and GQA; RoPE at D=128),
 logits near +-88 (float32 exp overflow) and +-3e38, -inf masked entries,
 causal with Lq < Lk, GQA and MQA, constant rows, a large mean (the
-E[x^2] - E[x]^2 variance trap), large RoPE positions.  The hypothesis
+E[x^2] - E[x]^2 variance trap), large RoPE positions, and the vector tails of
+every op (`TAILS`: lengths that leave a remainder after blocks of 4 to 128
+lanes, where a SIMD kernel's remainder loop runs after its vector body).  The hypothesis
 strategies draw small shapes (so a shrunk failure is small enough to paste)
 with values mixing ordinary magnitudes and the special values above.
 """
@@ -144,6 +146,15 @@ def bound(op: str, case: Case, params: dict, ref, dtype) -> np.ndarray:
 
 SOFTMAX_SPECIALS = (88.72, -88.72, 89.0, -103.0, 3.0e38, -3.0e38, -math.inf)
 
+# Vector tails.  A SIMD kernel runs a row in blocks of W lanes (W = 4 ... 64, times an
+# unroll) and the last n % W elements in a remainder loop: the classic home of a bug that
+# shows only when that loop runs after a block, a reduction that drops the remainder or a
+# remainder left unwritten.  19 = 16 + 3, 91 = 64 + 16 + 8 + 3 (every tier of a cascade of
+# narrower loops), 199 = 3 x 64 + 7: none is a multiple of 4, so every width leaves a tail.
+# The rows are short enough that the dropped or wrong elements are a large share of them:
+# a long row (n = 4099) hides a few dropped terms inside its own rounding budget.
+TAILS = (19, 91, 199)
+
 
 def edge_cases(op: str, dtype=np.float32, accepts=(), seed: int = 0, all_masked_rows: bool = False) -> list[Case]:
     """Deterministic edge cases for `op` in `dtype`.
@@ -177,6 +188,8 @@ def edge_cases(op: str, dtype=np.float32, accepts=(), seed: int = 0, all_masked_
         add("zeros", a=np.zeros((3, 4), dt), b=r(4, 2))
         add("mixed magnitudes", a=r(4, 40, scale=100.0) * (rng.random((4, 40)) < 0.3).astype(dt),
             b=r(40, 6, scale=0.01))
+        m, k, n = TAILS
+        add(f"vector tails {m}x{k}x{n} (M, K, N)", a=r(m, k), b=r(k, n))
     elif op == "softmax":
         add("n=1", x=r(3, 1))
         add("ordinary 4x10", x=r(4, 10, scale=3.0))
@@ -196,6 +209,11 @@ def edge_cases(op: str, dtype=np.float32, accepts=(), seed: int = 0, all_masked_
             add("fully masked row (all -inf: zeros)", x=xa)
         add("long row n=4099", x=r(2, 4099, scale=5.0))
         add("prime n=257, large spread", x=r(3, 257, scale=30.0))
+        for n in TAILS:
+            add(f"vector tail n={n}", x=r(2, n, scale=2.0))
+        xt = r(2, TAILS[1])
+        xt[0, -1] = 1000.0      # exp(x - a max taken without the tail) overflows, even in float64
+        add(f"max in the vector tail n={TAILS[1]}", x=xt)
     elif op == "attention":
         causal = "causal" in accepts
         add("1 head, 1 query, 1 key, D=1", q=r(1, 1, 1), k=r(1, 1, 1), v=r(1, 1, 1))
@@ -220,6 +238,8 @@ def edge_cases(op: str, dtype=np.float32, accepts=(), seed: int = 0, all_masked_
                 q=r(4, 67, 8), k=r(2, 131, 8), v=r(2, 131, 8))
         if "scale" in accepts:
             add("explicit scale=0.5", {"scale": 0.5}, q=r(2, 4, 4), k=r(2, 4, 4), v=r(2, 4, 4))
+        for n in TAILS[:2]:     # the head dimension (q.k and p @ v) and the keys end in a tail
+            add(f"vector tails D=Lk={n}", q=r(2, 3, n), k=r(1, n, n), v=r(1, n, n))
     elif op == "layer_norm":
         add("D=1 (output is b)", x=r(3, 1), w=r(1), b=r(1))
         add("ordinary 4x16", x=r(4, 16, scale=2.0), w=r(16), b=r(16))
@@ -227,6 +247,8 @@ def edge_cases(op: str, dtype=np.float32, accepts=(), seed: int = 0, all_masked_
         add("large mean 3e3 (E[x^2]-E[x]^2 trap)", x=r(3, 64, loc=3e3), w=r(64), b=r(64))
         add("prime D=257", x=r(2, 257, scale=10.0), w=r(257), b=r(257))
         add("large values 1e3", x=r(2, 31, scale=1e3), w=r(31), b=r(31))
+        for n in TAILS:
+            add(f"vector tail D={n}", x=r(2, n, scale=2.0, loc=1.0), w=r(n), b=r(n))
     elif op == "rms_norm":
         add("D=1", x=r(3, 1), w=r(1))
         add("ordinary 4x16", x=r(4, 16, scale=2.0), w=r(16))
@@ -234,12 +256,16 @@ def edge_cases(op: str, dtype=np.float32, accepts=(), seed: int = 0, all_masked_
         add("tiny row (eps dominates)", x=r(2, 8, scale=1e-4), w=r(8))
         add("prime D=257", x=r(2, 257, scale=10.0), w=r(257))
         add("large values 1e3", x=r(2, 31, scale=1e3), w=r(31))
+        for n in TAILS:
+            add(f"vector tail D={n}", x=r(2, n, scale=2.0, loc=1.0), w=r(n))
     elif op in ("gelu_tanh", "silu"):
         add("grid -10..10", x=np.linspace(-10, 10, 201).astype(dt))
         add("zero and tiny normals", x=np.array([0.0, -0.0, 1e-30, -1e-30, 1e-7, -1e-7], dt))
         add("large magnitudes", x=np.array([30.0, -30.0, 88.0, -88.0, 1e4, -1e4, 1e30, -1e30], dt))
         add("n=1", x=np.array([0.5], dt))
         add("prime n=1031", x=r(1031, scale=4.0))
+        for n in TAILS:
+            add(f"vector tail n={n}", x=r(n, scale=4.0))
     elif op == "rope":
         add("D=2, T=1, position 0", x=r(1, 1, 2), positions=np.array([0]))
         add("H=2 T=5 D=8", x=r(2, 5, 8), positions=np.arange(5))
@@ -247,6 +273,8 @@ def edge_cases(op: str, dtype=np.float32, accepts=(), seed: int = 0, all_masked_
         add("large positions 65536", x=r(1, 3, 4), positions=np.array([0, 4097, 65536]))
         add("unsorted positions", x=r(3, 4, 6), positions=np.array([5, 0, 2, 9]))
         add("D=128 (a real head width) H=2 T=5", x=r(2, 5, 128), positions=np.array([0, 1, 17, 1000, 4097]))
+        for n in TAILS:         # n rotated pairs: both conventions run a vector body and a tail of pairs
+            add(f"vector tail D={2 * n} ({n} pairs)", x=r(2, 3, 2 * n), positions=np.array([0, 7, 1000]))
     else:
         raise ValueError(f"unknown op {op!r}; ops are {', '.join(OPS)}")
     return out
@@ -266,7 +294,9 @@ def _floats(st, dt, lim, specials=()):
 
 
 def strategy(op: str, dtype=np.float32, accepts=(), all_masked_rows: bool = False):
-    """A hypothesis strategy of `Case`s for `op` (small shapes, mixed values)."""
+    """A hypothesis strategy of `Case`s for `op` (small shapes, mixed values).  Rows reach
+    40 elements (RoPE 20 pairs) so that random widths also end in vector tails past a
+    16-lane block; a failing example still shrinks to a few elements."""
     from hypothesis import strategies as st
     from hypothesis.extra import numpy as hnp
 
@@ -281,7 +311,7 @@ def strategy(op: str, dtype=np.float32, accepts=(), all_masked_rows: bool = Fals
 
     @st.composite
     def softmax(draw):
-        R, N = draw(st.integers(1, 4)), draw(st.integers(1, 12))
+        R, N = draw(st.integers(1, 4)), draw(st.integers(1, 40))
         x = draw(arr((R, N), _floats(st, dt, 2.0 ** 7, SOFTMAX_SPECIALS)))
         if not all_masked_rows:
             x[np.isneginf(x).all(axis=-1), 0] = 0.0       # every row keeps a finite entry
@@ -303,25 +333,25 @@ def strategy(op: str, dtype=np.float32, accepts=(), all_masked_rows: bool = Fals
 
     @st.composite
     def layer_norm(draw):
-        R, D = draw(st.integers(1, 3)), draw(st.integers(1, 16))
+        R, D = draw(st.integers(1, 3)), draw(st.integers(1, 40))
         return Case("hypothesis", {"x": draw(arr((R, D), _floats(st, dt, 2.0 ** 8))),
                                    "w": draw(arr((D,), _floats(st, dt, 4.0))),
                                    "b": draw(arr((D,), _floats(st, dt, 4.0)))})
 
     @st.composite
     def rms_norm(draw):
-        R, D = draw(st.integers(1, 3)), draw(st.integers(1, 16))
+        R, D = draw(st.integers(1, 3)), draw(st.integers(1, 40))
         return Case("hypothesis", {"x": draw(arr((R, D), _floats(st, dt, 2.0 ** 8))),
                                    "w": draw(arr((D,), _floats(st, dt, 4.0)))})
 
     @st.composite
     def elementwise(draw):
-        n = draw(st.integers(1, 16))
+        n = draw(st.integers(1, 40))
         return Case("hypothesis", {"x": draw(arr((n,), _floats(st, dt, 2.0 ** 10, (88.0, -88.0, 1e30, -1e30))))})
 
     @st.composite
     def rope(draw):
-        H, T, D = draw(st.integers(1, 3)), draw(st.integers(1, 4)), 2 * draw(st.integers(1, 6))
+        H, T, D = draw(st.integers(1, 3)), draw(st.integers(1, 4)), 2 * draw(st.integers(1, 20))
         pos = np.asarray(draw(st.lists(st.integers(0, 2 ** 16), min_size=T, max_size=T)), dtype=np.int64)
         return Case("hypothesis", {"x": draw(arr((H, T, D), _floats(st, dt, 2.0 ** 4))), "positions": pos})
 
