@@ -474,3 +474,21 @@ def test_assert_within_names_the_first_nonfinite_mismatch():
     msg = str(e.value)
     assert "non-finite mismatch" in msg and "element (2,)" in msg and "oracle nan" in msg and "got 3.0" in msg
     assert "ratio 0" not in msg
+
+
+
+def test_check_stays_the_function_after_its_first_call():
+    """`refimpl.verify.check` was a lazy wrapper whose first call imported the submodule of the
+    same name, which rebound the package's attribute: the next `from refimpl.verify import
+    check` (a notebook cell run twice, `refimpl bench`'s edge-case pass) got the module.
+    A fresh interpreter, since the first import is what rebinds."""
+    import subprocess
+    import sys
+    code = ("from refimpl.verify import check\n"
+            "from refimpl.kernels import registry\n"
+            "assert check(registry.get('silu', 'numpy'), 'silu', examples=0).passed\n"
+            "from refimpl.verify import check as again\n"
+            "assert callable(again), type(again)\n"
+            "assert again(registry.get('silu', 'numpy'), 'silu', examples=0).passed\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr

@@ -5,12 +5,10 @@
     load_c(lib, symbol, signature, op)   a C function from a shared library, callable by check (cabi.py)
 """
 from refimpl.verify.compare import ErrorStats, assert_within, error_stats
-
-
-def check(impl, op, **options):
-    """See refimpl.verify.check.check (imported lazily: hypothesis is only needed here)."""
-    from refimpl.verify.check import check as _check
-    return _check(impl, op, **options)
+# imported here, not on first call: importing the submodule `check` later would rebind this
+# package's attribute `check` from the function to the module (hypothesis, a test dependency,
+# is imported inside check() when it runs hypothesis examples)
+from refimpl.verify.check import check
 
 
 def load_c(lib, symbol, signature, op, **options):
