@@ -47,6 +47,32 @@ def test_verification_gate_blocks_timing(monkeypatch):
     assert main(["bench", "--quick", "--ops", "softmax", "--backends", "numpy,numba", "--no-progress"]) == 1
 
 
+def test_a_kernel_right_at_the_timed_shapes_but_wrong_in_a_vector_tail_is_not_timed(monkeypatch):
+    """The timed shapes are multiples of 64: a kernel whose remainder loop drops elements passes
+    them, and the verifier's edge cases (rows of 201, 1031, the vector tails 19, 91, 199) stop
+    the run."""
+    from refimpl.kernels import registry
+    registry.available()
+    good = registry.get("silu", "numpy")
+
+    def tail_unwritten(x):                     # 16-lane body right, the remainder left as zeros
+        y = good(x)
+        n = x.shape[-1]
+        if n >= 16:
+            y[..., n - n % 16:] = 0
+        return y
+    monkeypatch.setitem(registry._REGISTRY, ("silu", "numba"), tail_unwritten)
+    rep = bench.run(ops=["silu"], backends=["numpy", "numba"], quick=True, progress=False)
+    assert not rep["passed"] and rep["results"] == []
+    shape_rows = [v for v in rep["verification"] if not v["shape"].startswith("edge cases")]
+    assert shape_rows and all(v["passed"] for v in shape_rows)
+    (f,) = rep["failed"]
+    assert f["backend"] == "numba" and f["shape"].startswith("edge cases")
+    assert f["error"].startswith("case 'grid -10..10' (x[201])")   # the first case with a tail
+    edges = {v["backend"]: v for v in rep["verification"] if v["shape"].startswith("edge cases")}
+    assert edges["numpy"]["passed"] and edges["numpy"]["bound_ratio"] <= 1
+
+
 def test_case_inputs_sit_at_the_same_places_in_every_run():
     """The kernels' speed depends on where their inputs sit (mod 4 KiB, kernels.buffers): every
     Case lays them out the same way, away from the outputs' half-page offset."""

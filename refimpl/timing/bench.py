@@ -8,8 +8,11 @@ Order of work (llm.c style, "check before timing"): every (op, backend, shape)
 the run will time is first computed on the same inputs as the float64 oracle
 and checked elementwise against the op's error bound from
 `refimpl.kernels.contracts` (`refimpl.verify.compare.error_stats`; a C kernel's
-prepared call `prepare(...).run()` is checked too).  If any of our backends
-fails, nothing is timed.  torch, when installed, is a reference: it is checked
+prepared call `prepare(...).run()` is checked too).  Each (op, backend) then runs the
+verifier's edge cases (`verify_edges`): the timed shapes are multiples of 64, which
+never run a SIMD kernel's remainder loop, nor shapes 1, primes or special values, on
+whichever SIMD path this machine dispatches to.  If any of our backends fails,
+nothing is timed.  torch, when installed, is a reference: it is checked
 the same way and a torch failure only drops torch from the ratios (with a warning).
 
 Timing is single-threaded: threadpoolctl limits BLAS/OpenMP to 1 thread,
@@ -41,6 +44,9 @@ JSON schema "refimpl.bench/1" (`--json PATH`)
       "noise"), with core_per_tsc_source saying which and core_per_tsc_calibrated the
       one-shot calibration's (`core_clock`),
   "verification": [{op, backend, shape, dtype, passed, bound_ratio, max_ulp, nmse, error,
+                    (one row per timed case, then one per kernel with shape "edge cases (N)":
+                    the verifier's N edge cases, `verify_edges`; its nmse and max_ulp are the
+                    worst case's, its error names the first failing case),
                     unsupported (present when the kernel call itself refuses float64 inputs
                     with a TypeError naming float64, as a fast backend's contract allows: not
                     timed, not a failure; an output of the wrong dtype is a failure)}],
@@ -437,6 +443,32 @@ def verify(case: Case, backend: str, fn) -> dict:
     return row
 
 
+def verify_edges(op: str, backend: str, fn, dtype: str) -> dict:
+    """The verifier's edge cases for `fn` (`refimpl.verify.check`, no hypothesis examples):
+    shapes 1 and primes, several tiles, vector tails after blocks of 4 to 64 lanes, special
+    values, at sizes the timed shapes (multiples of 64) never reach.  A verification row
+    with shape "edge cases (N)"; `error` names the first failing case."""
+    from refimpl.verify import check
+    row = {"op": op, "backend": backend, "shape": "edge cases", "dtype": dtype, "passed": False,
+           "bound_ratio": None, "max_ulp": None, "nmse": None, "error": None}
+    try:
+        rep = check(fn, op, examples=0, dtype=np.dtype(dtype))
+    except Exception as e:  # a crash is a failed verification, reported with its message
+        row["error"] = f"{type(e).__name__}: {e}"
+        return row
+    stats = [c.stats for c in rep.cases if c.stats is not None]
+    row.update(shape=f"edge cases ({len(rep.cases)})", passed=rep.passed,
+               bound_ratio=rep.worst_ratio if math.isfinite(rep.worst_ratio) else None,
+               max_ulp=max((float(s.max_ulp) for s in stats), default=None),
+               nmse=max((float(s.nmse) for s in stats), default=None))
+    if not rep.passed:
+        f = rep.failures[0]
+        row["error"] = f"case {f.name!r} ({f.shapes}): " + (f.error or (
+            f"worst element {f.stats.worst_index}: got {f.stats.worst_got!r}, oracle {f.stats.worst_want!r}, "
+            f"bound {f.stats.worst_bound:.3e} (ratio {f.stats.bound_ratio:.3g})"))
+    return row
+
+
 # -------------------------------------------------------------------- run
 
 
@@ -581,6 +613,21 @@ def run(ops=None, backends=None, shapes=None, dtype="float32", cold=False, quick
                             failed.append(row)
                     if prog:
                         prog.advance(task)
+            # ... and each kernel that passed there on the verifier's edge cases (tails, tiles,
+            # special values)
+            broken = {(f["op"], f["backend"]) for f in failed}
+            for op, b in dict.fromkeys((op, b) for op, *_, bks in jobs for b in bks if (op, b) not in broken):
+                row = verify_edges(op, b, _impl(op, b), dtype)
+                report["verification"].append(row)
+                if not row["passed"]:
+                    if b == "torch":
+                        report["warnings"].append(f"torch {op} edge cases: {row['error']} "
+                                                  "(torch dropped from this op's ratios)")
+                        for o, *_, bks in jobs:
+                            if o == op and b in bks:
+                                bks.remove(b)
+                    else:
+                        failed.append(row)
             if failed:
                 report["failed"] = failed
                 return report
