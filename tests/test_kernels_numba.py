@@ -535,3 +535,28 @@ def test_empty_inputs():
                                      np.ones((1, 3, 4), F32)).shape == (2, 0, 4)
     assert get("silu", "numba")(np.ones(0, F32)).shape == (0,)
     assert math.isclose(float(get("silu", "numba")(np.ones(1, F32))[0]), 1 / (1 + math.exp(-1)), rel_tol=1e-6)
+
+
+def test_compiled_code_is_cached_outside_the_package(tmp_path):
+    """Numba's default cache is the __pycache__ beside the source: in site-packages, where
+    `pip uninstall` left it behind and the leftover `refimpl/` directory shadowed a later
+    editable install.  Our kernels cache under the user's cache directory, or under the
+    NUMBA_CACHE_DIR a user set (fresh interpreters: Numba reads both at start-up)."""
+    import os
+    import refimpl
+    package = os.path.dirname(refimpl.__file__)
+    code = ("import numpy as np, numba, refimpl.kernels.numba_kernels as nk\n"
+            "from refimpl.kernels import get\n"
+            "get('silu', 'numba')(np.ones(8, np.float32))\n"
+            "ds = [v for v in vars(nk).values() if isinstance(v, numba.core.registry.CPUDispatcher)]\n"
+            "print(len(ds), *sorted({d._cache._cache_path for d in ds}), sep='\\n')\n")
+    for env, want in (({"XDG_CACHE_HOME": str(tmp_path / "xdg")}, tmp_path / "xdg" / "refimpl" / "numba"),
+                      ({"NUMBA_CACHE_DIR": str(tmp_path / "mine")}, tmp_path / "mine")):
+        clean = {k: v for k, v in os.environ.items() if k not in ("XDG_CACHE_HOME", "NUMBA_CACHE_DIR")}
+        r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600,
+                           env={**clean, **env})
+        assert r.returncode == 0, r.stderr
+        n, *paths = r.stdout.split()
+        assert int(n) > 10 and len(paths) == 1 and paths[0].startswith(str(want)), r.stdout
+        assert not paths[0].startswith(package)
+        assert any(f.endswith(".nbi") for f in os.listdir(paths[0]))   # silu's entry was written there

@@ -32,11 +32,18 @@ the micro-kernel runs scalar (about 7 GFLOP/s instead of 85 at N=512).
 global Numba setting is restored afterwards.
 
 `cache=True` everywhere: the first call compiles (seconds) and writes the
-machine code to __pycache__; later processes load it.
+machine code to disk; later processes load it.  Not to Numba's default, the
+__pycache__ beside the source: in an installed (not editable) copy that is
+site-packages/refimpl/kernels/__pycache__, which `pip uninstall` leaves behind
+(it removes only the files it installed), and the `refimpl/` directory it keeps
+alive is then imported as a namespace package that shadows a later editable
+install.  Our kernels' entries go under `cache_dir()` instead (the user's cache
+directory); a NUMBA_CACHE_DIR the user set is respected.
 """
 from __future__ import annotations
 
 import hashlib
+import os
 import threading
 
 import numba
@@ -85,11 +92,27 @@ FINGERPRINT = hashlib.sha1(repr((
     ERROR_MODEL_NORMS, GEMM_MR, GEMM_NR, GEMM_KC, GEMM_MC, GEMM_NC, GEMV_NB, ATTN_BQ, ATTN_BK)).encode()).hexdigest()[:10]
 
 
+def cache_dir() -> str:
+    """Where our kernels' compiled code is kept: $XDG_CACHE_HOME/refimpl/numba (default
+    ~/.cache/refimpl/numba), or NUMBA_CACHE_DIR when the user set one."""
+    if numba.config.CACHE_DIR:
+        return numba.config.CACHE_DIR
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "refimpl", "numba")
+
+
 def kernel(fastmath, **kw):
     """@kernel(FASTMATH_...) -- the one njit decorator every private kernel uses."""
     def deco(fn):
         fn.__qualname__ = f"{fn.__qualname__}__cfg{FINGERPRINT}"   # the cache entry's name (see above)
-        return njit(cache=CACHE, fastmath=set(fastmath), nogil=True, **kw)(fn)
+        # Numba picks the cache's place when it decorates: point it at cache_dir() just for
+        # that (the global setting, which other Numba code reads, is restored)
+        old = numba.config.CACHE_DIR
+        numba.config.CACHE_DIR = cache_dir()
+        try:
+            return njit(cache=CACHE, fastmath=set(fastmath), nogil=True, **kw)(fn)
+        finally:
+            numba.config.CACHE_DIR = old
     return deco
 
 
