@@ -13,7 +13,8 @@ __version__ = "0.1.0"
 
 
 def load(path, dtype="float32", backend="numpy"):
-    """Load a Hugging Face model directory or a llama2.c `.bin` as a `refimpl.oracle.model.Model`."""
+    """Load a Hugging Face model directory or a llama2.c `.bin` as a `refimpl.oracle.model.Model`
+    ("tiny:ARCH[:SEED]": a built-in tiny model, as `tiny_model`)."""
     from refimpl.io.load import load as _load
     return _load(path, dtype=dtype, backend=backend)
 

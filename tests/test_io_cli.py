@@ -139,3 +139,43 @@ def test_a_huge_declared_context_does_not_allocate_it(tmp_path, capsys):
     m.forward(np.array([1, 2, 3]), cache)
     with pytest.raises(ValueError, match="exceed the KV cache's capacity of 4 positions"):
         m.forward(np.array([1, 2]), cache)
+
+
+@pytest.mark.parametrize("opt, value, words", [("--top-p", "2", "top_p must be in (0, 1], got 2.0"),
+                                               ("--top-p", "0", "top_p must be in (0, 1]"),
+                                               ("--top-k", "0", "top_k must be >= 1, got 0")])
+@pytest.mark.parametrize("temperature", ["0", "0.8"])
+def test_bad_top_k_top_p_are_refused_even_when_greedy(gpt2_dir, capsys, opt, value, words, temperature):
+    args = ["generate", str(gpt2_dir), "--prompt", "hi", opt, value, "--temperature", temperature, "--seed", "1"]
+    assert main(args) == 2
+    out, err = capsys.readouterr()
+    assert words in err and out == ""
+    with pytest.raises(ValueError, match="top_k must be >= 1"):       # the API too
+        rload.load(gpt2_dir).generate([1, 2], 3, top_k=0)
+
+
+def test_generate_help_shows_the_default_length_and_the_bos_rule(gpt2_dir, capsys):
+    with pytest.raises(SystemExit):
+        main(["generate", "--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert "--max-new-tokens N new tokens at most (default 32)" in help_text
+    assert "a model without one, e.g. GPT-2 or tiny:ARCH, needs --prompt" in help_text
+    assert main(["generate", str(gpt2_dir)]) == 2                      # GPT-2 has no BOS: as the help says
+    assert "no BOS token: give --prompt" in capsys.readouterr().err
+
+
+def test_generate_and_load_accept_tiny_models(tmp_path, monkeypatch, capsys):
+    from refimpl.oracle.model import tiny_model
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "tokenizer.json").write_text("{not a tokenizer")        # in the cwd: must not be picked up
+    assert main(["generate", "tiny:gpt2:1", "--prompt", "ABC", "--max-new-tokens", "4"]) == 0
+    out, err = capsys.readouterr()
+    gen = tiny_model("gpt2", seed=1, dtype="float32").generate([65, 66, 67], 4)
+    assert out == ByteTokenizer().decode([65, 66, 67] + gen.tokens) + "\n" and "tiny model" in err
+    assert main(["generate", "tiny:llama", "--prompt", "abc"]) == 2    # bytes >= the vocabulary of 97
+    assert "token id 97, outside the model's vocabulary 0..96" in capsys.readouterr().err
+    assert main(["generate", "tiny:nope", "--prompt", "A"]) == 2
+    assert "tiny:ARCH[:SEED] with ARCH one of" in capsys.readouterr().err
+    m = rload.load("tiny:classic:2", dtype="float64")                  # the one resolver (profile uses it too)
+    assert m.config.arch == "classic"
+    assert all(np.array_equal(m.params[k], v) for k, v in tiny_model("classic", seed=2).params.items())

@@ -110,7 +110,8 @@ def test_header_size_beyond_file():
 
 
 def test_header_size_over_limit():
-    _raises(raw_file(b"{}", size_field=st.MAX_HEADER_BYTES + 1), "exceeds the limit")
+    _raises(raw_file(b"{}", size_field=st.MAX_HEADER_BYTES + 1), "exceeds the limit", "(not a safetensors file?)")
+    _raises(b"import os\nx = 1\n", "exceeds the limit", "(not a safetensors file?)")   # a .py file, say
 
 
 def test_overlapping_offsets():

@@ -166,3 +166,16 @@ def test_malformed_tokenizer_json_names_the_file(tmp_path):
     (tmp_path / "tokenizer.json").write_text('{"model": {"type": "NoSuchModel"}}')
     with pytest.raises(ValueError, match=r"tokenizer .*tokenizer\.json: not a valid tokenizer\.json"):
         load_tokenizer(tmp_path)
+
+
+def test_json_that_is_not_a_tokenizer_says_so(tmp_path):
+    from conftest import require
+
+    from refimpl.io.tokenizers import load_tokenizer_file
+    require("tokenizers")
+    (tmp_path / "config.json").write_text('{\n  "architectures": ["LlamaForCausalLM"], "vocab_size": 97}')
+    with pytest.raises(ValueError, match=r'config\.json: valid JSON, but not a tokenizer\.json \(no "model"'):
+        load_tokenizer_file(tmp_path / "config.json")
+    (tmp_path / "t.json").write_text('{"model": ')                    # not JSON: the parser's message stays
+    with pytest.raises(ValueError, match=r"t\.json: not a valid tokenizer\.json: "):
+        load_tokenizer_file(tmp_path / "t.json")

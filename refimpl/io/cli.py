@@ -1,5 +1,8 @@
 """`refimpl generate PATH --prompt TEXT`: load a checkpoint, tokenize, decode, print.
 
+PATH may be `tiny:ARCH[:SEED]`, a built-in tiny random model (no download; bytes
+tokenizer, so the prompt's bytes must fall in its small vocabulary).
+
 The text (prompt + continuation) goes to stdout; the statistics line
 (tokens, tokens/s) goes to stderr.  Generation stops at the model's EOS token
 and, for llama2.c checkpoints, also at BOS (as run.c does).  Bad input (a prompt longer than the
@@ -15,9 +18,11 @@ import sys
 def add_parser(sub) -> None:
     p = sub.add_parser("generate", help="generate text from a checkpoint (HF directory or llama2.c .bin)",
                        description=__doc__.splitlines()[0])
-    p.add_argument("path", help="HF model directory (config.json + model.safetensors) or llama2.c .bin")
-    p.add_argument("--prompt", default="", help="prompt text (default: empty, starts from BOS)")
-    p.add_argument("--max-new-tokens", type=int, default=32, metavar="N")
+    p.add_argument("path", help="HF model directory (config.json + model.safetensors), llama2.c .bin, "
+                                "or tiny:ARCH[:SEED] (a built-in tiny model)")
+    p.add_argument("--prompt", default="", help="prompt text (default: empty, which starts from the model's BOS "
+                                                "token; a model without one, e.g. GPT-2 or tiny:ARCH, needs --prompt)")
+    p.add_argument("--max-new-tokens", type=int, default=32, metavar="N", help="new tokens at most (default 32)")
     p.add_argument("--temperature", type=float, default=0.0, metavar="T", help="0 = greedy (default)")
     p.add_argument("--top-k", type=int, default=None, metavar="K")
     p.add_argument("--top-p", type=float, default=None, metavar="P")
@@ -55,13 +60,15 @@ def run(args: argparse.Namespace) -> int:
     try:
         if args.tokenizer:                            # the user's file: load it or say why not
             tok = load_tokenizer_file(args.tokenizer, vocab_size=cfg.vocab_size)
+        elif args.path.startswith("tiny:"):          # no files: never pick up a tokenizer in the cwd
+            tok = ByteTokenizer()
         else:
             tok = load_tokenizer(args.path, vocab_size=cfg.vocab_size)
     except (OSError, ValueError, ImportError) as e:
         return _fail(str(e))
     if isinstance(tok, ByteTokenizer):
-        print("refimpl generate: note: no tokenizer found next to the checkpoint; using bytes (id = byte value)",
-              file=sys.stderr)
+        where = "a tiny model" if args.path.startswith("tiny:") else "no tokenizer found next to the checkpoint"
+        print(f"refimpl generate: note: {where}; using bytes (id = byte value)", file=sys.stderr)
     ids = tok.encode(args.prompt, bos=True)
     if not ids:
         if cfg.bos_token_id is None:

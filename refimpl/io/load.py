@@ -3,6 +3,7 @@
     path is a directory          -> Hugging Face layout (config.json + safetensors), see refimpl.io.hf
     path ends in .bin            -> llama2.c checkpoint (v0 or v1), see refimpl.io.llama2c
     path is a .safetensors file  -> the HF directory that holds it
+    path is "tiny:ARCH[:SEED]"   -> a built-in tiny random model (no files), see refimpl.oracle.model.tiny_model
 """
 from __future__ import annotations
 
@@ -40,7 +41,24 @@ def load_params(path) -> tuple[Config, dict[str, np.ndarray]]:
 
 
 def load(path, dtype: str = "float32", backend: str = "numpy"):
-    """Load a checkpoint into `refimpl.oracle.model.Model(config, params, dtype, backend)`."""
+    """Load a checkpoint (or "tiny:ARCH[:SEED]") into `refimpl.oracle.model.Model(config, params, dtype, backend)`."""
+    if str(path).startswith("tiny:"):
+        return _tiny(str(path), dtype, backend)
     from refimpl.oracle.model import Model
     cfg, params = load_params(path)
     return Model(cfg, params, dtype=dtype, backend=backend)
+
+
+def _tiny(spec: str, dtype: str, backend: str):
+    """'tiny:ARCH[:SEED]' -> the built-in tiny model of that architecture and weight seed (default 0)."""
+    from refimpl.oracle.config import ARCHS
+    from refimpl.oracle.model import tiny_model
+    parts = spec.split(":")
+    arch = parts[1] if len(parts) > 1 else ""
+    if arch not in ARCHS or len(parts) > 3:
+        raise ValueError(f"model {spec!r}: expected tiny:ARCH[:SEED] with ARCH one of {', '.join(ARCHS)}")
+    try:
+        seed = int(parts[2]) if len(parts) == 3 else 0
+    except ValueError:
+        raise ValueError(f"model {spec!r}: the seed must be an integer") from None
+    return tiny_model(arch, seed=seed, dtype=dtype, backend=backend)

@@ -123,7 +123,8 @@ def parse_header(data: bytes | bytearray | memoryview, source: str = "<bytes>"):
         if kind:
             raise SafetensorsError(torch_checkpoint_message(kind, where))
     if n > MAX_HEADER_BYTES:
-        raise SafetensorsError(f"{where}: header size {n} bytes exceeds the limit of {MAX_HEADER_BYTES} bytes")
+        raise SafetensorsError(f"{where}: header size {n} bytes exceeds the limit of {MAX_HEADER_BYTES} bytes "
+                               "(not a safetensors file?)")
     if 8 + n > size:
         raise SafetensorsError(f"{where}: header size {n} bytes runs beyond the end of the file "
                                f"(8 + {n} > file size {size} bytes; truncated file?)")

@@ -22,6 +22,7 @@ Every tokenizer has `encode(text, bos=...) -> list[int]`, `decode(ids) -> str`,
 """
 from __future__ import annotations
 
+import json
 import re
 import struct
 from pathlib import Path
@@ -185,7 +186,8 @@ class HFTokenizer:
             try:
                 tok = tk.Tokenizer.from_file(str(path))
             except Exception as e:     # the tokenizers package raises a bare Exception for a bad file
-                raise ValueError(f"tokenizer {path}: not a valid tokenizer.json: {e}") from None
+                why = _not_a_tokenizer(path) or f"not a valid tokenizer.json: {e}"
+                raise ValueError(f"tokenizer {path}: {why}") from None
         self.tok = tok
         self.vocab_size = self.tok.get_vocab_size(with_added_tokens=True)
         self.bos_id = self.eos_id = None
@@ -215,6 +217,18 @@ class HFTokenizer:
 
     def decode(self, ids) -> str:
         return self.tok.decode([int(i) for i in ids], skip_special_tokens=True)
+
+
+def _not_a_tokenizer(path) -> str | None:
+    """Why a file that parses as JSON is no tokenizer.json (the package's message for it, e.g. a
+    config.json, is a misleading JSON syntax error); None if it is not JSON or has a "model" object."""
+    try:
+        doc = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if isinstance(doc, dict) and isinstance(doc.get("model"), dict):
+        return None
+    return 'valid JSON, but not a tokenizer.json (no "model" object)'
 
 
 def load_tokenizer_file(path, vocab_size: int | None = None):

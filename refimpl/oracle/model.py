@@ -35,7 +35,7 @@ import numpy as np
 
 from refimpl.oracle import layers as L
 from refimpl.oracle.config import Config, expected_shapes
-from refimpl.oracle.sampling import XorShift64Star, random_seed, sample
+from refimpl.oracle.sampling import XorShift64Star, check_top, random_seed, sample
 
 DTYPES = {"float32": np.float32, "float64": np.float64}
 Trace = Callable[[str, np.ndarray], None]
@@ -447,6 +447,7 @@ class Model:
             raise ValueError("BERT is an encoder: it does not generate")
         if int(max_new_tokens) < 0:
             raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+        top_k, top_p = check_top(top_k, top_p)      # refused even when greedy, which does not use them
         ids = self._check_ids(ids, None, "prompt")
         stop_set = {int(stop)} if isinstance(stop, (int, np.integer)) else set(int(s) for s in (stop or ()))
         rng = XorShift64Star(random_seed() if seed is None else seed) if temperature else None

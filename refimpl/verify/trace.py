@@ -63,19 +63,7 @@ def trace_names(n_layers: int, with_logits: bool = True, with_probs: bool = True
 
 
 def load_model_spec(spec: str, dtype: str = "float64", backend: str = "numpy"):
-    """'tiny:ARCH[:SEED]' -> a built-in tiny model; anything else -> refimpl.load(spec)."""
-    if spec.startswith("tiny:"):
-        from refimpl.oracle.config import ARCHS
-        from refimpl.oracle.model import tiny_model
-        parts = spec.split(":")
-        arch = parts[1] if len(parts) > 1 else ""
-        if arch not in ARCHS or len(parts) > 3:
-            raise ValueError(f"model {spec!r}: expected tiny:ARCH[:SEED] with ARCH one of {', '.join(ARCHS)}")
-        try:
-            seed = int(parts[2]) if len(parts) == 3 else 0
-        except ValueError:
-            raise ValueError(f"model {spec!r}: the seed must be an integer") from None
-        return tiny_model(arch, seed=seed, dtype=dtype, backend=backend)
+    """'tiny:ARCH[:SEED]' -> a built-in tiny model; anything else -> refimpl.load(spec) (float64 by default)."""
     from refimpl.io.load import load
     return load(spec, dtype=dtype, backend=backend)
 
