@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
+from pathlib import Path
 
 # (module, what it adds) in the order `refimpl --help` lists them
 SUBCOMMAND_MODULES = (
@@ -15,6 +17,18 @@ SUBCOMMAND_MODULES = (
     "refimpl.io.cli",       # generate
     "refimpl.verify.cli",   # verify, trace, diff, golden, explain
 )
+
+
+def check_output_path(path, opt: str) -> None:
+    """ValueError naming option `opt` before any work when `path` cannot be written: a directory,
+    or a missing or read-only parent directory (else the run's result would be lost at the end)."""
+    p = Path(path)
+    if p.is_dir():
+        raise ValueError(f"{opt} {path}: is a directory, not a file")
+    if not p.parent.is_dir():
+        raise ValueError(f"{opt} {path}: directory {str(p.parent)!r} does not exist")
+    if not os.access(p.parent, os.W_OK):
+        raise ValueError(f"{opt} {path}: directory {str(p.parent)!r} is not writable")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -41,6 +55,9 @@ def main(argv=None) -> int:
         return int(args.func(args) or 0)
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:     # `refimpl explain model | head`: the reader left; no traceback
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())   # nor one at exit's flush
+        return 141              # 128 + SIGPIPE, as a shell reports a command killed by it
 
 
 if __name__ == "__main__":

@@ -141,3 +141,14 @@ def test_qk_shape_mistake_when_n_k_equals_d_k():
     explain_attention([[1, 2]], [[1, 0], [0, 1]], [[1], [2]], out=buf)
     text = buf.getvalue()
     assert "1 × 2, not" not in text and "n_k = d_k = 2" in text and "column j is key j" in text
+
+
+def test_output_into_a_closed_pipe_is_no_traceback():
+    """`refimpl explain model | head -1`: the reader closes the pipe early; the command stops
+    quietly (exit 141, as a shell reports SIGPIPE) instead of printing a BrokenPipeError."""
+    p = subprocess.Popen([sys.executable, "-m", "refimpl", "explain", "model", "--arch", "gpt2"],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    p.stdout.readline()
+    p.stdout.close()
+    err = p.stderr.read().decode()
+    assert p.wait(timeout=300) == 141 and "Traceback" not in err and "BrokenPipe" not in err, err

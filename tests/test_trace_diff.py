@@ -167,3 +167,27 @@ def test_cli_trace_and_diff(tmp_path):
     assert r.returncode == 2 and "out of range" in r.stderr
     r = _cli("diff", str(a), str(tmp_path / "missing.safetensors"))
     assert r.returncode == 2
+
+
+def test_diff_refuses_a_model_it_cannot_load_even_when_the_traces_agree(ref_traces, tmp_path, capsys):
+    from refimpl.cli import main
+    a = str(ref_traces["llama"])
+    for model, words in ((str(tmp_path / "nosuch"), "nosuch does not exist"), ("tiny:nope", "tiny:ARCH")):
+        assert main(["diff", a, a, "--model", model]) == 2
+        out, err = capsys.readouterr()
+        assert f"--model {model}: " in err and words in err and "PASS" not in out
+        with pytest.raises(ValueError, match=words):
+            diff(a, a, model=model)
+    assert main(["diff", a, a, "--model", "tiny:llama"]) == 0 and "PASS" in capsys.readouterr().out
+
+
+def test_output_paths_are_checked_before_the_run(ref_traces, tmp_path, capsys):
+    from refimpl.cli import main
+    missing = tmp_path / "nonexist"
+    a = str(ref_traces["llama"])
+    for args, opt in ((["trace", "tiny:llama", "--ids", "1"], "--out"), (["diff", a, a], "--json")):
+        assert main([*args, opt, str(missing / "x.out")]) == 2
+        assert f"{opt} {missing / 'x.out'}: directory {str(missing)!r} does not exist" in capsys.readouterr().err
+        assert main([*args, opt, str(tmp_path)]) == 2
+        assert "is a directory, not a file" in capsys.readouterr().err
+    assert not missing.exists()

@@ -1,4 +1,5 @@
 """refimpl.verify.check: correct implementations pass, planted bugs are caught and shrunk."""
+import json
 import math
 
 import numpy as np
@@ -223,7 +224,6 @@ def test_all_masked_rows_option():
 
 
 def test_cli_verify_python_target(tmp_path):
-    import json
     import subprocess
     import sys
     (tmp_path / "mykern.py").write_text(
@@ -492,3 +492,17 @@ def test_check_stays_the_function_after_its_first_call():
             "assert again(registry.get('silu', 'numpy'), 'silu', examples=0).passed\n")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
+
+
+def test_cli_verify_reports_a_file_target_as_written(tmp_path, monkeypatch, capsys):
+    from refimpl.cli import main
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "mykern.py").write_text("import numpy as np\n\ndef good(x):\n"
+                                        "    e = np.exp(x - x.max(-1, keepdims=True))\n"
+                                        "    return e / e.sum(-1, keepdims=True)\n")
+    assert main(["verify", "mykern.py:good", "--op", "softmax", "--examples", "3", "--json", "r.json"]) == 0
+    out = capsys.readouterr().out
+    assert "PASS refimpl verify: mykern.py:good as softmax" in out and "_refimpl_verify_target" not in out
+    assert json.loads((tmp_path / "r.json").read_text())["impl"] == "mykern.py:good"
+    assert main(["verify", "mykern.py:good", "--op", "softmax", "--json", "nonexist/r.json"]) == 2
+    assert "--json nonexist/r.json: directory 'nonexist' does not exist" in capsys.readouterr().err

@@ -67,7 +67,8 @@ def add_parser(subparsers) -> None:
                     "timing each stage between trace points, next to the analytic FLOPs / bytes per token "
                     "and the roofline minimum; beside them, transformers' model of the same weights (torch), "
                     "checked against the float64 oracle first and split into stages by forward hooks.")
-    p.add_argument("path", nargs="?", default=None, help="model path (default: built-in tiny model)")
+    p.add_argument("path", nargs="?", default=None,
+                   help="model: HF directory, llama2.c .bin or tiny:ARCH[:SEED] (default: built-in tiny Llama)")
     p.add_argument("--backends", type=_csv, default=None, help="comma-separated: numpy,numba,c,torch (default: all available; "
                    "torch = the transformers peer, float32 only)")
     p.add_argument("--dtype", default="float32", choices=("float32", "float64"))
@@ -84,20 +85,11 @@ def check_outputs(args) -> None:
     read-only directory, or --plot without matplotlib (the run takes a minute and its
     report would be lost at the end)."""
     import importlib.util
-    import os
-    from pathlib import Path
+
+    from refimpl.cli import check_output_path
     for opt in ("json", "plot"):
-        path = getattr(args, opt, None)
-        if not path:
-            continue
-        p = Path(path)
-        if p.is_dir():
-            raise ValueError(f"--{opt} {path}: is a directory, not a file")
-        parent = p.parent
-        if not parent.is_dir():
-            raise ValueError(f"--{opt} {path}: directory {str(parent)!r} does not exist")
-        if not os.access(parent, os.W_OK):
-            raise ValueError(f"--{opt} {path}: directory {str(parent)!r} is not writable")
+        if getattr(args, opt, None):
+            check_output_path(getattr(args, opt), f"--{opt}")
     if getattr(args, "plot", None) and importlib.util.find_spec("matplotlib") is None:
         raise ValueError("--plot needs matplotlib: pip install matplotlib")
 

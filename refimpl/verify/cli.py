@@ -172,6 +172,7 @@ def load_target(spec: str):
 def run_verify(args) -> int:
     from rich.console import Console
 
+    from refimpl.cli import check_output_path
     from refimpl.verify.check import check
     params = {}
     for kv in args.param:
@@ -185,6 +186,8 @@ def run_verify(args) -> int:
     if args.target and any(c_args):
         return _err("verify", "give either a Python target (module:function) or --lib/--symbol/--signature, not both")
     try:
+        if args.json:
+            check_output_path(args.json, "--json")
         if args.target:
             impl = load_target(args.target)
         elif all(c_args):
@@ -199,7 +202,8 @@ def run_verify(args) -> int:
     def verify_and_report() -> int:
         try:
             report = check(impl, args.op, examples=args.examples, seed=args.seed, dtype=args.dtype,
-                           convert=args.convert, all_masked_rows=args.all_masked_rows, **params)
+                           convert=args.convert, all_masked_rows=args.all_masked_rows,
+                           name=args.target, **params)      # as the user wrote it, not the private module name
         except ValueError as e:
             return _err("verify", str(e))
         con = Console(width=None if sys.stdout.isatty() else 140)
@@ -256,8 +260,10 @@ def _ids_arg(s: str, what="--ids"):
 
 
 def run_trace(args) -> int:
+    from refimpl.cli import check_output_path
     from refimpl.verify.trace import load_model_spec, record, write_trace
     try:
+        check_output_path(args.out, "--out")
         model = load_model_spec(args.path, dtype=args.dtype, backend=args.backend)
     except (OSError, ValueError) as e:
         return _err("trace", str(e))
@@ -287,8 +293,11 @@ def run_trace(args) -> int:
 def run_diff(args) -> int:
     from rich.console import Console
 
+    from refimpl.cli import check_output_path
     from refimpl.verify.diff import diff
     try:
+        if args.json:
+            check_output_path(args.json, "--json")
         rep = diff(args.a, args.b, model=args.model)
     except (OSError, ValueError) as e:
         return _err("diff", str(e))

@@ -427,6 +427,12 @@ def diff(path_a, path_b, model=None) -> DiffReport:
     from refimpl.verify.trace import load_model_spec, read_trace_with_dtypes
     ta, ma, sa = read_trace_with_dtypes(path_a)
     tb, mb, sb = read_trace_with_dtypes(path_b)
+    mdl = None
+    if model:                  # the user's model: refused now if it cannot be loaded, even when nothing differs
+        try:
+            mdl = load_model_spec(model, dtype="float64")
+        except (OSError, ValueError) as e:
+            raise ValueError(f"--model {model}: {e}") from None
     if ma.get("ids") and mb.get("ids") and ma["ids"] != mb["ids"]:
         raise ValueError(f"the traces are of different inputs: A ids [{ma['ids']}], B ids [{mb['ids']}]")
     rep = DiffReport(str(path_a), str(path_b), 0.0)
@@ -472,7 +478,8 @@ def diff(path_a, path_b, model=None) -> DiffReport:
         else:
             why = None
             try:
-                mdl = load_model_spec(spec, dtype="float64")
+                if mdl is None:
+                    mdl = load_model_spec(spec, dtype="float64")
                 ids = [int(x) for x in (mb.get("ids") or ma.get("ids")).split(",")]
                 why = _model_mismatch(mdl, ta, (ma, mb), ids, u, n_layers, D, F, S)
                 if not why:
