@@ -14,7 +14,8 @@ Recipe (design.md "Timing on bare CPUs"):
   3. size the inner repetitions so one sample lasts >= 1000 x
      max(overhead, granularity) ticks, the overhead of the region the target is
      timed in: the C loop's (~26 ticks here) or the Python loop's (~390), checked
-     by timing regions of that many calls (cold mode: 1 call per sample);
+     by timing regions of that many calls, with a margin (SIZING_MARGIN: the core
+     clock may be faster when the samples are taken) (cold mode: 1 call per sample);
   4. take samples until `budget_s` has passed (>= `min_samples`,
      <= `max_samples`); cold mode touches a buffer larger than L3 before
      each sample, outside the timed region;
@@ -106,6 +107,9 @@ from refimpl.timing.counter import PMU, Calibration, calibrate, current_cpu
 CV_UNSTABLE = 0.05
 STEAL_UNSTABLE = 0.01
 SAMPLE_FACTOR = 1000
+SIZING_MARGIN = 1.25   # size samples for 1.25 x the target: the core clock or the host's state can
+                       # change between sizing and sampling (a 1000-add chain sized at one clock ran
+                       # 4.8 % short of the target in its samples at a faster one, in CI)
 GATE_TOL = 0.10        # a slice is quiet when the probe readings around it are <= (1 + GATE_TOL) x quiet level
 GATE_LEVEL_PCT = 10    # the quiet level: this percentile of all the run's probe readings
 GATE_MIN_ROUNDS = 3    # fewer quiet slices than this: extra slices, else the least busy ones (flagged)
@@ -443,9 +447,10 @@ class Sampler:
 
     def warm(self, warmup_s: float = 0.02, warmup_calls: int = 2) -> None:
         """Call until `warmup_s` has passed (>= warmup_calls calls); size the inner repetitions
-        so a sample lasts >= sample_factor x floor_ticks(): first from the cheapest one-call
-        region, then by timing regions of r calls and growing r until one is long enough (one
-        call alone costs more than a call inside a loop, so the first estimate falls short)."""
+        so a sample lasts >= sample_factor x floor_ticks() (sized for SIZING_MARGIN x that):
+        first from the cheapest one-call region, then by timing regions of r calls and growing r
+        until one is long enough (one call alone costs more than a call inside a loop, so the
+        first estimate falls short)."""
         one = math.inf
         t_end = time.perf_counter() + warmup_s
         k = 0
@@ -453,7 +458,7 @@ class Sampler:
             one = min(one, self.region(1)[0] - self.overhead)
             k += 1
         if self.r is None:
-            target = self.sample_factor * self.floor_ticks()
+            target = SIZING_MARGIN * self.sample_factor * self.floor_ticks()
             r = max(1, math.ceil(target / max(one, 1.0)))
             for _ in range(8):
                 t = min(self.region(r)[0] for _ in range(3)) - self.overhead
