@@ -203,13 +203,24 @@ def kv_head_of(h, H, Hkv):
     return h // (H // Hkv)
 
 
-def multi_head_attention(q, k, v, mask=None, scale=None):  # [H,T,Dh],[Hkv,S,Dh],[Hkv,S,Dh],[T,S] -> [H,T,Dh]
-    """Attention per head; with Hkv < H each key/value head serves H/Hkv query heads."""
+def multi_head_attention_probs(q, k, mask=None, scale=None):  # [H,T,Dh],[Hkv,S,Dh],[T,S] -> [H,T,S]
+    """P_h = attention_probs(q_h, k_g, ...) for every query head h, g = kv_head_of(h, H, Hkv):
+    with Hkv < H each key/value head serves H/Hkv query heads."""
     H, Hkv = q.shape[0], k.shape[0]
     if H % Hkv:
         raise ValueError(f"query heads H={H} must be a multiple of key/value heads Hkv={Hkv}")
-    return np.stack([attention(q[h], k[kv_head_of(h, H, Hkv)], v[kv_head_of(h, H, Hkv)], mask, scale)
-                     for h in range(H)])
+    return np.stack([attention_probs(q[h], k[kv_head_of(h, H, Hkv)], mask, scale) for h in range(H)])
+
+
+def heads_times_values(p, v):  # [H,T,S],[Hkv,S,Dh] -> [H,T,Dh]
+    """O_h = P_h v_g, g = kv_head_of(h, H, Hkv)."""
+    H, Hkv = p.shape[0], v.shape[0]
+    return np.stack([p[h] @ v[kv_head_of(h, H, Hkv)] for h in range(H)])
+
+
+def multi_head_attention(q, k, v, mask=None, scale=None):  # [H,T,Dh],[Hkv,S,Dh],[Hkv,S,Dh],[T,S] -> [H,T,Dh]
+    """Attention per head (`attention` on each query head and its key/value head)."""
+    return heads_times_values(multi_head_attention_probs(q, k, mask, scale), v)
 
 
 def split_heads(x, n_heads):  # [T, n*Dh] -> [n,T,Dh], n = n_heads

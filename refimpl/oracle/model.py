@@ -227,7 +227,7 @@ class Model:
 
     def attend(self, q, k, v, mask_kind, attention_mask, name, trace):  # [H,T,Dh],[Hkv,S,Dh]x2 -> [T,H*Dh]
         """Multi-head attention: softmax(q k^T / sqrt(Dh) + mask) v, heads merged."""
-        H, T, Dh = q.shape
+        T, Dh = q.shape[1:]
         S = k.shape[1]
         scale = 1.0 / math.sqrt(Dh)
         if self.ops.attention is not None and attention_mask is None:
@@ -236,12 +236,9 @@ class Model:
         mask = L.causal_mask(T, S) if mask_kind == "causal" else np.ones((T, S), bool)
         if attention_mask is not None:
             mask = mask & L.padding_mask(attention_mask, T)
-        Hkv = k.shape[0]
-        probs = np.stack([L.attention_probs(q[h], k[L.kv_head_of(h, H, Hkv)], mask, scale)
-                          for h in range(H)])                              # [H,T,S]
+        probs = L.multi_head_attention_probs(q, k, mask, scale)            # [H,T,S]
         trace(name + ".attn_probs", probs)
-        o = np.stack([probs[h] @ v[L.kv_head_of(h, H, Hkv)] for h in range(H)])  # [H,T,Dh]
-        return L.merge_heads(o)
+        return L.merge_heads(L.heads_times_values(probs, v))              # [H,T,Dh] -> [T,H*Dh]
 
     # -- input checks -------------------------------------------------------
     def _check_ids(self, ids, cache, what="ids"):
