@@ -731,3 +731,24 @@ def test_measure_interleaved_discards_the_first_samples_after_a_switch():
     assert all(max(m.samples) < slow_ticks / 2 for m in clean)
     dirty = harness.measure_interleaved(targets, rewarm=0, **kw)
     assert any(max(m.samples) > slow_ticks / 2 for m in dirty)
+
+
+def test_samples_keep_their_length_when_the_target_speeds_up_after_sizing():
+    """Sized while slow (a busy host, a low core clock), sampled while fast: the first samples
+    of the slice re-check the size and grow the repetitions, so the kept samples still last
+    >= 1000 x the floor.  Here the target itself gets 4x faster between sizing and sampling."""
+    spin = {"n": 4000}
+
+    def work():
+        x = 0
+        for _ in range(spin["n"]):
+            x += 1
+        return x
+    s = harness.Sampler(work, cal=calibrate())
+    s.warm()
+    r_sized = s.r
+    spin["n"] = 1000
+    s.take(0.05, 15, 400)
+    m = s.result(15)
+    assert m.reps == s.r > r_sized
+    assert m.reps * m.median + m.overhead_ticks >= 1000 * m.overhead_ticks, (r_sized, m.reps, m.median)

@@ -15,7 +15,9 @@ Recipe (design.md "Timing on bare CPUs"):
      max(overhead, granularity) ticks, the overhead of the region the target is
      timed in: the C loop's (~26 ticks here) or the Python loop's (~390), checked
      by timing regions of that many calls, with a margin (SIZING_MARGIN: the core
-     clock may be faster when the samples are taken) (cold mode: 1 call per sample);
+     clock may be faster when the samples are taken), and checked again by the
+     first SIZE_CHECKS samples of every slice, which grow the repetitions when
+     the machine now runs faster (cold mode: 1 call per sample);
   4. take samples until `budget_s` has passed (>= `min_samples`,
      <= `max_samples`); cold mode touches a buffer larger than L3 before
      each sample, outside the timed region;
@@ -107,9 +109,11 @@ from refimpl.timing.counter import PMU, Calibration, calibrate, current_cpu
 CV_UNSTABLE = 0.05
 STEAL_UNSTABLE = 0.01
 SAMPLE_FACTOR = 1000
-SIZING_MARGIN = 1.25   # size samples for 1.25 x the target: the core clock or the host's state can
-                       # change between sizing and sampling (a 1000-add chain sized at one clock ran
-                       # 4.8 % short of the target in its samples at a faster one, in CI)
+SIZING_MARGIN = 2.0    # size samples for 2 x the target: the host can change state between sizing
+                       # and sampling, and its busy state runs code up to 1.8x slower (the quiet gate's
+                       # readings); in CI a 64-add chain sized while busy ran 1.33x faster in its samples
+SIZE_CHECKS = 3        # the first samples of every slice re-check the size and grow the repetitions
+                       # when the machine now runs faster than that margin allows
 GATE_TOL = 0.10        # a slice is quiet when the probe readings around it are <= (1 + GATE_TOL) x quiet level
 GATE_LEVEL_PCT = 10    # the quiet level: this percentile of all the run's probe readings
 GATE_MIN_ROUNDS = 3    # fewer quiet slices than this: extra slices, else the least busy ones (flagged)
@@ -430,6 +434,7 @@ class Sampler:
         self.region = region
         self.cold, self.cpu, self.sample_factor = cold, cpu, sample_factor
         self.r = 1 if cold else reps
+        self.sized = self.r is None   # r sized here (warm), so checked and regrown in take()
         self.per_call: list[float] = []
         self.dropped: list[float] = []
         self.migrations = 0
@@ -484,6 +489,10 @@ class Sampler:
         # re-warm through the sampling loop itself (same code between regions as a kept
         # sample), discarding what it measures: `rewarm` samples and `rewarm_s` seconds
         warm_left, warm_end = rewarm, w0 + rewarm_s
+        # with r sized here, the first SIZE_CHECKS kept samples check that a sample still lasts the
+        # target (the machine may run faster than when r was sized); r grows if not, checked again
+        target = self.sample_factor * self.floor_ticks()
+        check, regrown = ([] if self.sized else None), 0
         deadline = give_up = math.inf
         n0, d0 = len(self.per_call), len(self.dropped)
         while len(self.per_call) - n0 < max_samples:
@@ -515,6 +524,14 @@ class Sampler:
                 self.pmu_i.append((p1[1] - p0[1] - self.pmu_base[1]) / r if whole else math.nan)
             self.faults += pf1 - pf0
             self.calls += r
+            if check is not None:       # kept: a short sample is still a right one, just noisier
+                check.append(t - self.overhead)
+                if len(check) == SIZE_CHECKS:
+                    t_med = float(np.median(check))
+                    check = None
+                    if t_med < target and regrown < 4:
+                        r = self.r = max(r + 1, math.ceil(r * SIZING_MARGIN * target / max(t_med, 1.0)))
+                        check, regrown = [], regrown + 1
             n, now = len(self.per_call) - n0, time.perf_counter()
             if n >= min_samples and now >= deadline:
                 break
