@@ -31,6 +31,19 @@ def check_output_path(path, opt: str) -> None:
         raise ValueError(f"{opt} {path}: directory {str(p.parent)!r} is not writable")
 
 
+def _closed_pipe_is_broken_pipe() -> None:
+    """rich's Console answers output to a closed pipe with SystemExit(1), which `refimpl verify`
+    and `diff` mean as FAIL: in this process it raises BrokenPipeError instead, handled in main."""
+    try:
+        from rich.console import Console
+    except ImportError:
+        return
+
+    def on_broken_pipe(self):
+        raise BrokenPipeError("the reader of this output closed it")
+    Console.on_broken_pipe = on_broken_pipe
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="refimpl", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
@@ -51,6 +64,7 @@ def main(argv=None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
+    _closed_pipe_is_broken_pipe()
     try:
         return int(args.func(args) or 0)
     except KeyboardInterrupt:

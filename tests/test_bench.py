@@ -49,7 +49,7 @@ def test_verification_gate_blocks_timing(monkeypatch):
 
 def test_a_kernel_right_at_the_timed_shapes_but_wrong_in_a_vector_tail_is_not_timed(monkeypatch):
     """The timed shapes are multiples of 64: a kernel whose remainder loop drops elements passes
-    them, and the verifier's edge cases (rows of 201, 1031, the vector tails 19, 91, 199) stop
+    them, and the verifier's edge cases (rows of 201, 1031, the vector tails 19, 127, 199) stop
     the run."""
     from refimpl.kernels import registry
     registry.available()
@@ -680,3 +680,15 @@ def test_prepare_of_finds_the_c_timing_entry(monkeypatch):
     assert bench.prepare_of(matmul, "matmul") is mod.prepare_matmul
     matmul.prepare = lambda a, b: "attribute"
     assert bench.prepare_of(matmul, "matmul") is matmul.prepare
+
+
+def test_a_report_that_cannot_be_written_is_exit_2_after_the_table(capsys):
+    """--json passes the up-front checks (its directory exists and is writable) but the write
+    fails (a full disk): the table is still printed, then an error naming the file, exit 2."""
+    import os
+    if not os.path.exists("/dev/full"):
+        pytest.skip("no /dev/full here")
+    assert main(["bench", "--quick", "--ops", "silu", "--backends", "numpy", "--no-progress",
+                 "--json", "/dev/full"]) == 2
+    out = capsys.readouterr().out
+    assert "silu" in out and "error:" in out and "No space left on device" in out

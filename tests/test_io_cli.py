@@ -176,6 +176,9 @@ def test_generate_and_load_accept_tiny_models(tmp_path, monkeypatch, capsys):
     assert "token id 97, outside the model's vocabulary 0..96" in capsys.readouterr().err
     assert main(["generate", "tiny:nope", "--prompt", "A"]) == 2
     assert "tiny:ARCH[:SEED] with ARCH one of" in capsys.readouterr().err
+    for bad_seed in ("-1", "x"):
+        assert main(["generate", f"tiny:llama:{bad_seed}", "--prompt", "A"]) == 2
+        assert f"model 'tiny:llama:{bad_seed}': the seed must be an integer >= 0" in capsys.readouterr().err
     m = rload.load("tiny:classic:2", dtype="float64")                  # the one resolver (profile uses it too)
     assert m.config.arch == "classic"
     assert all(np.array_equal(m.params[k], v) for k, v in tiny_model("classic", seed=2).params.items())

@@ -541,7 +541,8 @@ def test_compiled_code_is_cached_outside_the_package(tmp_path):
     """Numba's default cache is the __pycache__ beside the source: in site-packages, where
     `pip uninstall` left it behind and the leftover `refimpl/` directory shadowed a later
     editable install.  Our kernels cache under the user's cache directory, or under the
-    NUMBA_CACHE_DIR a user set (fresh interpreters: Numba reads both at start-up)."""
+    NUMBA_CACHE_DIR a user set, or, when the cache directory cannot be made, in a private
+    temporary one (fresh interpreters: Numba reads the settings at start-up)."""
     import os
     import refimpl
     package = os.path.dirname(refimpl.__file__)
@@ -550,9 +551,12 @@ def test_compiled_code_is_cached_outside_the_package(tmp_path):
             "get('silu', 'numba')(np.ones(8, np.float32))\n"
             "ds = [v for v in vars(nk).values() if isinstance(v, numba.core.registry.CPUDispatcher)]\n"
             "print(len(ds), *sorted({d._cache._cache_path for d in ds}), sep='\\n')\n")
+    (tmp_path / "a_file").write_text("")            # XDG_CACHE_HOME under a file: no cache dir there
     for env, want in (({"XDG_CACHE_HOME": str(tmp_path / "xdg")}, tmp_path / "xdg" / "refimpl" / "numba"),
-                      ({"NUMBA_CACHE_DIR": str(tmp_path / "mine")}, tmp_path / "mine")):
-        clean = {k: v for k, v in os.environ.items() if k not in ("XDG_CACHE_HOME", "NUMBA_CACHE_DIR")}
+                      ({"NUMBA_CACHE_DIR": str(tmp_path / "mine")}, tmp_path / "mine"),
+                      ({"XDG_CACHE_HOME": str(tmp_path / "a_file"), "TMPDIR": str(tmp_path)},
+                       tmp_path / "refimpl-numba-")):
+        clean = {k: v for k, v in os.environ.items() if k not in ("XDG_CACHE_HOME", "NUMBA_CACHE_DIR", "TMPDIR")}
         r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600,
                            env={**clean, **env})
         assert r.returncode == 0, r.stderr

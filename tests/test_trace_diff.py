@@ -179,6 +179,11 @@ def test_diff_refuses_a_model_it_cannot_load_even_when_the_traces_agree(ref_trac
         with pytest.raises(ValueError, match=words):
             diff(a, a, model=model)
     assert main(["diff", a, a, "--model", "tiny:llama"]) == 0 and "PASS" in capsys.readouterr().out
+    # a model that loads but is not the traces' is refused too, though nothing differs
+    assert main(["diff", a, a, "--model", "tiny:gpt2"]) == 2
+    assert "--model tiny:gpt2 is not the model of these traces: it is a gpt2 model" in capsys.readouterr().err
+    assert main(["diff", a, a, "--model", "tiny:llama:1"]) == 2         # same architecture, other weights
+    assert "is not the model of these traces" in capsys.readouterr().err
 
 
 def test_output_paths_are_checked_before_the_run(ref_traces, tmp_path, capsys):

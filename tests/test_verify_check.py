@@ -385,6 +385,33 @@ def test_bugs_in_vector_tails_are_caught(op, bug, W):
     assert any("vector tail" in c.name for c in rep.failures), rep.text()
 
 
+def _tier_of_each_element(n: int) -> np.ndarray:
+    """Which loop of a 64 -> 32 -> 16 -> 8 -> 4 -> 1 cascade runs each of n elements."""
+    tier, pos = np.zeros(n, int), 0
+    for w in (64, 32, 16, 8, 4, 1):
+        while n - pos >= w:
+            tier[pos:pos + w], pos = w, pos + w
+    return tier
+
+
+@pytest.mark.parametrize("tier", [64, 32, 16, 8, 4, 1])
+def test_a_bug_in_any_tier_of_a_remainder_cascade_is_caught(tier):
+    """A kernel that runs 64 lanes, then 32, 16, 8, 4, then scalars, with one of those loops
+    wrong: a row of 127 = 64 + 32 + 16 + 8 + 4 + 3 runs each of them once."""
+    def softmax_tier_dropped(x):
+        e = np.exp(x.astype(np.float64) - x.max(-1, keepdims=True))
+        keep = _tier_of_each_element(x.shape[-1]) != tier
+        return (e / (e * keep).sum(-1, keepdims=True)).astype(x.dtype)
+
+    def silu_tier_unwritten(x):
+        y = L.silu(x.astype(np.float64)).astype(x.dtype)
+        y[..., _tier_of_each_element(x.shape[-1]) == tier] = 0.0
+        return y
+    for op, bug in (("softmax", softmax_tier_dropped), ("silu", silu_tier_unwritten)):
+        rep = check(bug, op, examples=0)
+        assert any("vector tail" in c.name for c in rep.failures), (op, rep.text())
+
+
 @pytest.mark.parametrize("backend", ["c", "numba"])
 def test_project_tiled_kernels_pass_the_multi_tile_cases(backend):
     if backend == "numba":
@@ -506,3 +533,23 @@ def test_cli_verify_reports_a_file_target_as_written(tmp_path, monkeypatch, caps
     assert json.loads((tmp_path / "r.json").read_text())["impl"] == "mykern.py:good"
     assert main(["verify", "mykern.py:good", "--op", "softmax", "--json", "nonexist/r.json"]) == 2
     assert "--json nonexist/r.json: directory 'nonexist' does not exist" in capsys.readouterr().err
+
+
+def test_cli_output_to_a_closed_pipe_or_a_full_disk(tmp_path):
+    """`refimpl verify ... | head`: rich used to turn the closed pipe into exit 1 (FAIL) for a
+    passing kernel and lose --json; now exit 141 with the report written.  A report that cannot
+    be written (a full disk) is exit 2 naming --json, after the verdict is printed."""
+    import os
+    import subprocess
+    import sys
+    cmd = [sys.executable, "-m", "refimpl", "verify", "refimpl.kernels.numpy_kernels:silu", "--op", "silu",
+           "--examples", "3", "--json"]
+    p = subprocess.Popen(cmd + [str(tmp_path / "r.json")], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    p.stdout.close()                                   # the reader leaves before the first line
+    err = p.stderr.read().decode()
+    assert p.wait(timeout=300) == 141 and "Traceback" not in err, err
+    assert json.loads((tmp_path / "r.json").read_text())["passed"] is True
+    if os.path.exists("/dev/full"):
+        r = subprocess.run(cmd + ["/dev/full"], capture_output=True, text=True, timeout=300)
+        assert r.returncode == 2 and "PASS" in r.stdout, r.stdout + r.stderr
+        assert "refimpl verify: error: --json /dev/full: [Errno 28]" in r.stderr and "Traceback" not in r.stderr

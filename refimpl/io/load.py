@@ -60,5 +60,7 @@ def _tiny(spec: str, dtype: str, backend: str):
     try:
         seed = int(parts[2]) if len(parts) == 3 else 0
     except ValueError:
-        raise ValueError(f"model {spec!r}: the seed must be an integer") from None
+        seed = -1
+    if seed < 0:
+        raise ValueError(f"model {spec!r}: the seed must be an integer >= 0")
     return tiny_model(arch, seed=seed, dtype=dtype, backend=backend)

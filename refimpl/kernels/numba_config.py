@@ -38,12 +38,13 @@ site-packages/refimpl/kernels/__pycache__, which `pip uninstall` leaves behind
 (it removes only the files it installed), and the `refimpl/` directory it keeps
 alive is then imported as a namespace package that shadows a later editable
 install.  Our kernels' entries go under `cache_dir()` instead (the user's cache
-directory); a NUMBA_CACHE_DIR the user set is respected.
+directory, else a private temporary one); a NUMBA_CACHE_DIR the user set is respected.
 """
 from __future__ import annotations
 
 import hashlib
 import os
+import tempfile
 import threading
 
 import numba
@@ -94,11 +95,27 @@ FINGERPRINT = hashlib.sha1(repr((
 
 def cache_dir() -> str:
     """Where our kernels' compiled code is kept: $XDG_CACHE_HOME/refimpl/numba (default
-    ~/.cache/refimpl/numba), or NUMBA_CACHE_DIR when the user set one."""
+    ~/.cache/refimpl/numba), or NUMBA_CACHE_DIR when the user set one.  When that directory
+    cannot be made or written (Numba would fall back to the source's __pycache__), a private
+    temporary directory of this process (mode 0700: not one another user could have made
+    first and filled with code for us to load), so the kernels compile again per process."""
     if numba.config.CACHE_DIR:
         return numba.config.CACHE_DIR
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return os.path.join(base, "refimpl", "numba")
+    path = os.path.join(base, "refimpl", "numba")
+    try:
+        os.makedirs(path, exist_ok=True)
+        if os.access(path, os.W_OK):
+            return path
+    except OSError:
+        pass
+    global _private_dir
+    if _private_dir is None:
+        _private_dir = tempfile.mkdtemp(prefix="refimpl-numba-")
+    return _private_dir
+
+
+_private_dir: str | None = None
 
 
 def kernel(fastmath, **kw):

@@ -68,7 +68,8 @@ def add_parser(subparsers) -> None:
                     "and the roofline minimum; beside them, transformers' model of the same weights (torch), "
                     "checked against the float64 oracle first and split into stages by forward hooks.")
     p.add_argument("path", nargs="?", default=None,
-                   help="model: HF directory, llama2.c .bin or tiny:ARCH[:SEED] (default: built-in tiny Llama)")
+                   help="model: HF directory, llama2.c .bin or tiny:ARCH[:SEED] (default: a built-in tiny Llama, "
+                        "V=512 D=128, larger than tiny:llama's V=97 D=32)")
     p.add_argument("--backends", type=_csv, default=None, help="comma-separated: numpy,numba,c,torch (default: all available; "
                    "torch = the transformers peer, float32 only)")
     p.add_argument("--dtype", default="float32", choices=("float32", "float64"))
@@ -116,14 +117,34 @@ def _bench(args) -> int:
     except ValueError as e:
         console.print(f"[red]error:[/] {e}")
         return 2
+    outputs = [(args.json, bench.write_json), (args.plot if report["results"] else None, bench.plot_roofline)]
+    wrote = _write_outputs(report, outputs)
     bench.print_report(report, console)
-    if args.json:
-        bench.write_json(report, args.json)
-        console.print(f"wrote {args.json}")
-    if args.plot and report["results"]:
-        bench.plot_roofline(report, args.plot)
-        console.print(f"wrote {args.plot}")
-    return 0 if report["passed"] else 1
+    return _report_written(wrote, console) or (0 if report["passed"] else 1)
+
+
+def _write_outputs(report, outputs) -> list | str:
+    """Write the report's files first (output to a closed pipe must not lose them): the paths
+    written, or the error that stopped it (printed after the report)."""
+    wrote = []
+    try:
+        for path, write in outputs:
+            if path:
+                write(report, path)
+                wrote.append(path)
+    except OSError as e:
+        return f"{e}"
+    return wrote
+
+
+def _report_written(wrote, console) -> int:
+    """Print what _write_outputs did: 0, or 2 when a file could not be written."""
+    if isinstance(wrote, str):
+        console.print(f"[red]error:[/] {wrote}")
+        return 2
+    for path in wrote:
+        console.print(f"wrote {path}")
+    return 0
 
 
 def _compare(args) -> int:
@@ -177,11 +198,6 @@ def _profile(args) -> int:
     except (ValueError, OSError) as e:
         console.print(f"[red]error:[/] {e}")
         return 2
+    wrote = _write_outputs(report, [(args.json, profile.write_json), (args.plot, profile.plot)])
     profile.print_report(report, console)
-    if args.json:
-        profile.write_json(report, args.json)
-        console.print(f"wrote {args.json}")
-    if args.plot:
-        profile.plot(report, args.plot)
-        console.print(f"wrote {args.plot}")
-    return 0
+    return _report_written(wrote, console)

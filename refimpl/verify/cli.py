@@ -47,8 +47,13 @@ def _json_safe(x):
     return x
 
 
-def _write_json(path, obj):
-    Path(path).write_text(json.dumps(_json_safe(obj), indent=2) + "\n", encoding="utf-8")
+def _write_json(path, obj) -> str | None:
+    """Write the report; the error message when it cannot be (None when written)."""
+    try:
+        Path(path).write_text(json.dumps(_json_safe(obj), indent=2) + "\n", encoding="utf-8")
+    except OSError as e:
+        return f"--json {path}: {e}"
+    return None
 
 
 def add_parser(sub) -> None:
@@ -206,12 +211,13 @@ def run_verify(args) -> int:
                            name=args.target, **params)      # as the user wrote it, not the private module name
         except ValueError as e:
             return _err("verify", str(e))
-        con = Console(width=None if sys.stdout.isatty() else 140)
+        failed_write = _write_json(args.json, report.as_dict()) if args.json else None   # first: a closed
+        con = Console(width=None if sys.stdout.isatty() else 140)                      # pipe loses no file
         if hasattr(impl, "describe"):
             con.print(f"C convention: {impl.describe()}", markup=False)
         report.render(con)
-        if args.json:
-            _write_json(args.json, report.as_dict())
+        if failed_write:
+            return _err("verify", failed_write)
         return 0 if report.passed else 1
 
     if args.target or not hasattr(os, "fork"):
@@ -228,6 +234,9 @@ def _isolated(run, what: str) -> int:
         code = 2
         try:
             code = run()
+        except BrokenPipeError:     # the reader of our output left (`| head`): as refimpl.cli.main
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            code = 141
         except BaseException:
             import traceback
             traceback.print_exc()
@@ -301,9 +310,10 @@ def run_diff(args) -> int:
         rep = diff(args.a, args.b, model=args.model)
     except (OSError, ValueError) as e:
         return _err("diff", str(e))
+    failed_write = _write_json(args.json, rep.as_dict()) if args.json else None
     rep.render(Console(width=140))
-    if args.json:
-        _write_json(args.json, rep.as_dict())
+    if failed_write:
+        return _err("diff", failed_write)
     return 0 if rep.passed else 1
 
 

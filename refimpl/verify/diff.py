@@ -448,6 +448,14 @@ def diff(path_a, path_b, model=None) -> DiffReport:
     S = next((ta[n].shape[-1] for n in ta if n.endswith("attn_probs")), len(ma.get("ids", "").split(",")))
     u = max(_trace_unit(ma, sa), _trace_unit(mb, sb))
     rep.u = u
+    ids_text = mb.get("ids") or ma.get("ids")
+    if mdl is not None and ids_text:   # the user's model must be the traces', whatever the tensors say
+        try:
+            why = _model_mismatch(mdl, ta, (ma, mb), [int(x) for x in ids_text.split(",")], u, n_layers, D, F, S)
+        except (KeyError, IndexError, ValueError) as e:
+            why = f"{type(e).__name__}: {e}"
+        if why:
+            raise ValueError(f"--model {model} is not the model of these traces: {why}")
     for n in common:
         a, b = ta[n], tb[n]
         if a.shape != b.shape:
@@ -478,16 +486,16 @@ def diff(path_a, path_b, model=None) -> DiffReport:
         else:
             why = None
             try:
-                if mdl is None:
+                if not ids_text:
+                    raise ValueError("the traces' metadata holds no token ids")
+                ids = [int(x) for x in ids_text.split(",")]
+                if mdl is None:       # the metadata's model (a --model was checked above)
                     mdl = load_model_spec(spec, dtype="float64")
-                ids = [int(x) for x in (mb.get("ids") or ma.get("ids")).split(",")]
-                why = _model_mismatch(mdl, ta, (ma, mb), ids, u, n_layers, D, F, S)
+                    why = _model_mismatch(mdl, ta, (ma, mb), ids, u, n_layers, D, F, S)
                 if not why:
                     _find_trap(rep, _Recompute(mdl, tb, ids), rep.first_bad)
             except (OSError, ValueError, KeyError, IndexError) as e:
                 rep.notes.append(f"convention traps not checked: {type(e).__name__}: {e}")
-            if why and model:      # the user named a model: recomputing with it would explain nothing
-                raise ValueError(f"--model {model} is not the model of these traces: {why}")
             if why:
                 rep.notes.append(f"convention traps not checked: the model {spec} named in the trace metadata "
                                  f"is not the model of these traces: {why}")
