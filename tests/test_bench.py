@@ -692,3 +692,25 @@ def test_a_report_that_cannot_be_written_is_exit_2_after_the_table(capsys):
                  "--json", "/dev/full"]) == 2
     out = capsys.readouterr().out
     assert "silu" in out and "error:" in out and "No space left on device" in out
+
+
+def test_edge_cases_check_a_c_kernels_prepared_call_too(monkeypatch):
+    """The timing loop calls a C kernel through `prepare(...).run()`: the edge cases check that
+    entry point as well as the direct call (a prepared call wrong only in its tail is caught)."""
+    from refimpl.kernels import registry
+    good = registry.get("silu", "numpy")
+
+    class TailUnwritten:                      # a prepared call whose 16-lane remainder is left 0
+        def __init__(self, x):
+            self.x = x
+
+        def run(self):
+            n = self.x.shape[-1]
+            self.out = good(self.x)
+            if n >= 16:
+                self.out[..., n - n % 16:] = 0
+    c_silu = registry.get("silu", "c")
+    assert bench.prepare_of(c_silu, "silu") is not None and bench.verify_edges("silu", "c", c_silu, "float32")["passed"]
+    monkeypatch.setattr(bench, "prepare_of", lambda fn, op: TailUnwritten)
+    row = bench.verify_edges("silu", "c", c_silu, "float32")
+    assert not row["passed"] and row["error"].startswith("prepare().run(): case 'grid -10..10'"), row

@@ -9,9 +9,9 @@ the run will time is first computed on the same inputs as the float64 oracle
 and checked elementwise against the op's error bound from
 `refimpl.kernels.contracts` (`refimpl.verify.compare.error_stats`; a C kernel's
 prepared call `prepare(...).run()` is checked too).  Each (op, backend) then runs the
-verifier's edge cases (`verify_edges`): the timed shapes are multiples of 64, which
-never run a SIMD kernel's remainder loop, nor shapes 1, primes or special values, on
-whichever SIMD path this machine dispatches to.  If any of our backends fails,
+verifier's edge cases (`verify_edges`, both C entry points too): the timed shapes are
+multiples of 64, which never run a SIMD kernel's remainder loop, nor shapes 1, primes
+or special values, on whichever SIMD path this machine dispatches to.  If any of our backends fails,
 nothing is timed.  torch, when installed, is a reference: it is checked
 the same way and a torch failure only drops torch from the ratios (with a warning).
 
@@ -446,26 +446,42 @@ def verify(case: Case, backend: str, fn) -> dict:
 def verify_edges(op: str, backend: str, fn, dtype: str) -> dict:
     """The verifier's edge cases for `fn` (`refimpl.verify.check`, no hypothesis examples):
     shapes 1 and primes, several tiles, vector tails after blocks of 4 to 64 lanes, special
-    values, at sizes the timed shapes (multiples of 64) never reach.  A verification row
-    with shape "edge cases (N)"; `error` names the first failing case."""
+    values, at sizes the timed shapes (multiples of 64) never reach; a C kernel's prepared
+    call (`prepare(...).run()`, the entry point the timing loop calls) as well as its direct
+    call.  A verification row with shape "edge cases (N)"; `error` names the first failing
+    case (and the entry point)."""
     from refimpl.verify import check
     row = {"op": op, "backend": backend, "shape": "edge cases", "dtype": dtype, "passed": False,
            "bound_ratio": None, "max_ulp": None, "nmse": None, "error": None}
+    entries = [("", fn)]
+    prep = prepare_of(fn, op) if backend == "c" else None
+    if prep is not None:
+        @functools.wraps(fn)            # the same signature for check(): the same keywords passed
+        def prepared(*args, **kwargs):
+            cc = prep(*args, **kwargs)
+            cc.run()
+            return cc.out
+        entries.append(("prepare().run(): ", prepared))
+    reps = []
     try:
-        rep = check(fn, op, examples=0, dtype=np.dtype(dtype))
+        for how, impl in entries:
+            reps.append((how, check(impl, op, examples=0, dtype=np.dtype(dtype))))
     except Exception as e:  # a crash is a failed verification, reported with its message
         row["error"] = f"{type(e).__name__}: {e}"
         return row
-    stats = [c.stats for c in rep.cases if c.stats is not None]
-    row.update(shape=f"edge cases ({len(rep.cases)})", passed=rep.passed,
-               bound_ratio=rep.worst_ratio if math.isfinite(rep.worst_ratio) else None,
+    stats = [c.stats for _, rep in reps for c in rep.cases if c.stats is not None]
+    worst = max(rep.worst_ratio for _, rep in reps)
+    row.update(shape=f"edge cases ({len(reps[0][1].cases)})", passed=all(rep.passed for _, rep in reps),
+               bound_ratio=worst if math.isfinite(worst) else None,
                max_ulp=max((float(s.max_ulp) for s in stats), default=None),
                nmse=max((float(s.nmse) for s in stats), default=None))
-    if not rep.passed:
-        f = rep.failures[0]
-        row["error"] = f"case {f.name!r} ({f.shapes}): " + (f.error or (
-            f"worst element {f.stats.worst_index}: got {f.stats.worst_got!r}, oracle {f.stats.worst_want!r}, "
-            f"bound {f.stats.worst_bound:.3e} (ratio {f.stats.bound_ratio:.3g})"))
+    for how, rep in reps:
+        if not rep.passed:
+            f = rep.failures[0]
+            row["error"] = f"{how}case {f.name!r} ({f.shapes}): " + (f.error or (
+                f"worst element {f.stats.worst_index}: got {f.stats.worst_got!r}, oracle {f.stats.worst_want!r}, "
+                f"bound {f.stats.worst_bound:.3e} (ratio {f.stats.bound_ratio:.3g})"))
+            break
     return row
 
 
