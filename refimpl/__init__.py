@@ -14,15 +14,15 @@ __version__ = "0.1.0"
 
 def load(path, dtype="float32", backend="numpy"):
     """Load a Hugging Face model directory or a llama2.c `.bin` as a `refimpl.oracle.model.Model`
-    ("tiny:ARCH[:SEED]": a built-in tiny model, as `tiny_model`)."""
+    ("tiny:ARCH[:SEED]": the built-in tiny model `tiny_model(ARCH, SEED)`, in this `dtype`)."""
     from refimpl.io.load import load as _load
     return _load(path, dtype=dtype, backend=backend)
 
 
-def tiny_model(arch="llama", seed=0, dtype="float64", backend="numpy"):
-    """A built-in tiny random model (no files needed)."""
+def tiny_model(arch="llama", seed=0, dtype="float64", backend="numpy", **config):
+    """A built-in tiny random model (no files needed); keywords override its Config (n_layers=3, ...)."""
     from refimpl.oracle.model import tiny_model as _tiny
-    return _tiny(arch, seed=seed, dtype=dtype, backend=backend)
+    return _tiny(arch, seed=seed, dtype=dtype, backend=backend, **config)
 
 
 __all__ = ["load", "tiny_model", "__version__"]

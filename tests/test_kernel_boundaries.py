@@ -221,7 +221,7 @@ def test_step_checks_the_caches_layer_count():
 def test_step_refuses_cache_arrays_sharing_memory(arch):
     cfg = tiny_config(arch)
     weights = {k: v.astype(F32) for k, v in random_params(cfg, 0).items()}
-    m = Model(cfg, weights, "float32", backend="c")       # model.params: read-only views of `weights`
+    m = Model(cfg, weights, "float32", backend="c")       # model.params: read-only views of its own copies
     step = decode_step(m)
     table = "embed_tokens.weight" if arch == "llama" else "wte.weight"
 
@@ -235,7 +235,7 @@ def test_step_refuses_cache_arrays_sharing_memory(arch):
     for where, make, pattern in [
         (("v", 0), lambda c: c.k[0], r"cache\.k\[0\].*cache\.v\[0\]|cache\.v\[0\].*cache\.k\[0\]"),
         (("k", 1), lambda c: c.k[0], r"cache\.k\[0\].*cache\.k\[1\]|cache\.k\[1\].*cache\.k\[0\]"),
-        (("k", 0), lambda c: weights[table].reshape(-1)[:np.prod(shape)].reshape(shape), table),
+        (("k", 0), lambda c: m.params[table].base.reshape(-1)[:np.prod(shape)].reshape(shape), table),
     ]:
         with pytest.raises(ValueError, match=f"({pattern}).*share memory"):
             step(1, cache_with(where, make))

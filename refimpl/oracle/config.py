@@ -63,6 +63,9 @@ class Config:
             raise ValueError(f"config.d_model={self.d_model} is not a multiple of n_heads={self.n_heads}")
         if self.n_heads % self.n_kv_heads:
             raise ValueError(f"config.n_heads={self.n_heads} is not a multiple of n_kv_heads={self.n_kv_heads}")
+        if self.arch != "llama" and self.n_kv_heads != self.n_heads:
+            raise ValueError(f"config.n_kv_heads={self.n_kv_heads}: {self.arch} has one key/value head per query "
+                             f"head (n_heads={self.n_heads}); grouped key/value heads are Llama's")
         if self.arch == "llama" and self.head_dim % 2:
             raise ValueError(f"RoPE needs an even head width, got {self.head_dim}")
 

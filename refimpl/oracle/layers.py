@@ -15,7 +15,8 @@ Dimension letters used in this module (and only these):
     ... = any leading dimensions (elementwise functions keep their input's shape)
 
 Every function is dtype-generic: it computes in the dtype of its inputs
-(float64 for the oracle's truth, float32 to mimic a float32 port).  Nothing
+(float64 for the oracle's truth, float32 to mimic a float32 port); integer
+inputs are computed in float64 (`as_floating`), never in integers.  Nothing
 here calls BLAS in a way that changes the math: `@` is the only matmul.
 """
 from __future__ import annotations
@@ -27,6 +28,12 @@ import numpy as np
 # --------------------------------------------------------------------------
 # input encoding
 # --------------------------------------------------------------------------
+
+
+def as_floating(x):  # [...] -> [...]
+    """x as an array: floats keep their dtype, integers and bools become float64."""
+    x = np.asarray(x)
+    return x if np.issubdtype(x.dtype, np.floating) else x.astype(np.float64)
 
 
 def embedding(wte, ids):  # [V,D], [T] int -> [T,D]
@@ -58,6 +65,7 @@ def rope_angles(positions, Dh, theta=10000.0):  # [T] int -> [T,Dh/2] float64
 
 def rope_half(x, positions, theta=10000.0):  # [..., T, Dh], [T] -> [..., T, Dh]
     """RoPE, half-split convention (HF Llama): pair i is (x[i], x[i + Dh/2])."""
+    x = as_floating(x)
     Dh = x.shape[-1]
     a = rope_angles(positions, Dh, theta)
     cos, sin = np.cos(a).astype(x.dtype), np.sin(a).astype(x.dtype)       # [T,Dh/2]
@@ -67,6 +75,7 @@ def rope_half(x, positions, theta=10000.0):  # [..., T, Dh], [T] -> [..., T, Dh]
 
 def rope_interleaved(x, positions, theta=10000.0):  # [..., T, Dh], [T] -> [..., T, Dh]
     """RoPE, interleaved convention (llama2.c, Meta's original): pair i is (x[2i], x[2i+1])."""
+    x = as_floating(x)
     Dh = x.shape[-1]
     a = rope_angles(positions, Dh, theta)
     cos, sin = np.cos(a).astype(x.dtype), np.sin(a).astype(x.dtype)       # [T,Dh/2]
@@ -121,6 +130,7 @@ def relu(x):  # [...] -> [...]
 
 def gelu_tanh(x):  # [...] -> [...]
     """GELU, tanh approximation (GPT-2 `gelu_new`): 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))."""
+    x = as_floating(x)
     c = x.dtype.type(math.sqrt(2.0 / math.pi))
     return 0.5 * x * (1.0 + np.tanh(c * (x + 0.044715 * (x * x * x))))
 
@@ -130,6 +140,7 @@ _erf = np.frompyfunc(math.erf, 1, 1)
 
 def gelu_erf(x):  # [...] -> [...]
     """GELU, exact form (BERT `gelu`): 0.5 x (1 + erf(x / sqrt(2))); erf from the C library."""
+    x = as_floating(x)
     e = _erf(np.asarray(x, dtype=np.float64) / math.sqrt(2.0)).astype(np.float64)
     return (0.5 * x * (1.0 + e.astype(x.dtype))).astype(x.dtype)
 
@@ -185,6 +196,7 @@ def padding_mask(attention_mask, T):  # [S] of 0/1 -> [T,S] bool
 
 def attention_probs(q, k, mask=None, scale=None):  # [T,Dh],[S,Dh],[T,S] -> [T,S]
     """P = softmax(q k^T * scale, masked), scale = 1/sqrt(Dh) by default (also traced and taught)."""
+    q, k = as_floating(q), as_floating(k)
     if scale is None:
         scale = 1.0 / math.sqrt(q.shape[-1])
     scores = (q @ k.swapaxes(-1, -2)) * q.dtype.type(scale)                # [T,S]
@@ -215,6 +227,8 @@ def multi_head_attention_probs(q, k, mask=None, scale=None):  # [H,T,Dh],[Hkv,S,
 def heads_times_values(p, v):  # [H,T,S],[Hkv,S,Dh] -> [H,T,Dh]
     """O_h = P_h v_g, g = kv_head_of(h, H, Hkv)."""
     H, Hkv = p.shape[0], v.shape[0]
+    if H % Hkv:
+        raise ValueError(f"query heads H={H} must be a multiple of key/value heads Hkv={Hkv}")
     return np.stack([p[h] @ v[kv_head_of(h, H, Hkv)] for h in range(H)])
 
 

@@ -161,15 +161,18 @@ class Model:
                 raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
             dtype = DTYPES[dtype]
         self.dtype = np.dtype(dtype)
+        if self.dtype not in (np.float32, np.float64):
+            raise ValueError(f"dtype must be float32 or float64, got {self.dtype}")
         if backend != "numpy" and self.dtype != np.float32:
             raise ValueError(f"backend {backend!r} runs float32 models; got dtype {self.dtype} "
                              "(use backend='numpy' for the float64 oracle)")
         self.config = config
         self.backend = backend
         check_params(config, params)
-        # fixed from here on (read-only views in a read-only mapping): the (in, out) copies below and
-        # the C decode step's packed pointers are made from them once; for other weights, a new Model
-        self.params = MappingProxyType({k: _read_only(np.ascontiguousarray(np.asarray(v), dtype=self.dtype))
+        # fixed from here on (our own copies, read-only, in a read-only mapping: the caller's arrays
+        # can change without reaching the model): the (in, out) copies below and the C decode
+        # step's packed pointers are made from them once; for other weights, a new Model
+        self.params = MappingProxyType({k: _read_only(np.array(v, dtype=self.dtype, order="C"))
                                         for k, v in params.items()})
         self.ops = _kernel_ops(backend)
         self._w_io = {}                                  # linear weights as contiguous (in, out)
@@ -261,6 +264,18 @@ class Model:
                              f"capacity of {cache.capacity} positions")
         return ids.astype(np.int64)
 
+    def _check_cache(self, cache):
+        """A KVCache made for this model's shapes and dtype (model.new_cache())."""
+        if not isinstance(cache, KVCache):
+            raise TypeError(f"cache must be a KVCache (model.new_cache()), got {type(cache).__name__}"
+                            + ("; a trace callback goes by keyword: trace=..." if callable(cache) else ""))
+        c = self.config
+        want = (c.n_layers, (c.n_kv_heads, cache.capacity, c.head_dim), self.dtype)
+        got = (len(cache.k), cache.k[0].shape if cache.k else None, cache.k[0].dtype if cache.k else None)
+        if got != want:
+            raise ValueError(f"cache holds {got[0]} layers of {got[1]} {got[2]}; this model needs {want[0]} "
+                             f"layers of {want[1]} {want[2]} (model.new_cache())")
+
     def new_cache(self, capacity: int | None = None) -> KVCache:
         """A KV cache for `capacity` positions (default and at most max_seq_len)."""
         return KVCache(self.config, self.dtype, capacity)
@@ -274,6 +289,10 @@ class Model:
         the cache is extended.  BERT takes token_type_ids [T] and
         attention_mask [T] (1 = real token, 0 = padding).
         """
+        if cache is not None:
+            self._check_cache(cache)
+        if trace is not None and not callable(trace):
+            raise TypeError(f"trace must be a callable (name, array), got {type(trace).__name__}")
         ids = self._check_ids(ids, cache)
         trace = _no_trace if trace is None else trace
         arch = self.config.arch
@@ -392,6 +411,8 @@ class Model:
     def _bert(self, ids, token_type_ids, attention_mask, trace):
         c = self.config
         T = ids.shape[0]
+        if token_type_ids is not None and not np.issubdtype(np.asarray(token_type_ids).dtype, np.integer):
+            raise TypeError(f"token_type_ids must be integers, got dtype {np.asarray(token_type_ids).dtype}")
         tt = np.zeros(T, np.int64) if token_type_ids is None else np.asarray(token_type_ids, np.int64)
         if tt.shape != (T,) or (tt < 0).any() or (tt >= c.type_vocab_size).any():
             raise ValueError(f"token_type_ids must be {T} ids in 0..{c.type_vocab_size - 1}")
@@ -442,11 +463,16 @@ class Model:
         """
         if self.config.arch == "bert":
             raise ValueError("BERT is an encoder: it does not generate")
-        if int(max_new_tokens) < 0:
-            raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+        if not isinstance(max_new_tokens, (int, np.integer)) or isinstance(max_new_tokens, bool) \
+                or max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
+        if seed is not None and (not isinstance(seed, (int, np.integer)) or isinstance(seed, bool)
+                                 or not 0 <= seed < 2 ** 64):
+            raise ValueError(f"seed must be an int in 0..2^64-1 (the xorshift64* state), got {seed!r}")
         top_k, top_p = check_top(top_k, top_p)      # refused even when greedy, which does not use them
         ids = self._check_ids(ids, None, "prompt")
-        stop_set = {int(stop)} if isinstance(stop, (int, np.integer)) else set(int(s) for s in (stop or ()))
+        stops = () if stop is None else [stop] if isinstance(stop, (int, np.integer)) else stop
+        stop_set = {int(s) for s in stops}                # an array too (`stop or ()` asked its truth)
         rng = XorShift64Star(random_seed() if seed is None else seed) if temperature else None
         # positions for this prompt and continuation only: a checkpoint may declare a context of 10^9
         cache = self.new_cache(min(len(ids) + int(max_new_tokens), self.config.max_seq_len))
