@@ -108,3 +108,55 @@ def test_bf16_storage_gives_the_bfloat16_unit_roundoff(llama_traces, tmp_path):
     assert rep.u == 2.0 ** -8
     assert rep.passed, rep.text()                                      # bf16 rounding is within the bf16 bound
     assert any("no finite bound" in n for n in rep.notes)              # deep tensors: n u >= 1, said so
+
+
+@pytest.mark.parametrize("value", ["fp32", "f32", "<class 'numpy.float32'>"])
+def test_unknown_metadata_dtype_is_refused_naming_the_file(llama_traces, tmp_path, value):
+    a, _ = llama_traces
+    b = _rewrite(a, tmp_path / "b.safetensors", None, lambda m: m.update(dtype=value))
+    with pytest.raises(ValueError) as e:
+        diff(a, b)
+    msg = str(e.value)
+    assert str(b) in msg and repr(value) in msg and "float64, float32, float16, bfloat16" in msg
+
+
+def test_trace_without_ids_is_refused_naming_the_file(llama_traces, tmp_path):
+    a, _ = llama_traces
+    b = _rewrite(a, tmp_path / "b.safetensors", None, lambda m: m.pop("ids"))
+    with pytest.raises(ValueError, match=r"b\.safetensors: __metadata__\.ids .* is missing"):
+        diff(a, b)
+    with pytest.raises(ValueError, match=r"b\.safetensors: __metadata__\.ids"):
+        diff(b, a)
+
+
+def _rename(old, new):
+    def change(t):
+        t[new] = t.pop(old)
+
+    def meta_change(m):
+        m["order"] = m["order"].replace(old, new)
+    return change, meta_change
+
+
+@pytest.mark.parametrize("old,new", [("layers.0.attn_probs", "layers.0.attn_prob"),
+                                     ("logits", "lm_head"), ("layers.1.q", "layers.x.q")])
+def test_a_name_that_is_not_a_trace_name_is_an_error(llama_traces, tmp_path, old, new):
+    a, _ = llama_traces
+    b = _rewrite(a, tmp_path / "b.safetensors", *_rename(old, new))
+    for x, y in ((a, b), (b, a)):
+        with pytest.raises(ValueError, match=rf"b\.safetensors: tensor '{new}' is not a trace name"):
+            diff(x, y)
+
+
+def test_a_valid_name_in_one_file_only_is_a_note(llama_traces, tmp_path):
+    a, _ = llama_traces
+    b = _rewrite(a, tmp_path / "b.safetensors", lambda t: t.pop("layers.0.attn_probs"),
+                 lambda m: m.update(order=m["order"].replace("layers.0.attn_probs,", "")))
+    rep = diff(a, b)
+    assert rep.passed and rep.only_a == ["layers.0.attn_probs"]
+    assert any("tensors only in A" in n for n in rep.notes)
+
+
+def test_vacuous_bound_of_an_all_zero_tensor_is_inf_not_nan():
+    from refimpl.verify.diff import tolerance
+    assert tolerance("final_norm", np.zeros((2, 3)), 2.0 ** -8, 4, 32, 48, 5) == np.inf   # n u >= 1, scale 0

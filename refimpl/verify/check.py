@@ -278,6 +278,8 @@ def check(impl, op: str, *, examples: int = 100, seed: int = 0, dtype=None, edge
     **params: fixed values of the op's keyword parameters (eps, theta, interleaved,
         causal, scale).
     """
+    if not callable(impl):
+        raise TypeError(f"check: impl must be callable, got {type(impl).__name__}")
     sp = CS.spec(op)
     unknown = set(params) - set(sp.params)
     if unknown:

@@ -30,11 +30,33 @@ class ErrorStats:
         return asdict(self)
 
 
+def _check_bound(bound, want64) -> np.ndarray:
+    """`bound` as float64 broadcast to want's shape; ValueError unless it broadcasts and is >= 0 and
+    not NaN where want is finite (+inf: the element is unchecked; where want is NaN/inf the bound is
+    unused, as the result must match exactly, and contract bounds are NaN there)."""
+    shape = want64.shape
+    try:
+        b = np.asarray(bound, dtype=np.float64)
+    except (TypeError, ValueError):
+        raise TypeError(f"bound must be a number or an array of numbers, got {type(bound).__name__}") from None
+    try:
+        b = np.broadcast_to(b, shape)
+    except ValueError:
+        raise ValueError(f"bound of shape {b.shape} does not broadcast to want's shape {shape}") from None
+    with np.errstate(invalid="ignore"):
+        bad = np.isfinite(want64) & (np.isnan(b) | (b < 0))
+    if bad.any():
+        i = np.unravel_index(int(np.argmax(bad)), b.shape)
+        raise ValueError(f"bound must be >= 0 and not NaN (+inf: unchecked), got {float(b[i])!r}"
+                         + (f" at element {tuple(int(j) for j in i)}" if b.ndim else ""))
+    return b
+
+
 def error_stats(got, want, bound) -> ErrorStats:
     got = np.asarray(got)
     want64 = np.asarray(want, dtype=np.float64)
     got64 = got.astype(np.float64)
-    bound = np.broadcast_to(np.asarray(bound, dtype=np.float64), want64.shape)
+    bound = _check_bound(bound, want64)
     if got64.shape != want64.shape:
         raise AssertionError(f"shape mismatch: got {got64.shape}, expected {want64.shape}")
     fin = np.isfinite(want64)

@@ -2,7 +2,9 @@
 
 A is the reference (e.g. the float64 oracle's trace), B the candidate (a
 port's trace, same model, same ids).  Both are walked in A's forward order;
-tensors present in only one file are listed and skipped.
+tensors present in only one file are listed and skipped.  A file without
+`ids`, with a `dtype` other than float32/float64/float16/bfloat16, or with a
+tensor name that is not a trace name (TRACE.md) is refused (ValueError).
 
 The bound (elementwise, absolute), stated
 -----------------------------------------
@@ -175,7 +177,9 @@ def _depth(name: str, n_layers: int) -> int:
 def tolerance(name: str, a: np.ndarray, u: float, n_layers: int, D: int, F: int, S: int) -> float:
     """C gamma((l+1)(D+F+S), u) * scale (see the module docstring)."""
     n = (_depth(name, n_layers) + 1) * (D + F + S)
-    g = n * u / (1 - n * u) if n * u < 1 else math.inf
+    if n * u >= 1:          # no finite bound at this depth (inf: unchecked; inf * a zero scale would be NaN)
+        return math.inf
+    g = n * u / (1 - n * u)
     fin = np.abs(a[np.isfinite(a)]) if a.size else np.zeros(0)
     scale = 1.0 if name.endswith("attn_probs") else (float(fin.max()) if fin.size else 0.0)
     return C_DIFF * g * scale + float(np.finfo(np.float64).tiny)
@@ -422,11 +426,33 @@ class _Recompute:
         return None
 
 
+def _check_trace(path, tensors: dict, meta: dict):
+    """ValueError naming the file: no ids, a compute dtype _trace_unit does not know, or a tensor
+    name that is not a trace name (TRACE.md)."""
+    from refimpl.verify.trace import LAYER_POINTS, trace_names
+    if not meta.get("ids"):
+        raise ValueError(f"{path}: __metadata__.ids (the input token ids, comma-separated) is missing; "
+                         "it is required (see refimpl/verify/TRACE.md)")
+    if "dtype" in meta and meta["dtype"] not in _U_NAME:
+        raise ValueError(f"{path}: __metadata__.dtype {meta['dtype']!r} is not a compute dtype; "
+                         f"accepted: {', '.join(_U_NAME)}")
+    idx = [n.split(".")[1] for n in tensors if n.startswith("layers.")]
+    n_layers = max((int(i) + 1 for i in idx if i.isascii() and i.isdigit()), default=0)
+    valid = set(trace_names(n_layers))
+    bad = [n for n in tensors if n not in valid]
+    if bad:
+        raise ValueError(f"{path}: tensor {bad[0]!r} is not a trace name; the names are embed, "
+                         f"layers.{{i}}.{{{','.join(LAYER_POINTS)}}}, final_norm, logits "
+                         "(see refimpl/verify/TRACE.md)")
+
+
 def diff(path_a, path_b, model=None) -> DiffReport:
     """Compare trace B with reference trace A; see the module docstring."""
     from refimpl.verify.trace import load_model_spec, read_trace_with_dtypes
     ta, ma, sa = read_trace_with_dtypes(path_a)
     tb, mb, sb = read_trace_with_dtypes(path_b)
+    _check_trace(path_a, ta, ma)
+    _check_trace(path_b, tb, mb)
     mdl = None
     if model:                  # the user's model: refused now if it cannot be loaded, even when nothing differs
         try:

@@ -47,6 +47,7 @@ import numpy as np
 
 FORMAT = "refimpl-trace"
 VERSION = "1"
+COMPUTE_DTYPES = ("float32", "float64", "float16", "bfloat16")   # the metadata's dtype values
 LAYER_POINTS = ("attn_norm", "q", "k", "v", "attn_probs", "attn_out", "resid_attn", "ffn_norm", "ffn_hidden",
                 "ffn_out", "resid_ffn")
 
@@ -80,15 +81,29 @@ def record(model, ids) -> dict[str, np.ndarray]:
     return out
 
 
+def _dtype_name(dtype) -> str:
+    """'float32' for "float32", np.float32 or np.dtype('float32'); ValueError naming `dtype` otherwise."""
+    if isinstance(dtype, str) and dtype in COMPUTE_DTYPES:
+        return dtype                      # "bfloat16" without ml_dtypes: numpy does not know it
+    try:
+        name = np.dtype(dtype).name if dtype is not None else None     # np.dtype(None) is float64
+    except TypeError:
+        name = None
+    if name not in COMPUTE_DTYPES:
+        raise ValueError(f"dtype must be one of {', '.join(COMPUTE_DTYPES)} (or the numpy type), got {dtype!r}")
+    return name
+
+
 def write_trace(path, tensors: dict[str, np.ndarray], ids, dtype: str, arch: str = "", model: str = "",
                 config: dict | None = None) -> None:
     """Save tensors (in forward order) with the metadata described in the module docstring."""
     from refimpl.io.safetensors import save_file
+    dtype = _dtype_name(dtype)
     for n in tensors:
         if "," in n:
             raise ValueError(f"trace name {n!r} contains a comma")
     meta = {"format": FORMAT, "version": VERSION, "order": ",".join(tensors),
-            "ids": ",".join(str(int(i)) for i in ids), "dtype": str(dtype)}
+            "ids": ",".join(str(int(i)) for i in ids), "dtype": dtype}
     if arch:
         meta["arch"] = arch
     if model:
