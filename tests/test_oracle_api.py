@@ -84,3 +84,27 @@ def test_tiny_model_overrides_and_load_of_tiny():
     assert refimpl.tiny_model("llama", n_layers=3).config.n_layers == 3
     m = refimpl.load("tiny:llama:1", dtype="float64")
     np.testing.assert_array_equal(m.forward([1, 2]), refimpl.tiny_model("llama", seed=1).forward([1, 2]))
+
+
+def test_unknown_backend_and_wrong_rng_are_named():
+    with pytest.raises(ValueError, match="backend must be 'numpy' \\(the oracle\\), 'numba' or 'c', got 'cuda'"):
+        refimpl.load("tiny:llama", backend="cuda")                    # was a KeyError
+    from refimpl.oracle.sampling import XorShift64Star, sample
+    logits = np.array([0.0, 1.0, 2.0])
+    for rng in (np.random.default_rng(0), 7):
+        with pytest.raises(TypeError, match="rng must be an XorShift64Star"):
+            sample(logits, 0.8, rng=rng)                               # was an AttributeError
+    assert sample(logits, 0.8, rng=XorShift64Star(7)) in (0, 1, 2)
+
+
+def test_unit_roundoff_of_bfloat16():
+    from refimpl.kernels.contracts import unit_roundoff
+    assert unit_roundoff("bfloat16") == 2.0 ** -8 and unit_roundoff(np.float32) == 2.0 ** -24
+
+
+def test_missing_weights_under_a_prefix_say_so():
+    """`Model(cfg, hf_model.state_dict())`: the keys carry "transformer."; the error says so."""
+    cfg = tiny_config("gpt2")
+    p = {("transformer." + k): v for k, v in random_params(cfg).items()}
+    with pytest.raises(ValueError, match=r"28 missing\) .*; 28 given key\(s\) carry a prefix \('transformer\.'\)"):
+        Model(cfg, p)

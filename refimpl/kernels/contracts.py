@@ -164,7 +164,10 @@ def check_attention_args(q, k, v, causal=False):
 
 
 def unit_roundoff(dtype) -> float:
-    """u = 2^-p: 2^-24 for float32, 2^-53 for float64."""
+    """u = 2^-p: 2^-24 for float32, 2^-53 for float64, 2^-11 for float16, 2^-8 for "bfloat16"
+    (which NumPy does not know by that name)."""
+    if isinstance(dtype, str) and dtype == "bfloat16":
+        return 2.0 ** -8
     return float(np.finfo(dtype).eps) / 2.0
 
 

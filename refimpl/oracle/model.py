@@ -163,6 +163,8 @@ class Model:
         self.dtype = np.dtype(dtype)
         if self.dtype not in (np.float32, np.float64):
             raise ValueError(f"dtype must be float32 or float64, got {self.dtype}")
+        if backend not in ("numpy", "numba", "c"):
+            raise ValueError(f"backend must be 'numpy' (the oracle), 'numba' or 'c', got {backend!r}")
         if backend != "numpy" and self.dtype != np.float32:
             raise ValueError(f"backend {backend!r} runs float32 models; got dtype {self.dtype} "
                              "(use backend='numpy' for the float64 oracle)")
@@ -510,8 +512,12 @@ def check_params(cfg: Config, params: dict, source: str = "params") -> None:
     missing = sorted(set(want) - set(params))
     extra = sorted(set(params) - set(want))
     if missing:
+        prefixed = {e[: -len(m)]: e for m in missing for e in extra if e.endswith("." + m)}   # HF's "transformer."
+        n_prefixed = sum(any(e.endswith("." + m) for m in missing) for e in extra)
+        hint = (f"; {n_prefixed} given key(s) carry a prefix ({', '.join(map(repr, sorted(prefixed)[:3]))}): "
+                "strip it, as a loader of that checkpoint does" if prefixed else "")
         raise ValueError(f"{source}: missing tensor(s) {missing[:5]}{' ...' if len(missing) > 5 else ''} "
-                         f"({len(missing)} missing) for a {cfg.arch} model with {cfg.n_layers} layers")
+                         f"({len(missing)} missing) for a {cfg.arch} model with {cfg.n_layers} layers{hint}")
     if extra:
         raise ValueError(f"{source}: unexpected tensor(s) {extra[:5]}{' ...' if len(extra) > 5 else ''} "
                          f"({len(extra)} extra) for a {cfg.arch} model with {cfg.n_layers} layers")

@@ -152,6 +152,9 @@ def check_temperature(temperature, rng) -> float | None:
         raise ValueError(f"temperature must be >= 0, got {temperature}")
     if rng is None:
         raise ValueError("sampling with temperature > 0 needs an rng (pass seed= to generate)")
+    if not callable(getattr(rng, "next_f64", None)):
+        raise TypeError(f"rng must be an XorShift64Star (the specified generator: XorShift64Star(seed)), "
+                        f"got {type(rng).__name__}")
     return float(temperature)
 
 
