@@ -57,10 +57,7 @@ def _tiny(spec: str, dtype: str, backend: str):
     arch = parts[1] if len(parts) > 1 else ""
     if arch not in ARCHS or len(parts) > 3:
         raise ValueError(f"model {spec!r}: expected tiny:ARCH[:SEED] with ARCH one of {', '.join(ARCHS)}")
-    try:
-        seed = int(parts[2]) if len(parts) == 3 else 0
-    except ValueError:
-        seed = -1
-    if seed < 0:
+    seed = parts[2] if len(parts) == 3 else "0"
+    if not (seed.isascii() and seed.isdigit()):
         raise ValueError(f"model {spec!r}: the seed must be an integer >= 0")
-    return tiny_model(arch, seed=seed, dtype=dtype, backend=backend)
+    return tiny_model(arch, seed=int(seed), dtype=dtype, backend=backend)

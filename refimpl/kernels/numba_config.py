@@ -42,6 +42,7 @@ directory, else a private temporary one); a NUMBA_CACHE_DIR the user set is resp
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import tempfile
@@ -93,12 +94,14 @@ FINGERPRINT = hashlib.sha1(repr((
     ERROR_MODEL_NORMS, GEMM_MR, GEMM_NR, GEMM_KC, GEMM_MC, GEMM_NC, GEMV_NB, ATTN_BQ, ATTN_BK)).encode()).hexdigest()[:10]
 
 
+@functools.cache
 def cache_dir() -> str:
     """Where our kernels' compiled code is kept: $XDG_CACHE_HOME/refimpl/numba (default
     ~/.cache/refimpl/numba), or NUMBA_CACHE_DIR when the user set one.  When that directory
     cannot be made or written (Numba would fall back to the source's __pycache__), a private
     temporary directory of this process (mode 0700: not one another user could have made
-    first and filled with code for us to load), so the kernels compile again per process."""
+    first and filled with code for us to load), so the kernels compile again per process.
+    Decided once per process (every kernel's decoration asks)."""
     if numba.config.CACHE_DIR:
         return numba.config.CACHE_DIR
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
@@ -109,13 +112,7 @@ def cache_dir() -> str:
             return path
     except OSError:
         pass
-    global _private_dir
-    if _private_dir is None:
-        _private_dir = tempfile.mkdtemp(prefix="refimpl-numba-")
-    return _private_dir
-
-
-_private_dir: str | None = None
+    return tempfile.mkdtemp(prefix="refimpl-numba-")
 
 
 def kernel(fastmath, **kw):

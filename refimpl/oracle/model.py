@@ -512,10 +512,10 @@ def check_params(cfg: Config, params: dict, source: str = "params") -> None:
     missing = sorted(set(want) - set(params))
     extra = sorted(set(params) - set(want))
     if missing:
-        prefixed = {e[: -len(m)]: e for m in missing for e in extra if e.endswith("." + m)}   # HF's "transformer."
-        n_prefixed = sum(any(e.endswith("." + m) for m in missing) for e in extra)
-        hint = (f"; {n_prefixed} given key(s) carry a prefix ({', '.join(map(repr, sorted(prefixed)[:3]))}): "
-                "strip it, as a loader of that checkpoint does" if prefixed else "")
+        pairs = [(e, m) for m in missing for e in extra if e.endswith("." + m)]   # e.g. HF's "transformer."
+        prefixes = sorted({e[: -len(m)] for e, m in pairs})
+        hint = (f"; {len({e for e, _ in pairs})} given key(s) carry a prefix ({', '.join(map(repr, prefixes[:3]))}): "
+                "strip it, as a loader of that checkpoint does" if pairs else "")
         raise ValueError(f"{source}: missing tensor(s) {missing[:5]}{' ...' if len(missing) > 5 else ''} "
                          f"({len(missing)} missing) for a {cfg.arch} model with {cfg.n_layers} layers{hint}")
     if extra:

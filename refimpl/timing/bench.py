@@ -401,6 +401,12 @@ def _impl(op, backend):
 # ------------------------------------------------------------------ verify
 
 
+def _worst(s) -> str:
+    """The worst element of a failed comparison (an ErrorStats), in words."""
+    return (f"worst element {s.worst_index}: got {s.worst_got!r}, oracle {s.worst_want!r}, "
+            f"bound {s.worst_bound:.3e} (ratio {s.bound_ratio:.3g})")
+
+
 def verify(case: Case, backend: str, fn) -> dict:
     """Run `fn` on the case (and its prepared C call, if any); check against the bound.
 
@@ -433,9 +439,7 @@ def verify(case: Case, backend: str, fn) -> dict:
             if worst is None or s.bound_ratio > worst[1].bound_ratio or s.nonfinite_mismatches:
                 worst = (how, s)
             if s.nonfinite_mismatches or not s.bound_ratio <= 1.0:
-                row["error"] = (f"{how}: worst element {s.worst_index}: got {s.worst_got!r}, oracle "
-                                f"{s.worst_want!r}, bound {s.worst_bound:.3e} (ratio {s.bound_ratio:.3g}); "
-                                f"nonfinite mismatches {s.nonfinite_mismatches}")
+                row["error"] = f"{how}: {_worst(s)}; nonfinite mismatches {s.nonfinite_mismatches}"
         s = worst[1]
         row.update(bound_ratio=s.bound_ratio, max_ulp=s.max_ulp, nmse=s.nmse, passed=row["error"] is None)
     except Exception as e:  # a crash is a failed verification, reported with its message
@@ -478,9 +482,7 @@ def verify_edges(op: str, backend: str, fn, dtype: str) -> dict:
     for how, rep in reps:
         if not rep.passed:
             f = rep.failures[0]
-            row["error"] = f"{how}case {f.name!r} ({f.shapes}): " + (f.error or (
-                f"worst element {f.stats.worst_index}: got {f.stats.worst_got!r}, oracle {f.stats.worst_want!r}, "
-                f"bound {f.stats.worst_bound:.3e} (ratio {f.stats.bound_ratio:.3g})"))
+            row["error"] = f"{how}case {f.name!r} ({f.shapes}): " + (f.error or _worst(f.stats))
             break
     return row
 

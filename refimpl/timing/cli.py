@@ -123,9 +123,9 @@ def _bench(args) -> int:
     return _report_written(wrote, console) or (0 if report["passed"] else 1)
 
 
-def _write_outputs(report, outputs) -> list | str:
-    """Write the report's files first (output to a closed pipe must not lose them): the paths
-    written, or the error that stopped it (printed after the report)."""
+def _write_outputs(report, outputs) -> tuple[list, OSError | None]:
+    """Write the report's files before it is printed (output to a closed pipe must not lose
+    them): (the paths written, the error that stopped the writing or None)."""
     wrote = []
     try:
         for path, write in outputs:
@@ -133,17 +133,18 @@ def _write_outputs(report, outputs) -> list | str:
                 write(report, path)
                 wrote.append(path)
     except OSError as e:
-        return f"{e}"
-    return wrote
+        return wrote, e
+    return wrote, None
 
 
-def _report_written(wrote, console) -> int:
-    """Print what _write_outputs did: 0, or 2 when a file could not be written."""
-    if isinstance(wrote, str):
-        console.print(f"[red]error:[/] {wrote}")
-        return 2
+def _report_written(written, console) -> int:
+    """Print what _write_outputs did, after the report: 0, or 2 when a file could not be written."""
+    wrote, error = written
     for path in wrote:
         console.print(f"wrote {path}")
+    if error is not None:
+        console.print(f"[red]error:[/] {error}")
+        return 2
     return 0
 
 

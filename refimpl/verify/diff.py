@@ -52,11 +52,14 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from refimpl.kernels.contracts import unit_roundoff
 from refimpl.verify.compare import ErrorStats, error_stats
+from refimpl.verify.trace import COMPUTE_DTYPES
 
 C_DIFF = 2.0
-_U_NAME = {"float64": 2.0 ** -53, "float32": 2.0 ** -24, "float16": 2.0 ** -11, "bfloat16": 2.0 ** -8}
-_U_STORED = {"F64": 2.0 ** -53, "F32": 2.0 ** -24, "F16": 2.0 ** -11, "BF16": 2.0 ** -8}   # safetensors names
+_U_NAME = {d: unit_roundoff(d) for d in COMPUTE_DTYPES}                  # the metadata's compute dtype
+_U_STORED = {k: _U_NAME[d] for k, d in (("F64", "float64"), ("F32", "float32"), ("F16", "float16"),
+                                         ("BF16", "bfloat16"))}     # the stored tensors' safetensors names
 
 
 @dataclass
@@ -459,7 +462,7 @@ def diff(path_a, path_b, model=None) -> DiffReport:
             mdl = load_model_spec(model, dtype="float64")
         except (OSError, ValueError) as e:
             raise ValueError(f"--model {model}: {e}") from None
-    if ma.get("ids") and mb.get("ids") and ma["ids"] != mb["ids"]:
+    if ma["ids"] != mb["ids"]:
         raise ValueError(f"the traces are of different inputs: A ids [{ma['ids']}], B ids [{mb['ids']}]")
     rep = DiffReport(str(path_a), str(path_b), 0.0)
     rep.only_a = [n for n in ta if n not in tb]
@@ -474,10 +477,10 @@ def diff(path_a, path_b, model=None) -> DiffReport:
     S = next((ta[n].shape[-1] for n in ta if n.endswith("attn_probs")), len(ma.get("ids", "").split(",")))
     u = max(_trace_unit(ma, sa), _trace_unit(mb, sb))
     rep.u = u
-    ids_text = mb.get("ids") or ma.get("ids")
-    if mdl is not None and ids_text:   # the user's model must be the traces', whatever the tensors say
+    ids = [int(x) for x in mb["ids"].split(",")]       # both files have them (_check_trace), the same
+    if mdl is not None:        # the user's model must be the traces', whatever the tensors say
         try:
-            why = _model_mismatch(mdl, ta, (ma, mb), [int(x) for x in ids_text.split(",")], u, n_layers, D, F, S)
+            why = _model_mismatch(mdl, ta, (ma, mb), ids, u, n_layers, D, F, S)
         except (KeyError, IndexError, ValueError) as e:
             why = f"{type(e).__name__}: {e}"
         if why:
@@ -512,9 +515,6 @@ def diff(path_a, path_b, model=None) -> DiffReport:
         else:
             why = None
             try:
-                if not ids_text:
-                    raise ValueError("the traces' metadata holds no token ids")
-                ids = [int(x) for x in ids_text.split(",")]
                 if mdl is None:       # the metadata's model (a --model was checked above)
                     mdl = load_model_spec(spec, dtype="float64")
                     why = _model_mismatch(mdl, ta, (ma, mb), ids, u, n_layers, D, F, S)
