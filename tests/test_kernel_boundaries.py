@@ -8,10 +8,12 @@ import numpy as np
 import pytest
 
 from refimpl.kernels import c_ops, get
+from refimpl.kernels import contracts as C
 from refimpl.kernels.c_decode import decode_step
 from refimpl.kernels.c_sample import sample as c_sample
 from refimpl.oracle import sampling as S
 from refimpl.oracle.model import Model, random_params, tiny_config
+from refimpl.verify.compare import assert_within
 
 F32 = np.float32
 BACKENDS = ["c", "numba", "numpy"]
@@ -121,7 +123,7 @@ def _masked(*shape):
     return np.ma.masked_array(x, mask=np.arange(x.size).reshape(shape) % 3 == 0)
 
 
-@pytest.mark.parametrize("backend", ["c", "numba"])
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_masked_arrays_are_refused(backend):
     with pytest.raises(TypeError, match="'x' is a masked array"):
         get("softmax", backend)(_masked(2, 4))
@@ -133,12 +135,78 @@ def test_masked_arrays_are_refused(backend):
 
 
 @pytest.mark.filterwarnings("ignore:the matrix subclass:PendingDeprecationWarning")
-@pytest.mark.parametrize("backend", ["c", "numba"])
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_matrix_inputs_are_read_as_plain_arrays(backend):
     x, w = f32(4, 16), f32(16, seed=1)
     for op, args in (("silu", (x,)), ("softmax", (x,)), ("rms_norm", (x, w)), ("matmul", (x, x.T.copy()))):
         got = get(op, backend)(*(np.matrix(a) if a.ndim == 2 else a for a in args))
         assert type(got) is np.ndarray and np.array_equal(got, get(op, backend)(*args)), op
+
+
+# ---------------------------------------------------------------- one shape contract for every backend
+
+_BAD_ARRAYS = {   # op, args -> (exception, what the message must name); the same for every backend
+    "matmul 1-D a": ("matmul", (f32(4), f32(4, 3)), ValueError, "'a' must be 2-D"),
+    "matmul 3-D a": ("matmul", (f32(2, 4, 4), f32(4, 3)), ValueError, "'a' must be 2-D"),
+    "matmul inner sizes": ("matmul", (f32(4, 5), f32(4, 3)), ValueError, "inner sizes 5 != 4"),
+    "matmul int": ("matmul", (np.ones((4, 4), np.int32), f32(4, 3)), TypeError, "'a' has dtype int32"),
+    "matmul float16": ("matmul", (f32(4, 4).astype(np.float16), f32(4, 3)), TypeError, "'a' has dtype float16"),
+    "matmul mixed": ("matmul", (f32(4, 4), f32(4, 3).astype(np.float64)), TypeError, "'b' has dtype float64"),
+    "softmax 0-D": ("softmax", (np.zeros((), F32),), ValueError, "'x'.*at least 1 dimension"),
+    "softmax int": ("softmax", (np.ones((2, 3), np.int64),), TypeError, "'x' has dtype int64"),
+    "softmax list": ("softmax", ([[1.0, 2.0]],), TypeError, "'x' must be a numpy.ndarray"),
+    "layer_norm w size": ("layer_norm", (f32(2, 5), f32(4), f32(5)), ValueError, "'w' has shape \\(4,\\)"),
+    "layer_norm b size": ("layer_norm", (f32(2, 5), f32(5), f32(6)), ValueError, "'b' has shape \\(6,\\)"),
+    "layer_norm w 2-D": ("layer_norm", (f32(2, 5), f32(1, 5), f32(5)), ValueError, "'w' must be 1-D"),
+    "layer_norm mixed": ("layer_norm", (f32(2, 5), f32(5).astype(np.float64), f32(5)), TypeError,
+                         "'w' has dtype float64"),
+    "rms_norm w size": ("rms_norm", (f32(2, 3, 5), f32(3)), ValueError, "'w' has shape \\(3,\\)"),
+    "gelu int": ("gelu_tanh", (np.arange(4),), TypeError, "'x' has dtype int64"),
+    "silu float16": ("silu", (f32(4).astype(np.float16),), TypeError, "'x' has dtype float16"),
+    "rope odd D": ("rope", (f32(2, 3, 5), np.arange(3)), ValueError, "D=5.*must be even"),
+    "rope 1-D x": ("rope", (f32(4), np.arange(1)), ValueError, "'x' must be \\[..., T, D\\]"),
+    "rope float positions": ("rope", (f32(2, 3, 4), np.arange(3) + 0.5), TypeError, "'positions' must hold integers"),
+    "rope positions size": ("rope", (f32(2, 3, 4), np.arange(4)), ValueError, "'positions' has shape \\(4,\\)"),
+    "attention D": ("attention", (f32(2, 3, 4), f32(2, 3, 5), f32(2, 3, 5)), ValueError, "head width 5 != .* 4"),
+    "attention heads": ("attention", (f32(3, 3, 4), f32(2, 3, 4), f32(2, 3, 4)), ValueError, "multiple"),
+    "attention 2-D": ("attention", (f32(3, 4), f32(3, 4), f32(3, 4)), ValueError, "'q' must be 3-D"),
+}
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("case", list(_BAD_ARRAYS))
+def test_every_backend_refuses_the_same_arrays_naming_them(backend, case):
+    """The numpy backend (the oracle under the kernel contract) refused nothing here before:
+    it multiplied 3-D and int32 matrices, took float positions and float16, and failed on an
+    odd D with numpy's own broadcast error."""
+    op, args, exc, match = _BAD_ARRAYS[case]
+    with pytest.raises(exc, match=match):
+        get(op, backend)(*args)
+
+
+_LEADING_AXES = {   # op, args, bound(args, ref) for shapes beyond [R, N] / [H, T, D]
+    "softmax 1-D": ("softmax", (f32(19),), lambda a, r: C.softmax_bound(a[0], r, F32)),
+    "softmax 3-D": ("softmax", (f32(2, 3, 19),), lambda a, r: C.softmax_bound(a[0], r, F32)),
+    "layer_norm 1-D": ("layer_norm", (f32(19), f32(19, seed=1), f32(19, seed=2)),
+                       lambda a, r: C.layer_norm_bound(*a, 1e-5, F32)),
+    "layer_norm 3-D": ("layer_norm", (f32(2, 3, 19), f32(19, seed=1), f32(19, seed=2)),
+                       lambda a, r: C.layer_norm_bound(*a, 1e-5, F32)),
+    "rms_norm 3-D": ("rms_norm", (f32(2, 3, 19), f32(19, seed=1)), lambda a, r: C.rms_norm_bound(*a, 1e-6, F32)),
+    "rope 2-D": ("rope", (f32(5, 8), np.arange(5)), lambda a, r: C.rope_bound(*a, 10000.0, F32)),
+    "rope 4-D": ("rope", (f32(2, 3, 5, 8), np.arange(5) * 7), lambda a, r: C.rope_bound(*a, 10000.0, F32)),
+}
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("case", list(_LEADING_AXES))
+def test_every_backend_takes_leading_axes_as_the_oracle_does(backend, case):
+    """softmax and the norms over [..., N], rope over [..., T, D] (the C kernels took only
+    [R, N] and [H, T, D] before): within the float32 bound of the float64 oracle."""
+    op, args, bound = _LEADING_AXES[case]
+    ref = get(op, "numpy")(*(a.astype(np.float64) if a.dtype == F32 else a for a in args))
+    got = get(op, backend)(*args)
+    assert got.shape == ref.shape and got.dtype == F32
+    assert_within(got, ref, bound(args, ref), f"{backend} {case}")
 
 
 # ---------------------------------------------------------------- the C decode step

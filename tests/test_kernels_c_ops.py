@@ -604,7 +604,7 @@ KV = np.zeros((2, 5, 8), F32)
     (lambda: c_ops.softmax(X2.astype(np.float64)), TypeError, "'x'.*float64.*float32 only"),
     (lambda: c_ops.softmax(X2.astype(np.float16)), TypeError, "'x'"),
     (lambda: c_ops.softmax([[1.0, 2.0]]), TypeError, "'x'.*ndarray"),
-    (lambda: c_ops.softmax(np.zeros(4, F32)), ValueError, "'x'.*2-D"),
+    (lambda: c_ops.softmax(np.zeros((), F32)), ValueError, "'x'.*at least 1 dimension"),
     (lambda: c_ops.attention(Q.astype(np.float64), KV, KV), TypeError, "'q'.*float64"),
     (lambda: c_ops.attention(Q, KV, KV.astype(np.float64)), TypeError, "'v'"),
     (lambda: c_ops.attention(Q[0], KV, KV), ValueError, "'q'.*3-D"),
@@ -620,14 +620,14 @@ KV = np.zeros((2, 5, 8), F32)
     (lambda: c_ops.layer_norm(X2, np.ones(4, F32), np.zeros(5, F32)), ValueError, "'b'"),
     (lambda: c_ops.layer_norm(X2, np.ones(4, np.float64), np.zeros(4, F32)), TypeError, "'w'"),
     (lambda: c_ops.rms_norm(X2, np.ones(4, F32), eps=-1.0), ValueError, "'eps'"),
-    (lambda: c_ops.rms_norm(np.zeros((2, 2, 4), F32), np.ones(4, F32)), ValueError, "'x'.*2-D"),
+    (lambda: c_ops.rms_norm(np.zeros((2, 2, 4), F32), np.ones(2, F32)), ValueError, "'w'.*\\(4,\\)"),
     (lambda: c_ops.gelu_tanh(np.zeros(3, np.float64)), TypeError, "'x'.*float64"),
     (lambda: c_ops.silu(np.zeros(3, np.int32)), TypeError, "'x'"),
     (lambda: c_ops.rope(np.zeros((1, 2, 5), F32), [0, 1]), ValueError, "even"),
     (lambda: c_ops.rope(np.zeros((1, 2, 4), F32), [0.0, 1.0]), TypeError, "'positions'.*integers"),
     (lambda: c_ops.rope(np.zeros((1, 2, 4), F32), [0, 1, 2]), ValueError, "'positions'.*\\(2,\\)"),
     (lambda: c_ops.rope(np.zeros((1, 2, 4), F32), [0, 1], theta=0.0), ValueError, "'theta'"),
-    (lambda: c_ops.rope(np.zeros((2, 4), F32), [0, 1]), ValueError, "'x'.*3-D"),
+    (lambda: c_ops.rope(np.zeros(4, F32), [0]), ValueError, "'x'.*at least 2-D"),
 ])
 def test_bad_input(call, exc, match):
     with pytest.raises(exc, match=match):

@@ -92,6 +92,13 @@ def test_rope_conventions_differ_by_a_permutation():
     assert np.abs(L.rope_half(x, pos) - a).max() > 0.1                  # and they are not the same map
 
 
+@pytest.mark.parametrize("rope", [L.rope_half, L.rope_interleaved])
+def test_rope_refuses_an_odd_head_width_by_name(rope):
+    # the half split read x[..., :2] and x[..., 2:] of Dh = 5 and failed in numpy's broadcasting
+    with pytest.raises(ValueError, match="head width Dh=5 must be even"):
+        rope(np.ones((3, 5)), np.arange(3))
+
+
 def test_layer_norm_and_rms_norm_by_definition():
     x = np.array([[1.0, 2.0, 3.0, 6.0]])
     w, b = np.array([1.0, 2.0, 0.5, 1.0]), np.array([0.0, 1.0, 0.0, -1.0])

@@ -19,7 +19,7 @@ from refimpl._kernels import ffi, lib
 from refimpl.kernels.buffers import address, apart_empty
 from refimpl.kernels.ccall import CCall
 from refimpl.kernels.contracts import (check_array, check_attention_args, check_attention_shapes, check_finite,
-                                      check_flag)
+                                      check_flag, check_norm_args, check_rope_args, check_rows_args)
 from refimpl.kernels.registry import register
 
 _INT32_MAX = 2**31 - 1
@@ -63,22 +63,27 @@ def _prepared(thunk: str, ctype: str, fields: dict, out: np.ndarray, keep: list,
 # --------------------------------------------------------------------------
 
 
-def prepare_softmax(x) -> CCall:  # [R,N] -> [R,N]
-    x = _f32("x", x, ndim=2)
+def _rows(x) -> tuple[int, int]:
+    """(R, N) of x [..., N] read as R rows of N; (0, 0) when x is empty."""
+    return (x.size // x.shape[-1], x.shape[-1]) if x.size else (0, 0)
+
+
+def prepare_softmax(x) -> CCall:  # [..., N] -> [..., N]
+    x = check_rows_args("softmax", _f32("x", x))
     out = apart_empty(x.shape, x.dtype, like=x)
     bufs = [_fp(out), _fp(x)] if x.size else [ffi.NULL, ffi.NULL]
-    R, N = x.shape if x.size else (0, 0)
+    R, N = _rows(x)
     return _prepared("rf_softmax_thunk", "rf_softmax_args",
                      dict(out=bufs[0], x=bufs[1], R=R, N=N), out, [x, *bufs])
 
 
 @register("softmax", "c")
-def softmax(x):  # [R,N] -> [R,N], over the last axis
+def softmax(x):  # [..., N] -> [..., N], over the last axis
     """Row softmax (fused max / exp-sum / scale, vector exp within EXP_ULPS)."""
-    x = _f32("x", x, ndim=2)
+    x = check_rows_args("softmax", _f32("x", x))
     out = apart_empty(x.shape, x.dtype, like=x)
     if x.size:
-        lib.rf_softmax_f32(_fp(out), _fp(x), *x.shape)
+        lib.rf_softmax_f32(_fp(out), _fp(x), *_rows(x))
     return out
 
 
@@ -164,58 +169,49 @@ attention.prepare = prepare_attention
 # --------------------------------------------------------------------------
 
 
-def _row_vector(name: str, a, x) -> np.ndarray:
-    """`a` checked as a float32 [D] for the rows of x [T,D]."""
-    a = _f32(name, a, ndim=1)
-    if a.shape != x.shape[1:]:
-        raise ValueError(f"argument {name!r} has shape {a.shape}, expected ({x.shape[1]},) to match x {x.shape}")
-    return a
+def _norm_args(op, x, w, eps, *b):  # -> x, w, eps, then b if given (layer_norm)
+    x, w, *b = check_norm_args(op, _f32("x", x), _f32("w", w), *(_f32("b", a) for a in b))
+    return (x, w, check_finite("eps", eps, np.float32, nonneg=True), *b)
 
 
-def _norm_args(x, w, eps, *b):  # -> x, w, eps, then b if given (layer_norm)
-    x = _f32("x", x, ndim=2)
-    return (x, _row_vector("w", w, x), check_finite("eps", eps, np.float32, nonneg=True),
-            *(_row_vector("b", a, x) for a in b))
-
-
-def prepare_layer_norm(x, w, b, eps=1e-5) -> CCall:  # [T,D],[D],[D] -> [T,D]
-    x, w, eps, b = _norm_args(x, w, eps, b)
+def prepare_layer_norm(x, w, b, eps=1e-5) -> CCall:  # [...,D],[D],[D] -> [...,D]
+    x, w, eps, b = _norm_args("layer_norm", x, w, eps, b)
     out = apart_empty(x.shape, x.dtype, like=x)
     bufs = [_fp(a) for a in (out, x, w, b)] if x.size else [ffi.NULL] * 4
-    T, D = x.shape if x.size else (0, 0)
+    T, D = _rows(x)
     return _prepared("rf_layer_norm_thunk", "rf_norm_args",
                      dict(out=bufs[0], x=bufs[1], w=bufs[2], b=bufs[3], T=T, D=D, eps=eps), out, [x, w, b, *bufs])
 
 
 @register("layer_norm", "c")
-def layer_norm(x, w, b, eps=1e-5):  # [T,D],[D],[D] -> [T,D]
+def layer_norm(x, w, b, eps=1e-5):  # [...,D],[D],[D] -> [...,D]
     """LayerNorm over rows: (x - mean) / sqrt(var + eps) * w + b."""
-    x, w, eps, b = _norm_args(x, w, eps, b)
+    x, w, eps, b = _norm_args("layer_norm", x, w, eps, b)
     out = apart_empty(x.shape, x.dtype, like=x)
     if x.size:
-        lib.rf_layer_norm_f32(_fp(out), _fp(x), _fp(w), _fp(b), *x.shape, eps)
+        lib.rf_layer_norm_f32(_fp(out), _fp(x), _fp(w), _fp(b), *_rows(x), eps)
     return out
 
 
 layer_norm.prepare = prepare_layer_norm
 
 
-def prepare_rms_norm(x, w, eps=1e-6) -> CCall:  # [T,D],[D] -> [T,D]
-    x, w, eps = _norm_args(x, w, eps)
+def prepare_rms_norm(x, w, eps=1e-6) -> CCall:  # [...,D],[D] -> [...,D]
+    x, w, eps = _norm_args("rms_norm", x, w, eps)
     out = apart_empty(x.shape, x.dtype, like=x)
     bufs = [_fp(a) for a in (out, x, w)] if x.size else [ffi.NULL] * 3
-    T, D = x.shape if x.size else (0, 0)
+    T, D = _rows(x)
     return _prepared("rf_rms_norm_thunk", "rf_norm_args",
                      dict(out=bufs[0], x=bufs[1], w=bufs[2], b=ffi.NULL, T=T, D=D, eps=eps), out, [x, w, *bufs])
 
 
 @register("rms_norm", "c")
-def rms_norm(x, w, eps=1e-6):  # [T,D],[D] -> [T,D]
+def rms_norm(x, w, eps=1e-6):  # [...,D],[D] -> [...,D]
     """RMSNorm over rows: x / sqrt(mean(x^2) + eps) * w."""
-    x, w, eps = _norm_args(x, w, eps)
+    x, w, eps = _norm_args("rms_norm", x, w, eps)
     out = apart_empty(x.shape, x.dtype, like=x)
     if x.size:
-        lib.rf_rms_norm_f32(_fp(out), _fp(x), _fp(w), *x.shape, eps)
+        lib.rf_rms_norm_f32(_fp(out), _fp(x), _fp(w), *_rows(x), eps)
     return out
 
 
@@ -271,25 +267,20 @@ silu.prepare = prepare_silu
 # --------------------------------------------------------------------------
 
 
-def _rope_args(x, positions, theta, interleaved):  # -> x [H,T,D], positions [T] int64, theta, interleaved
-    x = _f32("x", x, ndim=3)
-    H, T, D = x.shape
-    if D % 2:
-        raise ValueError(f"rope: head width D={D} (x of shape {x.shape}) must be even")
-    p = np.asarray(positions)
-    if p.dtype.kind not in "iu":
-        raise TypeError(f"argument 'positions' must hold integers, got dtype {p.dtype}")
-    if p.shape != (T,):
-        raise ValueError(f"argument 'positions' has shape {p.shape}, expected ({T},) to match x {x.shape}")
-    if p.dtype.kind == "u" and p.size and int(p.max()) > np.iinfo(np.int64).max:
-        raise ValueError("argument 'positions' has values beyond the int64 range")
-    p = np.ascontiguousarray(p, dtype=np.int64)
+def _rope_args(x, positions, theta, interleaved):  # -> x [...,T,D], positions [T] int64, theta, interleaved
+    x, p = check_rope_args(_f32("x", x), positions)
     return x, p, check_finite("theta", theta, positive=True), check_flag("interleaved", interleaved)
 
 
-def prepare_rope(x, positions, theta=10000.0, interleaved=False) -> CCall:  # [H,T,D],[T] -> [H,T,D]
+def _heads(x) -> tuple[int, int, int]:
+    """(H, T, D) of x [..., T, D] read as H = prod(...) heads of [T, D]."""
+    T, D = x.shape[-2:]
+    return (x.size // (T * D) if x.size else 0), T, D
+
+
+def prepare_rope(x, positions, theta=10000.0, interleaved=False) -> CCall:  # [...,T,D],[T] -> [...,T,D]
     x, p, theta, interleaved = _rope_args(x, positions, theta, interleaved)
-    H, T, D = x.shape
+    H, T, D = _heads(x)
     out = apart_empty(x.shape, x.dtype, like=x)
     if x.size:
         bufs = [_fp(out), _fp(x), ffi.from_buffer("int64_t[]", p)]
@@ -302,11 +293,11 @@ def prepare_rope(x, positions, theta=10000.0, interleaved=False) -> CCall:  # [H
 
 
 @register("rope", "c")
-def rope(x, positions, theta=10000.0, interleaved=False):  # [H,T,D],[T] -> [H,T,D]
+def rope(x, positions, theta=10000.0, interleaved=False):  # [...,T,D],[T] -> [...,T,D]
     """Rotary embedding, half-split (HF) or interleaved pairs (llama2.c); angles in double."""
     x, p, theta, interleaved = _rope_args(x, positions, theta, interleaved)
     out = apart_empty(x.shape, x.dtype, like=x)
-    if x.size and lib.rf_rope_f32(_fp(out), _fp(x), ffi.from_buffer("int64_t[]", p), *x.shape, theta,
+    if x.size and lib.rf_rope_f32(_fp(out), _fp(x), ffi.from_buffer("int64_t[]", p), *_heads(x), theta,
                                   int(interleaved)):
         raise MemoryError("rf_rope_f32: could not allocate its angle table")
     return out

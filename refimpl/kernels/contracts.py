@@ -8,6 +8,11 @@ Argument rules (all backends)
 * inputs that are not C-contiguous (or not aligned) are copied to a
   C-contiguous array first; the result is always a new C-contiguous array.
   Masked arrays are refused (TypeError); other ndarray subclasses are read as ndarrays.
+* shapes, one rule per op whatever the backend (check_matmul_args, check_rows_args,
+  check_norm_args, check_rope_args, check_attention_args): matmul a [M,K], b [K,N];
+  softmax, layer_norm, rms_norm x [..., N] over the last axis, w and b [N]; gelu_tanh and
+  silu any shape; rope x [..., T, D] with D even and integer positions [T]; attention
+  q [H,Lq,D], k and v [Hkv,Lk,D].  The C backend takes float32 only (TypeError for float64).
 * flags (causal, interleaved): bool or 0 / 1, else TypeError (check_flag).
 * scalars (eps >= 0, scale, theta > 0): a finite int or float, within float32's range
   when the kernel takes it as float32; TypeError for bool, str, arrays, ValueError for
@@ -132,6 +137,45 @@ def check_matmul_args(a, b):
     if a.shape[1] != b.shape[0]:
         raise ValueError(f"matmul: a is {a.shape} and b is {b.shape}: inner sizes {a.shape[1]} != {b.shape[0]}")
     return a, b
+
+
+def check_rows_args(op: str, x, dtypes=_FLOATS) -> np.ndarray:
+    """x [..., N] (softmax over its last axis): at least 1-D."""
+    x = check_array("x", x, dtypes)
+    if x.ndim == 0:
+        raise ValueError(f"{op}: argument 'x' must have at least 1 dimension ([..., N]), got a 0-D array")
+    return x
+
+
+def check_norm_args(op: str, x, w, *b, dtypes=_FLOATS) -> tuple:
+    """x [..., D], w [D] (and b [D] for layer_norm), one dtype; returns (x, w, *b)."""
+    x = check_rows_args(op, x, dtypes)
+    vecs = {"w": w, **({"b": b[0]} if b else {})}
+    for name, a in vecs.items():
+        a = vecs[name] = check_array(name, a, dtypes, ndim=1)
+        if a.shape[0] != x.shape[-1]:
+            raise ValueError(f"{op}: argument {name!r} has shape {a.shape}, expected ({x.shape[-1]},) "
+                             f"to match x {x.shape}")
+    check_same_dtype(x=x, **vecs)
+    return (x, *vecs.values())
+
+
+def check_rope_args(x, positions, dtypes=_FLOATS) -> tuple:
+    """x [..., T, D] with D even, positions [T] integers; returns (x, positions as int64)."""
+    x = check_array("x", x, dtypes)
+    if x.ndim < 2:
+        raise ValueError(f"rope: argument 'x' must be [..., T, D] (at least 2-D), got shape {x.shape}")
+    T, D = x.shape[-2:]
+    if D % 2:
+        raise ValueError(f"rope: head width D={D} (x of shape {x.shape}) must be even")
+    p = np.asarray(positions)
+    if p.dtype.kind not in "iu":
+        raise TypeError(f"argument 'positions' must hold integers (token positions), got dtype {p.dtype}")
+    if p.shape != (T,):
+        raise ValueError(f"argument 'positions' has shape {p.shape}, expected ({T},) to match x {x.shape}")
+    if p.dtype.kind == "u" and p.size and int(p.max()) > np.iinfo(np.int64).max:
+        raise ValueError("argument 'positions' has values beyond the int64 range")
+    return x, np.ascontiguousarray(p, dtype=np.int64)
 
 
 def check_attention_shapes(q_shape, k_shape, v_shape, causal=False):

@@ -29,7 +29,7 @@ from numba.extending import intrinsic, overload
 from refimpl.kernels import numba_config as cfg
 from refimpl.kernels.buffers import aligned_empty, apart_empty, apart_zeros
 from refimpl.kernels.contracts import (check_array, check_attention_args, check_finite, check_flag, check_matmul_args,
-                                      check_same_dtype)
+                                      check_norm_args, check_rope_args, check_rows_args)
 from refimpl.kernels.registry import register
 
 MR, NR = cfg.GEMM_MR, cfg.GEMM_NR
@@ -496,9 +496,7 @@ def _softmax_kernel(out, x):  # out [R,N], x [R,N]
 
 @register("softmax", "numba")
 def softmax(x):  # [..., N] -> [..., N], over the last axis
-    x = check_array("x", x)
-    if x.ndim == 0:
-        raise ValueError("softmax: argument 'x' must have at least 1 dimension")
+    x = check_rows_args("softmax", x)
     out = apart_empty(x.shape, x.dtype, like=x)
     if x.size:
         N = x.shape[-1]
@@ -696,13 +694,7 @@ def _layer_norm_kernel(out, x, w, b, eps, tiny, flat, big):  # out [R,D], x [R,D
 
 @register("layer_norm", "numba")
 def layer_norm(x, w, b, eps=1e-5):  # [..., D], [D], [D] -> [..., D]
-    x = check_array("x", x)
-    w = check_array("w", w, ndim=1)
-    b = check_array("b", b, ndim=1)
-    check_same_dtype(x=x, w=w, b=b)
-    if x.ndim == 0 or w.shape[0] != x.shape[-1] or b.shape[0] != x.shape[-1]:
-        raise ValueError(f"layer_norm: x {x.shape}, w {w.shape}, b {b.shape}: w and b must have "
-                         f"x's last size")
+    x, w, b = check_norm_args("layer_norm", x, w, b)
     eps = check_finite("eps", eps, x.dtype, nonneg=True)
     out = apart_empty(x.shape, x.dtype, like=x)
     if x.size:
@@ -745,11 +737,7 @@ def _rms_norm_kernel(out, x, w, eps, tiny, big):  # out [R,D], x [R,D], w [D]
 
 @register("rms_norm", "numba")
 def rms_norm(x, w, eps=1e-6):  # [..., D], [D] -> [..., D]
-    x = check_array("x", x)
-    w = check_array("w", w, ndim=1)
-    check_same_dtype(x=x, w=w)
-    if x.ndim == 0 or w.shape[0] != x.shape[-1]:
-        raise ValueError(f"rms_norm: x {x.shape}, w {w.shape}: w must have x's last size")
+    x, w = check_norm_args("rms_norm", x, w)
     eps = check_finite("eps", eps, x.dtype, nonneg=True)
     out = apart_empty(x.shape, x.dtype, like=x)
     if x.size:
@@ -876,16 +864,8 @@ def _rope_kernel(out, x, pos, theta, interleaved):  # out [B,T,D], x [B,T,D], po
 
 @register("rope", "numba")
 def rope(x, positions, theta=10000.0, interleaved=False):  # [..., T, D], [T] -> [..., T, D]
-    x = check_array("x", x)
-    if x.ndim < 2:
-        raise ValueError(f"rope: argument 'x' must be [..., T, D] (at least 2-D), got shape {x.shape}")
-    T, D = x.shape[-2], x.shape[-1]
-    if D % 2:
-        raise ValueError(f"rope: head width D={D} must be even")
-    pos = np.asarray(positions)
-    if pos.dtype.kind not in "iuf" or pos.ndim != 1 or pos.shape[0] != T:
-        raise ValueError(f"rope: argument 'positions' must be a 1-D array of {T} numbers (x has T={T}), "
-                         f"got shape {pos.shape} dtype {pos.dtype}")
+    x, pos = check_rope_args(x, positions)
+    T, D = x.shape[-2:]
     theta, interleaved = check_finite("theta", theta, positive=True), check_flag("interleaved", interleaved)
     out = apart_empty(x.shape, x.dtype, like=x)
     if x.size:

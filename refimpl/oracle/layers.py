@@ -59,6 +59,8 @@ def learned_positions(wpe, positions):  # [P,D], [T] int -> [T,D]
 
 def rope_angles(positions, Dh, theta=10000.0):  # [T] int -> [T,Dh/2] float64
     """RoPE angle of pair i at position p: p * theta^(-2i/Dh)."""
+    if Dh % 2:
+        raise ValueError(f"rope: head width Dh={Dh} must be even (RoPE rotates pairs of entries)")
     inv_freq = theta ** (-np.arange(0, Dh, 2, dtype=np.float64) / Dh)     # [Dh/2]
     return np.asarray(positions, dtype=np.float64)[:, None] * inv_freq[None, :]
 
