@@ -108,3 +108,19 @@ def test_missing_weights_under_a_prefix_say_so():
     p = {("transformer." + k): v for k, v in random_params(cfg).items()}
     with pytest.raises(ValueError, match=r"28 missing\) .*; 28 given key\(s\) carry a prefix \('transformer\.'\)"):
         Model(cfg, p)
+
+
+def test_a_model_takes_torch_parameters_and_bfloat16_tensors():
+    """`Model(cfg, dict(port.named_parameters()))` raised torch's "Can't call numpy() on Tensor
+    that requires grad", and bfloat16 tensors (which NumPy lacks) failed in the conversion."""
+    from conftest import require
+    torch = require("torch")
+    cfg = tiny_config("llama")
+    p = random_params(cfg)
+    want = Model(cfg, p).forward([1, 2, 3])
+    params = {k: torch.nn.Parameter(torch.from_numpy(v.copy())) for k, v in p.items()}
+    np.testing.assert_array_equal(Model(cfg, params).forward([1, 2, 3]), want)
+    bf16 = {k: torch.from_numpy(v.copy()).to(torch.bfloat16) for k, v in p.items()}
+    m = Model(cfg, bf16, "float32")
+    for k, v in bf16.items():                         # float32 holds every bfloat16 exactly
+        np.testing.assert_array_equal(m.params[k], v.float().numpy())

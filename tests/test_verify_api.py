@@ -42,3 +42,17 @@ def test_write_trace_normalises_the_dtype_name(tmp_path, dtype):
 def test_write_trace_refuses_an_unknown_dtype(tmp_path, dtype):
     with pytest.raises(ValueError, match=r"dtype must be one of float32, float64, float16, bfloat16"):
         write_trace(tmp_path / "t.safetensors", {"embed": np.zeros((2, 4))}, [1, 2], dtype)
+
+
+def test_error_stats_take_torch_tensors_that_require_grad():
+    """A port's activations are often graph tensors: before, np.asarray raised torch's
+    "Can't call numpy() on Tensor that requires grad"."""
+    from conftest import require
+    torch = require("torch")
+    want = np.array([1.0, 2.0, 3.0])
+    got = torch.tensor([1.0, 2.0, 3.5], requires_grad=True) * 1
+    s = error_stats(got, want, np.full(3, 0.25))
+    assert s.max_abs == 0.5 and s.bound_ratio == 2.0 and s.worst_index == (2,)
+    with pytest.raises(AssertionError):
+        assert_within(got, torch.from_numpy(want), torch.full((3,), 0.25))
+    assert_within(got, want, np.full(3, 0.5))

@@ -36,6 +36,15 @@ def as_floating(x):  # [...] -> [...]
     return x if np.issubdtype(x.dtype, np.floating) else x.astype(np.float64)
 
 
+def host_array(x):  # [...] -> [...]
+    """x as a NumPy array.  A torch tensor (on any device, requiring grad, or bfloat16, which
+    NumPy lacks and float32 holds exactly) is detached and brought to the host first."""
+    if hasattr(x, "detach") and hasattr(x, "cpu") and hasattr(x, "numpy"):
+        x = x.detach().cpu()
+        return (x.float() if str(x.dtype) == "torch.bfloat16" else x).numpy()
+    return np.asarray(x)
+
+
 def embedding(wte, ids):  # [V,D], [T] int -> [T,D]
     """Token embedding: row `ids[t]` of the table."""
     return wte[ids]

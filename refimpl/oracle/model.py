@@ -174,7 +174,7 @@ class Model:
         # fixed from here on (our own copies, read-only, in a read-only mapping: the caller's arrays
         # can change without reaching the model): the (in, out) copies below and the C decode
         # step's packed pointers are made from them once; for other weights, a new Model
-        self.params = MappingProxyType({k: _read_only(np.array(v, dtype=self.dtype, order="C"))
+        self.params = MappingProxyType({k: _read_only(np.array(L.host_array(v), dtype=self.dtype, order="C"))
                                         for k, v in params.items()})
         self.ops = _kernel_ops(backend)
         self._w_io = {}                                  # linear weights as contiguous (in, out)

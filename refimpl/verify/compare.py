@@ -12,6 +12,8 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
+from refimpl.oracle.layers import host_array
+
 
 @dataclass
 class ErrorStats:
@@ -36,7 +38,7 @@ def _check_bound(bound, want64) -> np.ndarray:
     unused, as the result must match exactly, and contract bounds are NaN there)."""
     shape = want64.shape
     try:
-        b = np.asarray(bound, dtype=np.float64)
+        b = np.asarray(host_array(bound), dtype=np.float64)
     except (TypeError, ValueError):
         raise TypeError(f"bound must be a number or an array of numbers, got {type(bound).__name__}") from None
     try:
@@ -53,8 +55,8 @@ def _check_bound(bound, want64) -> np.ndarray:
 
 
 def error_stats(got, want, bound) -> ErrorStats:
-    got = np.asarray(got)
-    want64 = np.asarray(want, dtype=np.float64)
+    got = host_array(got)                                # torch tensors too, grad or not
+    want64 = np.asarray(host_array(want), dtype=np.float64)
     got64 = got.astype(np.float64)
     bound = _check_bound(bound, want64)
     if got64.shape != want64.shape:
