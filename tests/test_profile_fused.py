@@ -5,6 +5,7 @@ figures exist and are labelled right, and that counts agree with the ticks of th
 import pytest
 
 from refimpl.timing import profile
+from refimpl.timing.counter import calibrate
 
 
 def test_profile_reports_untraced_decode_and_its_path():
@@ -67,18 +68,36 @@ def _cpu_clock():
         pytest.skip(f"perf_event_open refuses even software counters here: {e}")
 
 
+def _reads_excess(pmu, hz, n: int = 50) -> float:
+    """The most the CPU clock counted beyond the ticks around an empty block (its two reads)."""
+    c = profile.Counted(pmu)
+    for _ in range(n):
+        with c:
+            pass
+    assert len(c.counts) == len(c.ticks)          # a software clock is never multiplexed
+    return max(cyc * 1e-9 * hz - t for (cyc, _), t in zip(c.counts, c.ticks))
+
+
 def test_profile_counts_the_untraced_calls_where_a_pmu_counts():
     """Given counters (here the CPU clock standing in for the PMU, which this VM lacks), every
     untraced decode call is counted around it: the counts agree with the ticks of the same calls."""
-    rep = profile.run(backends=["numpy", "c"], prompt_len=4, decode=5, repeats=1, pmu=_cpu_clock())
+    pmu = _cpu_clock()
+    hz = calibrate().tsc_hz
+    reads = _reads_excess(pmu, hz)
+    rep = profile.run(backends=["numpy", "c"], prompt_len=4, decode=5, repeats=1, pmu=pmu)
+    reads = max(reads, _reads_excess(pmu, hz))
     assert rep["pmu"] == "cpu-clock"
-    hz = rep["machine"]["tsc_hz"]
     for b, key in (("numpy", "decode_forward_untraced"), ("c", "decode_forward_untraced"), ("c", "decode_fused_call")):
         c, ticks = rep["backends"][b][key + "_pmu"], rep["backends"][b][key + "_ticks"]
         assert c["kind"] == "cpu-clock" and c["ipc"] is None, (b, key)
-        # the CPU clock also counts the two reads' kernel side (~3 us here: 1.01-1.07 measured on
-        # 40-400 us calls); below 0.9 the ticks held time off the CPU, above 1.15 more than the call
-        assert 0.9 < c["core_cycles"] * 1e-9 * hz / ticks < 1.15, (b, key, c, ticks)
+        # the CPU clock also counts the two reads' kernel side, outside the ticks: 8k ticks
+        # (3 us) typically, up to 33k around an empty block, 34k in one CI run (past the 15 % of
+        # an 83 us call once allowed); so, per call and for the medians, count <= the ticks + the
+        # most an empty block's reads added before or after the run + 10 % (the CPU clock's and
+        # the TSC's rates disagreed by up to 0.4 % over 10 ms; a second call or a stage counted
+        # twice is far more).  Below 0.9 x the ticks, the ticks held time off the CPU
+        cpu_ticks = c["core_cycles"] * 1e-9 * hz
+        assert 0.9 * ticks < cpu_ticks <= 1.1 * ticks + reads, (b, key, c, ticks, reads)
     assert rep["backends"]["numpy"]["decode_fused_call_pmu"] is None
     off = profile.run(backends=["c"], prompt_len=4, decode=2, repeats=1, pmu=None)
     assert off["pmu"] is None and off["backends"]["c"]["decode_forward_untraced_pmu"] is None
