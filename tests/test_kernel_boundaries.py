@@ -97,6 +97,18 @@ def test_float32_range_applies_to_float32_kernels_only(backend):
     assert get("layer_norm", backend)(x, w, b, eps=1e39).shape == x.shape
     with pytest.raises(ValueError, match="'eps' = 1e\\+39 overflows float32"):
         get("layer_norm", backend)(x.astype(F32), w.astype(F32), b.astype(F32), eps=1e39)
+    # eps = 1e-50 is 0 in float32: a constant row came out NaN where the float64 oracle has 0
+    assert np.all(get("layer_norm", backend)(np.ones((1, 4)), np.ones(4), np.zeros(4), eps=1e-50) == 0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_an_eps_float32_rounds_to_zero_is_refused_by_float32_kernels(backend):
+    x, w, b = f32(4, 16), np.ones(16, F32), np.zeros(16, F32)
+    with pytest.raises(ValueError, match="'eps' = 1e-50 underflows to 0 in float32"):
+        get("layer_norm", backend)(x, w, b, eps=1e-50)
+    with pytest.raises(ValueError, match="'eps' = 5e-46 underflows"):
+        get("rms_norm", backend)(x, w, eps=5e-46)
+    assert get("rms_norm", backend)(x, w, eps=1e-45).shape == x.shape      # a subnormal: kept
 
 
 @pytest.mark.parametrize("op", ["layer_norm", "rms_norm"])

@@ -94,6 +94,7 @@ def check_flag(name: str, value) -> bool:
 
 
 _F32_MAX = float(np.finfo(np.float32).max)
+_F32_SUBNORMAL_MIN = float(np.finfo(np.float32).smallest_subnormal)
 
 
 def check_finite(name: str, value, dtype=np.float64, positive: bool = False, nonneg: bool = False) -> float:
@@ -102,7 +103,7 @@ def check_finite(name: str, value, dtype=np.float64, positive: bool = False, non
     TypeError naming the argument unless `value` is an int or float (Python or NumPy; not bool,
     str or an array); ValueError if it is not finite, not > 0 (`positive`) or not >= 0
     (`nonneg`), or, when the kernel takes it as float32 (`dtype`), beyond float32's range (it
-    would become inf there).
+    would become inf there) or so small that it rounds to 0 there.
     """
     if not isinstance(value, (int, float, np.integer, np.floating)) or isinstance(value, (bool, np.bool_)):
         raise TypeError(f"argument {name!r} must be a real number, got {type(value).__name__} {value!r}")
@@ -113,9 +114,13 @@ def check_finite(name: str, value, dtype=np.float64, positive: bool = False, non
     if not math.isfinite(f) or (positive and f <= 0) or (nonneg and f < 0):
         need = "finite and > 0" if positive else ("finite and >= 0" if nonneg else "finite")
         raise ValueError(f"argument {name!r} must be {need}, got {value!r}")
-    if abs(f) > _F32_MAX and np.dtype(dtype) == np.float32:
-        raise ValueError(f"argument {name!r} = {value!r} overflows float32 (max {_F32_MAX:.7g}), "
-                         "the kernel's dtype")
+    if np.dtype(dtype) == np.float32:
+        if abs(f) > _F32_MAX:
+            raise ValueError(f"argument {name!r} = {value!r} overflows float32 (max {_F32_MAX:.7g}), "
+                             "the kernel's dtype")
+        if f != 0 and np.float32(f) == 0:            # eps = 1e-50 became 0: NaN rows where the oracle has 0
+            raise ValueError(f"argument {name!r} = {value!r} underflows to 0 in float32 (smallest "
+                             f"{_F32_SUBNORMAL_MIN:.2g}), the kernel's dtype")
     return f
 
 
