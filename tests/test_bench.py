@@ -525,6 +525,76 @@ def test_bench_rounds_option():
                  "--no-progress"]) == 2
 
 
+def test_plot_formats_are_checked_before_the_run_and_written_where_named(tmp_path, capsys):
+    """A .txt --plot failed in savefig after the whole run, losing the table; an extension-less
+    one was written as NAME.png while 'wrote NAME' was printed."""
+    require("matplotlib")
+    argv = ["--quick", "--ops", "softmax", "--backends", "numpy", "--no-progress"]
+    for cmd in (["bench", *argv], ["profile", "--backends", "numpy", "--decode", "1", "--repeats", "1"]):
+        assert main([*cmd, "--plot", str(tmp_path / "x.txt")]) == 2
+        out = capsys.readouterr().out
+        assert "matplotlib cannot write .txt files" in out and "kernel checks" not in out
+    assert main(["bench", *argv, "--plot", str(tmp_path / "noext")]) == 0
+    assert (tmp_path / "noext").read_bytes()[:4] == b"\x89PNG" and not (tmp_path / "noext.png").exists()
+    assert main(["bench", *argv, "--plot", str(tmp_path / "r.svg")]) == 0
+    assert (tmp_path / "r.svg").read_text().lstrip().startswith("<?xml")
+
+
+def test_a_run_left_with_nothing_to_time_is_an_error(tmp_path, capsys):
+    """--dtype float64 on the C backend (float32 only): every kernel dropped at verification; the run
+    exited 0 with an empty table, wrote no plot and a JSON that compare refused."""
+    out = tmp_path / "r.json"
+    assert main(["bench", "--dtype", "float64", "--backends", "c", "--ops", "softmax", "--quick",
+                 "--no-progress", "--json", str(out)]) == 2
+    text = capsys.readouterr().out
+    assert "nothing left to time" in text and "c softmax: does not support float64" in text
+    assert not out.exists()
+
+
+def test_max_samples_is_an_upper_limit(capsys):
+    """--max-samples 20 with 40 rounds kept 40 samples (one a round at least)."""
+    with pytest.raises(ValueError, match=r"--max-samples must be an integer >= 40 .*--rounds 40"):
+        bench.run(ops=["softmax"], backends=["c"], shapes=bench.parse_shapes("softmax:16x256"), progress=False,
+                  max_samples=20)
+    rep = bench.run(ops=["softmax"], backends=["c"], shapes=bench.parse_shapes("softmax:16x256"), progress=False,
+                    rounds=8, max_samples=16, budget_s=0.2, gate=True)
+    assert rep["results"][0]["n"] <= 16
+    from refimpl.timing import harness
+    with pytest.raises(ValueError, match="max_samples=7 cannot hold"):
+        harness.measure_interleaved(_logging_targets_for_cap(), rounds=8, max_samples=7, min_samples=2)
+    gated = harness.QuietProbe()
+    ms = harness.measure_interleaved(_logging_targets_for_cap(), rounds=6, max_samples=12, min_samples=2,
+                                     budget_s=0.05, gate=gated, gate_extra_s=0.05)
+    assert all(len(m.samples) <= 12 for m in ms)
+
+
+def _logging_targets_for_cap():
+    return [(lambda: None, (), {}, f"t{i}") for i in range(2)]
+
+
+def test_the_gate_says_when_it_is_off(capsys):
+    argv = ["bench", "--ops", "softmax", "--backends", "c", "--budget", "0.02", "--no-progress"]
+    assert main([*argv, "--rounds", "5"]) == 0
+    out = capsys.readouterr().out
+    assert "quiet gate: off, every round kept (it needs --rounds >= 6" in out and "5 rounds of" in out
+    assert main([*argv, "--rounds", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "each row in one block of 0.02 s" in out and "round-robin" not in out
+    assert main([*argv, "--rounds", "5", "--no-gate"]) == 0
+    assert "quiet gate" not in capsys.readouterr().out
+
+
+def test_repeated_shapes_and_backends_are_named_or_run_once(capsys):
+    assert main(["bench", "--shapes", "softmax:16x256,softmax:16x256", "--no-progress"]) == 2
+    assert "'softmax:16x256' is named twice" in capsys.readouterr().out
+    assert main(["bench", "--budget", "inf", "--ops", "softmax", "--no-progress"]) == 2
+    assert "--budget must be a finite number" in capsys.readouterr().out
+    assert main(["profile", "--backends", ","]) == 2
+    assert "--backends: none given" in capsys.readouterr().out
+    rep = profile.run(backends=["numpy", "numpy"], prompt_len=2, decode=1, repeats=1)
+    assert list(rep["backends"]) == ["numpy"]
+
+
 def test_bench_rejects_bad_options():
     assert main(["bench", "--ops", "nope", "--no-progress"]) == 2
     assert main(["bench", "--backends", "fortran", "--no-progress"]) == 2
@@ -576,6 +646,32 @@ def test_analytic_model_counts():
     D, F, Hkv, Dh = cfg.d_model, cfg.d_ff, cfg.n_kv_heads, cfg.head_dim
     assert w["ffn"][1] >= cfg.n_layers * 3 * D * F * 4          # every FFN weight read once
     assert w["attention"][1] >= cfg.n_layers * 2 * Hkv * Dh * 5 * 4   # the KV cache read
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "classic"])
+def test_analytic_norms_and_activation_follow_the_model(arch):
+    """Each norm is bench's formula (metrics.work; RMSNorm's bytes were charged as LayerNorm's, 33 %
+    too many at decode), pre-norm models have 2 a layer and a final one; the classic post-norm
+    model's norms close the attention and FFN spans, so they are counted there (its norms stage
+    had 5 norms' work and none of their time), and its ReLU is 1 FLOP a unit (was GELU's 9)."""
+    from refimpl.oracle.model import tiny_config
+    from refimpl.timing.metrics import work
+    cfg = tiny_config(arch)
+    T, S, D, F, NL = 3, 7, cfg.d_model, cfg.d_ff, cfg.n_layers
+    one = work("rms_norm" if arch == "llama" else "layer_norm", (T, D))
+    w = profile.analytic(cfg, T=T, S=S)
+    if arch == "classic":
+        assert w["norms"] == (0, 0)
+        bare = profile.analytic(tiny_config("gpt2", d_model=D, d_ff=F, n_layers=NL, n_heads=cfg.n_heads,
+                                            vocab_size=cfg.vocab_size, max_seq_len=cfg.max_seq_len), T=T, S=S)
+        # the same shapes as a GPT-2 but for the post-norm, ReLU (1 vs 9 FLOPs) and no learned positions
+        assert w["ffn"][0] == bare["ffn"][0] - NL * 8 * T * F + NL * one.flops
+        assert w["ffn"][1] == bare["ffn"][1] + NL * one.bytes
+        assert w["attention"] == (bare["attention"][0] + NL * one.flops, bare["attention"][1] + NL * one.bytes)
+    else:
+        assert w["norms"] == ((2 * NL + 1) * one.flops, (2 * NL + 1) * one.bytes)
+    if arch == "llama":
+        assert one.bytes == (2 * T * D + D) * 4
 
 
 def test_profile_smoke(tmp_path):

@@ -28,7 +28,7 @@ JSON schema "refimpl.bench/1" (`--json PATH`)
   "settings": {"dtype", "cold", "budget_s" (seconds of samples per row), "rounds" (slices
       each row's budget is split into; see "Round-robin timing"), "max_samples" (per row),
       "threads": 1, "quick", "gate" (the quiet gate ran: asked for, and rounds >= 2 x
-      harness.GATE_MIN_ROUNDS)},
+      harness.GATE_MIN_ROUNDS), "gate_asked" (not --no-gate), "gate_min_rounds" (that 2 x)},
   "machine": Machine.as_dict() (refimpl.timing.machine): cpu_model, vendor,
       family, model, stepping, uarch, flags, simd_bits, n_cpus,
       peak_flop_per_cycle {dtype: FLOP per core cycle}, peak_source, caches,
@@ -207,6 +207,8 @@ def parse_shapes(text: str) -> dict:
             raise ValueError(f"--shapes: {item!r}: {op} needs {len(want)} positive sizes {'x'.join(want)}")
         if op == "attention" and d[0] % d[1]:
             raise ValueError(f"--shapes: {item!r}: query heads H={d[0]} must be a multiple of key/value heads Hkv={d[1]}")
+        if (d, causal) in out.get(op, []):             # it would be verified and timed twice, shown once
+            raise ValueError(f"--shapes: {item!r} is named twice")
         out.setdefault(op, []).append((d, causal))
     if not out:
         raise ValueError(f"--shapes: {text!r} names no shape")
@@ -570,23 +572,26 @@ def run(ops=None, backends=None, shapes=None, dtype="float32", cold=False, quick
         rounds: int | None = None, max_samples: int | None = None, gate: bool = True) -> dict:
     """Verify, then time; returns the report dict (see the module docstring for its schema)."""
     from refimpl.timing.harness import (GATE_LEVEL_PCT, GATE_MIN_ROUNDS, GATE_TOL, QuietProbe, cpu_times,
-                                        measure_interleaved)
+                                        fewest_max_samples, measure_interleaved)
     from refimpl.timing.machine import blas_info, describe
     dtype = str(np.dtype(dtype))
     if dtype not in ("float32", "float64"):
         raise ValueError(f"--dtype must be float32 or float64, got {dtype}")
     if budget_s is None:
         budget_s = 0.03 if quick else DEFAULT_BUDGET_S
-    if not budget_s > 0:
-        raise ValueError(f"--budget must be > 0 seconds, got {budget_s}")
+    if not (isinstance(budget_s, (int, float)) and 0 < budget_s < math.inf):
+        raise ValueError(f"--budget must be a finite number of seconds > 0, got {budget_s}")
     if rounds is None:
         rounds = QUICK_ROUNDS if quick else DEFAULT_ROUNDS
     if not (isinstance(rounds, int) and rounds >= 1):
         raise ValueError(f"--rounds must be an integer >= 1, got {rounds!r}")
     if max_samples is None:
         max_samples = MAX_SAMPLES
-    if not (isinstance(max_samples, int) and max_samples >= 15):
-        raise ValueError(f"max_samples must be an integer >= 15, got {max_samples!r}")
+    fewest = max(15, fewest_max_samples(rounds))
+    if not (isinstance(max_samples, int) and max_samples >= fewest):
+        raise ValueError(f"--max-samples must be an integer >= {fewest} (15, and with --rounds {rounds} a "
+                         f"sample or more in every round), got {max_samples!r}")
+    gate_asked = bool(gate)
     gate = bool(gate and rounds >= 2 * GATE_MIN_ROUNDS)   # fewer rounds leave too few quiet ones
     jobs = plan(ops, backends, shapes, quick)
     check_memory(jobs, dtype)
@@ -595,7 +600,7 @@ def run(ops=None, backends=None, shapes=None, dtype="float32", cold=False, quick
               "argv": list(argv) if argv is not None else None,
               "settings": {"dtype": dtype, "cold": bool(cold), "budget_s": budget_s, "rounds": rounds,
                            "max_samples": max_samples, "threads": 1, "quick": bool(quick),
-                           "gate": gate},
+                           "gate": gate, "gate_asked": gate_asked, "gate_min_rounds": 2 * GATE_MIN_ROUNDS},
               "machine": machine.as_dict(), "verification": [], "results": [], "passed": False,
               "warnings": []}
     prog = _progress(console) if progress else None
@@ -663,6 +668,9 @@ def run(ops=None, backends=None, shapes=None, dtype="float32", cold=False, quick
                         target = functools.partial(fn, *case.args, **case.kwargs)
                     slots.append((case, b))
                     targets.append((target, (), {}, f"{op}/{b}"))
+            if not slots:
+                raise ValueError("nothing left to time: every kernel was dropped at verification ("
+                                 + "; ".join(report["warnings"]) + ")")
             probes = machine_probes()
             targets += [(t, (), {}, f"probe/{nm}") for nm, t in probes]
             if prog:
@@ -894,8 +902,9 @@ def print_report(report: dict, console=None) -> None:
     if nz:
         busy = nz.get("other_cpus_busy")
         rounds = st.get("rounds", 1)
-        console.print(f"timed on CPU {nz['cpu']}, {rounds} round(s) of {st['budget_s'] / rounds:.3g} s "
-                      f"per row, round-robin, {nz['timing_wall_s']:.1f} s in all; other CPUs busy "
+        how = (f"{rounds} rounds of {st['budget_s'] / rounds:.3g} s per row, round-robin" if rounds > 1
+               else f"each row in one block of {st['budget_s']:.3g} s")
+        console.print(f"timed on CPU {nz['cpu']}, {how}, {nz['timing_wall_s']:.1f} s in all; other CPUs busy "
                       f"{'-' if busy is None else f'{busy:.0%}'}; steal {nz['steal_s']:.2f} s; "
                       f"{nz['preempted']} preempted sample(s) dropped")
         g = nz.get("gate")
@@ -906,6 +915,9 @@ def print_report(report: dict, console=None) -> None:
                           + (f" (the others {busy:.2f}x slower: the host was busy)" if busy else "")
                           + "; each row's statistics pool the slices with quiet readings on both sides "
                             "(median_all_ticks: all slices; --no-gate: off)")
+        elif st.get("gate_asked"):
+            console.print(f"quiet gate: off, every round kept (it needs --rounds >= {st['gate_min_rounds']}, "
+                          f"to leave enough quiet ones; this run had {rounds})")
         pr = nz.get("probes") or {}
         if pr:
             core, l3 = pr.get("core_add_chain") or {}, pr.get("l3_read") or {}
@@ -1177,14 +1189,13 @@ def roofline_labels(rows: list[dict], spread: float = 1.25) -> list[tuple[float,
 
 def plot_roofline(report: dict, path: str) -> None:
     """Roofline PNG: FLOP/tick against FLOP/byte, log-log, every timed kernel placed."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from refimpl.timing.plotting import pyplot, save
+    plt = pyplot()
     m = report["machine"]
     dtype = report["settings"]["dtype"]
     peak = m["peak_flop_per_cycle"][dtype] * m["core_per_tsc"]
     rows = report["results"]
-    fig, ax = plt.subplots(figsize=(9, 6))
+    fig, ax = plt.subplots(figsize=(12, 6))
     ais = [r["intensity"] for r in rows if r["intensity"] and math.isfinite(r["intensity"])] or [1.0]
     lo, hi = min(ais + [0.05]) / 2, max(ais + [100.0]) * 2
     x = np.geomspace(lo, hi, 200)
@@ -1199,8 +1210,15 @@ def plot_roofline(report: dict, path: str) -> None:
         if not (y and math.isfinite(y)):
             continue
         ax.plot(r["intensity"], y, markers.get(r["backend"], "x"), ms=7, color=colors.get(r["backend"], "k"))
-    for x0, y0, text in roofline_labels(rows):
-        ax.annotate(text, (x0, y0), fontsize=6, xytext=(4, 4), textcoords="offset points", va="bottom")
+    # a number above each column and the names in a key beside the axes: names written at the
+    # columns overprinted where columns stand ~0.1 decade apart (rope, matmul 1x768x3072, silu,
+    # layer_norm between 0.4 and 0.9 FLOP/byte)
+    key = []
+    for k, (x0, y0, text) in enumerate(roofline_labels(rows), 1):
+        ax.annotate(str(k), (x0, y0), fontsize=7, fontweight="bold", xytext=(0, 6), textcoords="offset points",
+                    ha="center", va="bottom")
+        key.append(f"{k:>2}  " + "\n    ".join(text.split("\n")))
+    fig.text(0.73, 0.93, "\n".join(key), fontsize=7, family="monospace", va="top")
     ax.set_xscale("log")
     ax.set_yscale("log")
     ax.set_xlabel("arithmetic intensity (FLOP / byte)")
@@ -1212,6 +1230,5 @@ def plot_roofline(report: dict, path: str) -> None:
             ax.plot([], [], mk, color=colors[b], label=b)
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=7, loc="lower right")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    fig.tight_layout(rect=(0, 0, 0.72, 1))             # the key's column on the right
+    save(fig, path)

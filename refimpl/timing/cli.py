@@ -39,7 +39,8 @@ def add_parser(subparsers) -> None:
                    help="keep every round: no quiet gate (by default a probe read between rounds leaves out "
                         "the rounds timed while the host was busy; see refimpl.timing.harness)")
     b.add_argument("--max-samples", type=int, default=None,
-                   help="most samples per kernel (default 20000: the time budget ends sampling)")
+                   help="most samples a kernel keeps, spread over its rounds (default 20000: the time budget "
+                        "ends sampling; at least 15 and one per round)")
     b.add_argument("--json", metavar="PATH", help="write the report as JSON (schema in refimpl.timing.bench)")
     b.add_argument("--plot", metavar="PATH", help="write a roofline PNG with every kernel placed")
     b.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -83,16 +84,19 @@ def add_parser(subparsers) -> None:
 
 def check_outputs(args) -> None:
     """ValueError before any work when --json / --plot cannot be written: a missing or
-    read-only directory, or --plot without matplotlib (the run takes a minute and its
-    report would be lost at the end)."""
+    read-only directory, --plot without matplotlib or with an extension it cannot write (the
+    run takes a minute and its report would be lost at the end)."""
     import importlib.util
 
     from refimpl.cli import check_output_path
     for opt in ("json", "plot"):
         if getattr(args, opt, None):
             check_output_path(getattr(args, opt), f"--{opt}")
-    if getattr(args, "plot", None) and importlib.util.find_spec("matplotlib") is None:
-        raise ValueError("--plot needs matplotlib: pip install matplotlib")
+    if getattr(args, "plot", None):
+        if importlib.util.find_spec("matplotlib") is None:
+            raise ValueError("--plot needs matplotlib: pip install matplotlib")
+        from refimpl.timing.plotting import image_format
+        image_format(args.plot)                       # an extension matplotlib cannot write
 
 
 def _console():

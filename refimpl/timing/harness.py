@@ -628,6 +628,11 @@ def measure(target: Any, *args, name: str | None = None, cold: bool = False, pin
     return s.result(min_samples)
 
 
+def fewest_max_samples(rounds: int, min_samples: int = 15) -> int:
+    """The smallest max_samples measure_interleaved takes: ceil(min_samples / rounds) a round."""
+    return rounds * max(1, math.ceil(min_samples / rounds))
+
+
 def measure_interleaved(targets: list, *, rounds: int = 8, cold: bool = False, pin: bool = True,
                         warmup_s: float = 0.02, warmup_calls: int = 2, budget_s: float = 0.25,
                         min_samples: int = 15, max_samples: int = 400, rewarm: int = 3,
@@ -649,7 +654,9 @@ def measure_interleaved(targets: list, *, rounds: int = 8, cold: bool = False, p
     statistics pool its quiet slices (module docstring, "Quiet gate").  Targets left with
     fewer than GATE_MIN_ROUNDS quiet slices get extra visits, round-robin among them, for
     at most `gate_extra_s` seconds.  `gate.readings`, `gate.level`, `gate.quiet` and
-    `gate.extra_visits` describe the run afterwards.
+    `gate.extra_visits` describe the run afterwards.  No target keeps more than `max_samples`
+    samples, extra visits included (max_samples // rounds a slice; at least
+    rounds x ceil(min_samples / rounds), else ValueError).
     """
     cal = cal or calibrate()
     if min_samples < 2:
@@ -659,7 +666,10 @@ def measure_interleaved(targets: list, *, rounds: int = 8, cold: bool = False, p
     samplers = [Sampler(t, a, kw, name=nm, cold=cold, sample_factor=sample_factor, cal=cal, pmu=pmu)
                 for t, a, kw, nm in targets]
     per_min = max(1, math.ceil(min_samples / rounds))
-    per_max = max(per_min, max_samples // rounds)
+    if max_samples < fewest_max_samples(rounds, min_samples):
+        raise ValueError(f"measure_interleaved: max_samples={max_samples} cannot hold {per_min} sample(s) in "
+                         f"each of rounds={rounds} (needs >= {fewest_max_samples(rounds, min_samples)})")
+    per_max = max_samples // rounds
     with _quiet(pin) as cpu:
         for s in samplers:
             s.cpu = cpu
@@ -675,7 +685,8 @@ def measure_interleaved(targets: list, *, rounds: int = 8, cold: bool = False, p
             order = interleave_order(len(samplers), rounds)
 
             def visit(k, i):
-                samplers[i].take(budget_s / rounds, per_min, per_max, rewarm=0 if cold else rewarm,
+                room = max_samples - len(samplers[i].per_call)      # max_samples holds, extra visits too
+                samplers[i].take(budget_s / rounds, per_min, min(per_max, room), rewarm=0 if cold else rewarm,
                                  rewarm_s=0.0 if cold else rewarm_s)
                 if gate is not None:
                     gate.read()
@@ -694,7 +705,8 @@ def measure_interleaved(targets: list, *, rounds: int = 8, cold: bool = False, p
                 while time.perf_counter() < t_end:
                     level = quiet_readings(gate.readings, gate_tol)[0]
                     need = [i for i, q in enumerate(_slice_busy(order, gate.readings, len(samplers), level))
-                            if sum(b <= 1 + gate_tol for b in q) < GATE_MIN_ROUNDS]
+                            if sum(b <= 1 + gate_tol for b in q) < GATE_MIN_ROUNDS
+                            and max_samples - len(samplers[i].per_call) >= per_min]
                     if not need:
                         break
                     for i in need:

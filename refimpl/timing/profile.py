@@ -42,9 +42,12 @@ stages come from forward hooks (`refimpl.timing.peer`).
 Analytic model (per token, from the config; s = bytes per element):
     FLOPs: projections 2 D (D + 2 Hkv Dh) + 2 D D, attention 4 H Dh P/T + 5 H P/T
     (P = causal (query, key) pairs of the call), RoPE 3 (H + Hkv) Dh,
-    FFN 2 D F x (3 gated | 2), activation (4 + 1 silu*up | 9 gelu) F,
-    norms 2 x (4 | 7) D per layer + final, LM head 2 D V, softmax 5 V.
-    Bytes: every weight matrix is read once per forward call, so prefill pays
+    FFN 2 D F x (3 gated | 2), activation (4 + 1 silu*up | 9 gelu | 1 relu) F,
+    norms 2 x (4 | 7) D per layer + final (pre-norm; post-norm, the classic model: the
+    norm closing each sublayer is counted in that sublayer's stage, as its trace span holds
+    it, and there is no final norm), LM head 2 D V, softmax 5 V.
+    Bytes: a norm moves 2 T D s of rows and D s (RMSNorm) or 2 D s (LayerNorm) of weights
+    (bench's formulas, refimpl.timing.metrics); every weight matrix is read once per forward call, so prefill pays
     weights / T per token and decode pays all the weights every token; the KV
     cache read is 2 Hkv Dh S s per layer per call (S = cached + new tokens).
 Roofline minimum ticks per stage = max(FLOPs / peak FLOP per tick, bytes /
@@ -111,7 +114,7 @@ def stage_of(name: str) -> str:
 
 def analytic(cfg, T: int, S: int, dtype="float32") -> dict:
     """{stage: (flops, bytes)} for one forward of T tokens ending at S cached tokens (whole call)."""
-    from refimpl.timing.metrics import causal_pairs
+    from refimpl.timing.metrics import causal_pairs, work
     s = np.dtype(dtype).itemsize
     D, H, Hkv, Dh, F, V, NL = (cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.d_ff,
                                cfg.vocab_size, cfg.n_layers)
@@ -119,7 +122,13 @@ def analytic(cfg, T: int, S: int, dtype="float32") -> dict:
     P = causal_pairs(T, S)
     w_attn = D * (D + 2 * Hkv * Dh) + D * D
     w_ffn = (3 if gated else 2) * D * F
-    norm_f = 4 if cfg.norm == "rmsnorm" else 7
+    # one norm of the T rows as bench times it (metrics.work: RMSNorm 4 TD FLOPs, (2TD + D) s bytes;
+    # LayerNorm 7 TD, (2TD + 2D) s).  Pre-norm (GPT-2, Llama): 2 a layer and a final one, each
+    # its own traced span ("norms").  Post-norm (classic): LN(x + sublayer) closes the sublayer's
+    # span (resid_attn, resid_ffn: TRACE.md), so its work is the sublayer's; no final norm
+    norm = work("rms_norm" if cfg.norm == "rmsnorm" else "layer_norm", (T, D), dtype)
+    post = cfg.norm_placement == "post"
+    act_f = {"silu": 4 + 1, "gelu_tanh": 9, "relu": 1}[cfg.activation]    # per hidden unit (SwiGLU: * up)
     bias = cfg.arch in ("gpt2", "classic")
     out = {}
     out["embedding"] = (T * D if cfg.positions != "rope" else 0, 2 * T * D * s)
@@ -127,11 +136,14 @@ def analytic(cfg, T: int, S: int, dtype="float32") -> dict:
     if cfg.positions == "rope":
         att_f += 3 * T * (H + Hkv) * Dh
     att_b = (w_attn + (4 * D if bias else 0)) * s + 2 * Hkv * Dh * S * s + 2 * T * D * s
-    out["attention"] = (NL * att_f, NL * att_b)
-    ffn_f = 2 * T * w_ffn + (5 if gated else 9) * T * F + T * D
+    ffn_f = 2 * T * w_ffn + act_f * T * F + T * D
     ffn_b = (w_ffn + ((F + D) if bias else 0)) * s + 2 * T * D * s
+    if post:
+        att_f, att_b, ffn_f, ffn_b = att_f + norm.flops, att_b + norm.bytes, ffn_f + norm.flops, ffn_b + norm.bytes
+    out["attention"] = (NL * att_f, NL * att_b)
     out["ffn"] = (NL * ffn_f, NL * ffn_b)
-    out["norms"] = ((2 * NL + 1) * norm_f * T * D, (2 * NL + 1) * (2 * T * D + 2 * D) * s)
+    n_norms = 0 if post else 2 * NL + 1
+    out["norms"] = (n_norms * norm.flops, n_norms * norm.bytes)
     out["lm_head"] = (2 * T * D * V, (D * V + T * V) * s)
     out["sampling"] = (5 * V, 2 * V * 8)           # softmax over V in float64 + the draw
     out["softmax"] = (5 * V, 2 * V * 8)
@@ -395,7 +407,9 @@ def run(path=None, backends=None, dtype="float32", prompt_len: int = 32, decode:
     from refimpl.kernels.registry import BACKENDS
     from refimpl.timing import peer
     known = list(BACKENDS) + [PEER]
-    backends = list(backends or known)
+    if backends is not None and not backends:
+        raise ValueError("--backends: none given")
+    backends = list(dict.fromkeys(backends or known))     # c,c: once
     for b in backends:
         if b not in known:
             raise ValueError(f"--backends: unknown backend {b!r}; backends are {known}")
@@ -570,9 +584,8 @@ def plot_series(report: dict) -> dict:
 def plot(report: dict, path: str) -> None:
     """Stacked bars: ticks per token by stage, prefill and decode, per backend; the roofline
     minimum and the untraced decode forward marked."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from refimpl.timing.plotting import pyplot, save
+    plt = pyplot()
     ps = plot_series(report)
     labels, data, roofs = ps["labels"], ps["stages"], ps["roofline"]
     fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(labels)) + 3, 5))
@@ -591,5 +604,4 @@ def plot(report: dict, path: str) -> None:
                  f"({report['dtype']})")
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save(fig, path)
