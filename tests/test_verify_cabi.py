@@ -128,6 +128,36 @@ def test_llama2c_rmsnorm_eps_is_a_convention(lib):
     assert "tiny row (eps dominates)" in {c.name for c in rep.failures}
 
 
+@pytest.mark.parametrize("args,exc,match", [
+    ((np.ones((2, 2), np.float32), np.ones((1, 2), np.float32)), ValueError, "inner sizes 2 != 1"),
+    ((np.ones((1, 4_000_000), np.float32), np.ones((2, 2), np.float32)), ValueError, "inner sizes"),  # segfaulted
+    ((np.ones(4, np.float32), np.ones(4, np.float32)), ValueError, "'a' must be 2-D"),
+    ((np.ones((3, 4)), np.ones((4, 2))), TypeError, "'a' has dtype float64, expected float32"),   # was cast
+    ((np.ones((3, 4), np.float32),), TypeError, "takes 2 array\\(s\\) \\(a, b\\), got 1"),
+])
+def test_a_wrapped_c_function_checks_its_arrays_before_the_call(lib, args, exc, match):
+    """The matmul wrapper passed the sizes of a's shape and b's columns unchecked: a 2x2 @ 1x2
+    came back all NaN (the guard zone read), 3x4 @ 5x2 gave a 3x2 result, 1x4000000 @ 2x2 crashed."""
+    f = load_c(lib, "sgemm_ok", GEMM, "matmul")
+    with pytest.raises(exc, match=match):
+        f(*args)
+
+
+def test_a_wrapped_c_function_checks_every_op_s_shapes(lib, tmp_path):
+    import pathlib
+    f = load_c(pathlib.Path(lib), "rmsnorm", "void(float* o, float* x, float* weight, int size)", "rms_norm")
+    with pytest.raises(ValueError, match="'w' has shape \\(3,\\), expected \\(4,\\)"):
+        f(np.ones((2, 4), np.float32), np.ones(3, np.float32))
+    g = load_c(lib, "attn", "void(float* out, const float* q, const float* k, const float* v, int H, int Hkv, "
+                            "int Lq, int Lk, int D, int causal)", "attention")
+    q, kv = np.ones((4, 3, 8), np.float32), np.ones((2, 5, 8), np.float32)
+    with pytest.raises(ValueError, match="multiple of key/value heads"):
+        g(q, np.ones((3, 5, 8), np.float32), np.ones((3, 5, 8), np.float32))
+    with pytest.raises(ValueError, match="causal needs Lq <= Lk"):
+        g(np.ones((4, 6, 8), np.float32), kv, kv, causal=True)
+    assert g(q, kv, kv).shape == q.shape
+
+
 def test_signature_errors(lib):
     with pytest.raises(SignatureError, match="pointers to pointers"):
         parse_signature("void(float**, int)")

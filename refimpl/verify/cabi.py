@@ -173,6 +173,7 @@ class CFunction:
             raise ValueError(f"unknown op {op!r}; ops are {', '.join(OPS)}")
         if not re.fullmatch(r"[A-Za-z_]\w*", symbol or ""):
             raise ValueError(f"symbol {symbol!r} is not a C identifier")
+        lib = os.fspath(lib)                             # a pathlib.Path too
         self.op, self.symbol, self.signature = op, symbol, signature
         self.ret, self.params = parse_signature(signature)
         self._classify()
@@ -357,9 +358,36 @@ class CFunction:
         return out[GUARD:GUARD + n_out].reshape(out_shape).copy()
 
     # ------------------------------------------------------------------ the op's Python convention
+    def _checked(self, arrays, causal) -> list:
+        """The op's arrays checked as every backend checks them (refimpl.kernels.contracts), in
+        the function's dtype and the ranks of the convention above: the C function indexes them
+        by the sizes taken from their shapes (a 4-wide a with a 5-row b read past b's end)."""
+        from refimpl.kernels import contracts as C
+        names = _ARRAYS[self.op]
+        if len(arrays) != len(names):
+            raise TypeError(f"{self.symbol} ({self.op}) takes {len(names)} array(s) ({', '.join(names)}), "
+                            f"got {len(arrays)}")
+        dts = (self.refimpl_dtype,)
+        if self.op == "rope":
+            x, p = C.check_rope_args(C.check_array("x", arrays[0], dts, ndim=3), arrays[1], dts)
+            if self.pos_dtype == np.int32 and p.size and (p.min() < -2**31 or p.max() >= 2**31):
+                raise ValueError(f"argument 'positions' has values beyond the int32 range {self.symbol} takes")
+            return [x, p]
+        ranks = {"matmul": 2, "softmax": 2, "layer_norm": 2, "rms_norm": 2, "attention": 3}
+        out = [C.check_array(n, a, dts, ndim=ranks.get(self.op) if i == 0 or self.op in ("matmul", "attention")
+                             else 1) for i, (n, a) in enumerate(zip(names, arrays))]
+        if self.op == "matmul":
+            C.check_matmul_args(*out)
+        elif self.op in ("layer_norm", "rms_norm"):
+            C.check_norm_args(self.op, *out, dtypes=dts)
+        elif self.op == "attention":
+            C.check_attention_shapes(*(a.shape for a in out), causal)
+        return out
+
     def __call__(self, *arrays, **kw):
         op = self.op
         scalar = kw.get(_SCALAR.get(op, ""), None)
+        arrays = self._checked(arrays, bool(kw.get("causal", False)))
         if op == "matmul":
             a, b = arrays
             M, K = a.shape
@@ -405,6 +433,10 @@ class CFunction:
             return np.stack([self._run((T, D), [x[h]], {"T": T, "D": D}, scalar=theta, positions=positions)
                              for h in range(H)])
         raise AssertionError(op)
+
+
+_ARRAYS = {"matmul": ("a", "b"), "softmax": ("x",), "layer_norm": ("x", "w", "b"), "rms_norm": ("x", "w"),
+           "gelu_tanh": ("x",), "silu": ("x",), "attention": ("q", "k", "v"), "rope": ("x", "positions")}
 
 
 def load_c(lib: str, symbol: str, signature: str, op: str) -> CFunction:
