@@ -701,8 +701,8 @@ def test_single_threaded_after_every_backend_loaded():
     with bench._Threads() as t:
         from threadpoolctl import threadpool_info
         assert all(d["num_threads"] == 1 for d in threadpool_info() if d["user_api"] == "blas")
-        if t._torch:
-            assert t._torch[0].get_num_threads() == 1
+        if t._st._torch:
+            assert t._st._torch[0].get_num_threads() == 1
 
 
 def test_float64_refusal_is_skipped_not_failed(monkeypatch):

@@ -334,11 +334,57 @@ def test_unstable_flag_on_bimodal_kernel():
     assert steady.cv < m.cv / 4, (steady.cv, m.cv)
 
 
+def test_short_add_chains_do_not_overlap_between_calls():
+    """Each call restarted its chain from 0, so calls in the C loop overlapped: 128 adds read 69
+    core cycles and 1024 read ~960 (ratio 13.9, not 8).  The chain now goes on across calls."""
+    small, big = harness.measure_interleaved([(harness.add_chain_ccall(128), (), {}, "128"),
+                                              (harness.add_chain_ccall(1024), (), {}, "1024")],
+                                             rounds=4, budget_s=0.04, warmup_s=0.005)
+    assert 8 * 0.8 < big.median / small.median < 8 * 1.2, (small.median, big.median)
+    assert harness.add_chain_ccall(1).n_adds == 16 and harness.add_chain_ccall(33).n_adds == 48
+
+
 def test_pinning_restores_affinity():
     before = os.sched_getaffinity(0)
     with harness.pinned() as cpu:
         assert os.sched_getaffinity(0) == {cpu}
     assert os.sched_getaffinity(0) == before
+
+
+def test_a_thread_started_while_pinned_gets_the_process_s_affinity_back():
+    """torch's and Numba's pools start on first use: inside a timed call they inherited the pin
+    and kept it after measure() returned (torch matmuls ran 1.7x slower for the rest of the process)."""
+    import threading
+    before = os.sched_getaffinity(0)
+    if len(before) < 2:
+        pytest.skip("one CPU: pinning changes nothing")
+    go, seen = threading.Event(), {}
+
+    def worker():
+        seen["tid"] = threading.get_native_id()
+        go.wait(5)
+    with harness.pinned() as cpu:
+        t = threading.Thread(target=worker)
+        t.start()
+        while "tid" not in seen:
+            pass
+        assert os.sched_getaffinity(seen["tid"]) == {cpu}
+    assert os.sched_getaffinity(seen["tid"]) == before
+    go.set()
+    t.join()
+
+
+def test_measure_times_one_thread_per_pool():
+    """OpenBLAS ran a timed NumPy matmul on both CPUs (159 % of one core's peak)."""
+    from threadpoolctl import threadpool_info
+    counts = []
+
+    def target():
+        counts.append({p["internal_api"]: p["num_threads"] for p in threadpool_info()})
+    before = {p["internal_api"]: p["num_threads"] for p in threadpool_info()}
+    harness.measure(target, budget_s=0.002, min_samples=2, warmup_s=0.0)
+    assert counts and all(set(c.values()) <= {1} for c in counts), counts[:1]
+    assert {p["internal_api"]: p["num_threads"] for p in threadpool_info()} == before
 
 
 def test_measure_rejects_bad_arguments():

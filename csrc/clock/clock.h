@@ -46,7 +46,7 @@ uint64_t rf_time_thunk(void (*fn)(void *), void *ctx, uint64_t reps,
 /* thunks for tests and calibration: the empty kernel, and an add chain of
  * *(uint64_t *)ctx dependent adds */
 void rf_empty_thunk(void *ctx);
-void rf_add_chain_thunk(void *ctx /* -> uint64_t n_adds */);
+void rf_add_chain_thunk(void *ctx /* -> uint64_t[2] {n_adds (rounded up to 16s), chain value} */);
 
 /* write one byte per 64-byte line of buf (bytes long): evicts other data from the caches */
 void rf_touch(uint8_t *buf /* (bytes,) */, size_t bytes);

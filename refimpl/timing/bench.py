@@ -493,35 +493,17 @@ def verify_edges(op: str, backend: str, fn, dtype: str) -> dict:
 
 
 class _Threads:
-    """Single-threaded BLAS/OpenMP (threadpoolctl), torch and numba for the run; restored after."""
+    """harness.SingleThreaded, with torch imported first when the run may time it (so its pool
+    is limited too)."""
 
     def __enter__(self):
-        from threadpoolctl import threadpool_limits
-        self._tp = threadpool_limits(limits=1)
-        # numba first: starting its threading layer can reset the OpenMP thread
-        # count torch reads, so torch is limited last
-        self._numba = None
-        if "numba" in sys.modules:
-            try:
-                import numba
-                self._numba = (numba, numba.get_num_threads())
-                numba.set_num_threads(1)
-            except Exception:
-                self._numba = None
-        self._torch = None
-        if "torch" in sys.modules or torch_impl("matmul") is not None:
-            import torch
-            self._torch = (torch, torch.get_num_threads())
-            torch.set_num_threads(1)
+        from refimpl.timing.harness import SingleThreaded
+        torch_impl("matmul")                             # imports torch when it is installed
+        self._st = SingleThreaded().__enter__()
         return self
 
     def __exit__(self, *exc):
-        self._tp.restore_original_limits()
-        if self._torch:
-            self._torch[0].set_num_threads(self._torch[1])
-        if self._numba:
-            self._numba[0].set_num_threads(self._numba[1])
-        return False
+        return self._st.__exit__(*exc)
 
 
 def plan(ops=None, backends=None, shapes=None, quick=False):

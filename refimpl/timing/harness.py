@@ -209,11 +209,64 @@ def pinned(cpu: int | None = None):
         cpu = here if here in before else min(before)
     if cpu not in before:
         raise ValueError(f"cpu={cpu} is not in this process's affinity set {sorted(before)}")
+    threads = _threads()
     os.sched_setaffinity(0, {cpu})
     try:
         yield cpu
     finally:
         os.sched_setaffinity(0, before)
+        # a thread started meanwhile (torch's or Numba's pool, made on first use inside a timed
+        # call) inherited the pin and would keep it for the life of the process
+        for tid in _threads() - threads:
+            try:
+                os.sched_setaffinity(tid, before)
+            except OSError:                              # it has ended
+                pass
+
+
+def _threads() -> set[int]:
+    """This process's thread ids (Linux), or an empty set."""
+    try:
+        return {int(t) for t in os.listdir("/proc/self/task")}
+    except OSError:
+        return set()
+
+
+class SingleThreaded:
+    """BLAS / OpenMP pools (threadpoolctl), torch and Numba limited to one thread; restored after.
+
+    The harness times on one pinned CPU: a pool of several threads there only takes turns (and
+    a NumPy matmul timed with OpenBLAS on both CPUs read 159 % of one core's peak).  Enter it
+    before pinning, so that a pool it starts does not start pinned."""
+
+    def __enter__(self):
+        import sys
+
+        from threadpoolctl import threadpool_limits
+        self._tp = threadpool_limits(limits=1)
+        # numba first: starting its threading layer can reset the OpenMP thread
+        # count torch reads, so torch is limited last
+        self._numba = self._torch = None
+        if "numba" in sys.modules:
+            try:
+                import numba
+                self._numba = (numba, numba.get_num_threads())
+                numba.set_num_threads(1)
+            except Exception:                            # no threading layer: nothing to limit
+                self._numba = None
+        if "torch" in sys.modules:
+            torch = sys.modules["torch"]
+            self._torch = (torch, torch.get_num_threads())
+            torch.set_num_threads(1)
+        return self
+
+    def __exit__(self, *exc):
+        self._tp.restore_original_limits()
+        if self._torch:
+            self._torch[0].set_num_threads(self._torch[1])
+        if self._numba:
+            self._numba[0].set_num_threads(self._numba[1])
+        return False
 
 
 def steal_of(cpu: int, path: str = "/proc/stat") -> int:
@@ -600,9 +653,10 @@ class Sampler:
 
 @contextmanager
 def _quiet(pin: bool):
-    """Pin (optionally) and disable the GC; yields the CPU (-1: not pinned)."""
+    """One thread per pool (SingleThreaded), pin (optionally) and disable the GC; yields the
+    CPU (-1: not pinned)."""
     gc_was = gc.isenabled()
-    with (pinned() if pin else _nullpin()) as cpu:
+    with SingleThreaded(), (pinned() if pin else _nullpin()) as cpu:
         gc.disable()
         try:
             yield cpu
@@ -803,7 +857,7 @@ class _Thunk:
             self._ctx = ffi.NULL
             self.ctx_addr = 0
         else:
-            self._ctx = ffi.new("uint64_t *", n_adds)
+            self._ctx = ffi.new("uint64_t[2]", [n_adds, 0])     # {n_adds, the chain's value}
             self.ctx_addr = int(ffi.cast("uintptr_t", self._ctx))
         self.n_adds = n_adds
 
@@ -817,7 +871,14 @@ def empty_ccall():
 
 
 def add_chain_ccall(n_adds: int):
-    """A known-cost C kernel: n_adds dependent adds (1 core cycle each), as a CCall-like handle."""
+    """A known-cost C kernel: n_adds dependent adds (1 core cycle each), as a CCall-like handle.
+
+    The adds run 16 to a loop trip, so n_adds is rounded up to a multiple of 16 (`.n_adds` says
+    how many run).  Each call goes on with the chain the previous one left, so calls in a timing
+    loop do not overlap: a call costs its adds plus the loop's call, return and the chain value's
+    trip through memory (a few cycles)."""
+    if not isinstance(n_adds, (int, np.integer)) or isinstance(n_adds, bool):
+        raise TypeError(f"n_adds must be an integer, got {type(n_adds).__name__} {n_adds!r}")
     if n_adds < 0:
         raise ValueError(f"n_adds={n_adds} must be >= 0")
-    return _Thunk("rf_add_chain_thunk", n_adds)
+    return _Thunk("rf_add_chain_thunk", -(-int(n_adds) // 16) * 16)
