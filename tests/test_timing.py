@@ -798,3 +798,121 @@ def test_samples_keep_their_length_when_the_target_speeds_up_after_sizing():
     m = s.result(15)
     assert m.reps == s.r > r_sized
     assert m.reps * m.median + m.overhead_ticks >= 1000 * m.overhead_ticks, (r_sized, m.reps, m.median)
+
+
+def test_a_pmu_refuses_reads_from_another_thread_or_a_forked_child():
+    """perf_event_open(pid=0) counts the opening thread only: from another thread (or a forked
+    child sharing the cached counter) reads came out ~0 and were reported as counted cycles."""
+    import threading
+    try:
+        pmu = counter.PMU("cpu-clock")
+    except OSError as e:
+        pytest.skip(f"perf_event_open refuses even software counters here: {e}")
+    pmu.read()
+    errors = []
+    t = threading.Thread(target=lambda: errors.append(pytest.raises(ValueError, pmu.read)))
+    t.start()
+    t.join()
+    assert errors and "open a PMU in the thread that runs the code" in str(errors[0].value)
+    if hasattr(os, "fork"):
+        r, w = os.pipe()
+        pid = os.fork()
+        if pid == 0:                                     # the child: report, never return into pytest
+            try:
+                pmu.read()
+                msg = b"read"
+            except ValueError:
+                msg = b"refused"
+            os.write(w, msg)
+            os._exit(0)
+        os.close(w)
+        assert os.read(r, 16) == b"refused"
+        os.waitpid(pid, 0)
+        import fcntl
+        assert fcntl.fcntl(pmu._fds[0], fcntl.F_GETFD) & fcntl.FD_CLOEXEC   # not into exec'd children
+
+
+def test_c_thunk_times_a_users_c_function_from_the_c_loop(tmp_path):
+    """The README sent C functions through the verifier's load_c, whose guard zones and copies
+    made an empty function read 99k ticks; c_thunk is timed as the project's kernels are."""
+    import shutil
+    import subprocess
+    if shutil.which("gcc") is None:
+        pytest.skip("needs gcc to build a test library")
+    src = tmp_path / "t.c"
+    src.write_text("#include <stdint.h>\n"
+                   "void empty(void *ctx) { (void)ctx; }\n"
+                   "void chain(void *ctx) { uint64_t *c = ctx; uint64_t x = c[1];\n"
+                   "  for (uint64_t i = 0; i < c[0]; i++) __asm__ volatile(\"add $1, %0\" : \"+r\"(x));\n"
+                   "  c[1] = x; }\n")
+    so = tmp_path / "libt.so"
+    subprocess.run(["gcc", "-O2", "-shared", "-fPIC", "-o", str(so), str(src)], check=True)
+    empty = harness.measure(harness.c_thunk(so, "empty"), budget_s=0.02)
+    assert empty.kind == "c-loop" and empty.median < 30          # a call and a return: a few ticks, not 99k
+    ctx = np.array([4096, 0], np.uint64)
+    small, big = harness.measure_interleaved([(harness.c_thunk(so, "chain", ctx), (), {}, "1x"),
+                                              (harness.c_thunk(so, "chain", np.array([8192, 0], np.uint64)),
+                                               (), {}, "2x")], rounds=4, budget_s=0.04, warmup_s=0.005)
+    assert 2 * 0.8 < big.median / small.median < 2 * 1.2
+    assert ctx[1] > 0                                            # the thunk got the array's address
+    with pytest.raises(AttributeError, match="'nosuch' not found"):
+        harness.c_thunk(so, "nosuch")
+    with pytest.raises(FileNotFoundError):
+        harness.c_thunk(tmp_path / "missing.so", "empty")
+    with pytest.raises(TypeError, match="ctx must be None or a buffer"):
+        harness.c_thunk(so, "empty", ctx=42)
+
+
+@pytest.mark.parametrize("kw,exc,match", [
+    (dict(budget_s=float("nan")), ValueError, "budget_s=nan must be finite"),
+    (dict(budget_s=-1.0), ValueError, "budget_s=-1.0 must be finite and > 0"),
+    (dict(budget_s="1"), TypeError, "budget_s must be a number"),
+    (dict(warmup_calls=-5), ValueError, "warmup_calls=-5 must be >= 0"),
+    (dict(sample_factor=0), ValueError, "sample_factor=0 must be >= 1"),
+    (dict(max_samples=0), ValueError, "max_samples=0 must be >= 2"),
+    (dict(max_samples=5), ValueError, "max_samples=5 is below min_samples=15"),
+    (dict(reps=2.5), TypeError, "reps must be an integer"),
+    (dict(cal="x"), TypeError, "cal must be a Calibration"),
+])
+def test_measure_names_a_bad_sampling_argument(kw, exc, match):
+    with pytest.raises(exc, match=match):
+        harness.measure(lambda: None, **kw)
+
+
+def test_a_ccall_refuses_arguments_and_a_null_function():
+    from refimpl.kernels.ccall import CCall
+    with pytest.raises(TypeError, match="a CCall takes its arguments in prepare"):
+        harness.measure(harness.add_chain_ccall(1000), np.ones(10), n_adds=5)
+    with pytest.raises(ValueError, match="fn_addr is 0"):
+        harness.measure(CCall(fn_addr=0, ctx_addr=0, run=lambda: None))
+    with pytest.raises(ValueError, match="the quiet gate needs rounds >= 2"):
+        harness.measure_interleaved([(lambda: None, (), {}, "f")], rounds=1, gate=harness.QuietProbe())
+    with pytest.raises(TypeError, match=r"\(target, args, kwargs, name\)"):
+        harness.measure_interleaved([(lambda: None, ())])
+
+
+def test_samples_below_the_timer_floor_are_flagged():
+    """reps=1 on an empty kernel: samples of one counter step read CV 0 and stable."""
+    m = harness.measure(harness.empty_ccall(), reps=1, budget_s=0.01)
+    assert m.unstable and any("the figure is quantised" in r for r in m.reasons)
+
+
+def test_metrics_and_machine_name_bad_inputs(monkeypatch):
+    mach = machine.describe()
+    with pytest.raises(ValueError, match="no peak FLOP/cycle for dtype float16"):
+        metrics.roofline(metrics.work("softmax", (4, 4), "float16"), 100.0, mach, dtype="float16")
+    for bad in (-1.0, float("nan")):
+        with pytest.raises(ValueError, match="ticks="):
+            metrics.roofline(metrics.work("softmax", (4, 4)), bad, mach)
+    with pytest.raises(ValueError, match="H=3 must be a multiple of key/value heads Hkv=2"):
+        metrics.work("attention", (3, 2, 4, 4, 8))
+    with pytest.raises(ValueError, match="causal applies to attention only"):
+        metrics.work("matmul", (4, 4, 4), causal=True)
+    for env, match in (("float32=abc", "'float32=abc' must be dtype=number"), ("float32", "must be dtype=number"),
+                       ("float32=inf", "finite number > 0")):
+        monkeypatch.setenv("REFIMPL_PEAK_FLOPS", env)
+        with pytest.raises(ValueError, match=match):
+            machine.peak_table("zen4", set())
+    monkeypatch.delenv("REFIMPL_PEAK_FLOPS")
+    with pytest.raises(ValueError, match="a finite number > 0"):
+        machine.peak_table("zen4", set(), peak={"float32": "16"})

@@ -264,6 +264,10 @@ uint64_t rf_bw_copy(void *dst /* (bytes,) */, const void *src /* (bytes,) */, si
 #include <sys/syscall.h>
 #include <unistd.h>
 
+#ifndef PERF_FLAG_FD_CLOEXEC
+#define PERF_FLAG_FD_CLOEXEC (1UL << 3)   /* Linux >= 3.14 */
+#endif
+
 static int pmu_event(uint32_t type, uint64_t config, int leader) {
     struct perf_event_attr a;
     memset(&a, 0, sizeof a);
@@ -274,7 +278,7 @@ static int pmu_event(uint32_t type, uint64_t config, int leader) {
     a.exclude_kernel = 1;
     a.exclude_hv = 1;
     a.read_format = PERF_FORMAT_GROUP | PERF_FORMAT_TOTAL_TIME_ENABLED | PERF_FORMAT_TOTAL_TIME_RUNNING;
-    return (int)syscall(SYS_perf_event_open, &a, 0, -1, leader, 0);
+    return (int)syscall(SYS_perf_event_open, &a, 0, -1, leader, PERF_FLAG_FD_CLOEXEC);   /* not into exec'd children */
 }
 
 int rf_pmu_open(int kind, int32_t *fds) {

@@ -3,6 +3,7 @@
     cycles()              one fenced counter read (ticks)
     calibrate()           tsc_hz, overhead_ticks, granularity_ticks, core_per_tsc, perf availability
     measure(target, ...)  min / median / MAD / p90 / CV of a CCall or a callable, in ticks per call
+    c_thunk(lib, sym)     your own `void sym(void *ctx)` in a .so, timed from the C loop
     machine.describe()    CPU, flags, peak FLOP per cycle, caches, bandwidths
     metrics.work(op, ..)  FLOPs and bytes per op; metrics.roofline(...)
     bench.run(...)        `refimpl bench`;  profile.run(...)  `refimpl profile`
@@ -18,6 +19,7 @@ _EXPORTS = {
     "measure": "refimpl.timing.harness", "Measurement": "refimpl.timing.harness",
     "measure_interleaved": "refimpl.timing.harness",
     "empty_ccall": "refimpl.timing.harness", "add_chain_ccall": "refimpl.timing.harness",
+    "c_thunk": "refimpl.timing.harness",
 }
 
 __all__ = sorted(_EXPORTS)

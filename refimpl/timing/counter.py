@@ -32,6 +32,7 @@ from __future__ import annotations
 import errno
 import math
 import os
+import threading
 import time
 from dataclasses import asdict, dataclass
 
@@ -217,12 +218,19 @@ class PMU:
         rc = int(lib.rf_pmu_open(code, self._fds))
         if rc:
             raise OSError(rc, f"perf_event_open ({kind}): {os.strerror(rc)}")
+        self._owner = (os.getpid(), threading.get_native_id())
 
     def read(self) -> tuple[int, int, int, int]:
         """(event 0, event 1, ns enabled, ns running).  Over an interval, running < enabled
-        means the kernel multiplexed the counters: their counts cover part of it only."""
+        means the kernel multiplexed the counters: their counts cover part of it only.
+        ValueError from any thread but the one that opened them (or a forked child): they count
+        that thread only, and another one's reads would be ~0, taken for counts."""
         if self._fds[0] < 0:
             raise ValueError("PMU: read after close()")
+        if (os.getpid(), threading.get_native_id()) != self._owner:
+            raise ValueError(f"PMU: read from thread {threading.get_native_id()} of process {os.getpid()}, "
+                             f"but the counters count thread {self._owner[1]} of process {self._owner[0]}, "
+                             "which opened them: open a PMU in the thread that runs the code")
         rc = int(lib.rf_pmu_read(self._fds[0], self._out))
         if rc:
             raise OSError(rc, f"reading the {self.kind} counters: {os.strerror(rc)}")

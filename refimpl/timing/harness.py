@@ -89,6 +89,7 @@ from __future__ import annotations
 import gc
 import math
 import os
+import re
 try:
     import resource
     _RUSAGE_THREAD = getattr(resource, "RUSAGE_THREAD", None)
@@ -396,6 +397,8 @@ def interleave_order(n_rows: int, rounds: int) -> list[tuple[int, int]]:
 
 
 _PMU = threading.local()
+if hasattr(os, "register_at_fork"):                      # a child's threads are not its parent's
+    os.register_at_fork(after_in_child=lambda: _PMU.__dict__.clear())
 
 
 def default_pmu():
@@ -464,8 +467,15 @@ class Sampler:
         self.is_c = _is_ccall(target)
         if not self.is_c and not callable(target):
             raise TypeError(f"measure: target must be a CCall or a callable, got {type(target).__name__}")
+        if reps is not None and (not isinstance(reps, (int, np.integer)) or isinstance(reps, bool)):
+            raise TypeError(f"measure: reps must be an integer (or None: sized), got {type(reps).__name__} {reps!r}")
         if reps is not None and reps < 1:
             raise ValueError(f"measure: reps={reps} must be >= 1")
+        if self.is_c and (args or kwargs):                # the C loop calls fn(ctx): nothing else reaches it
+            raise TypeError(f"measure: a CCall takes its arguments in prepare(...), not here; got "
+                            f"{len(args)} positional and {sorted(kwargs)} keyword argument(s)")
+        if self.is_c and not target.fn_addr:
+            raise ValueError("measure: the CCall's fn_addr is 0 (NULL): nothing to call")
         if cold and reps not in (None, 1):
             raise ValueError(f"measure: reps={reps} with cold=True: a cold sample is one call after a flush")
         self.name = name or getattr(target, "__qualname__", None) or type(target).__name__
@@ -637,8 +647,14 @@ class Sampler:
             reasons.append(f"CV {s['cv']:.1%} >= {CV_UNSTABLE:.0%}")
         if self.migrations:
             reasons.append(f"{self.migrations} samples changed CPU")
+        if not self.sized and self.r and s["median"] * self.r < self.sample_factor * self.floor_ticks():
+            # reps given (or cold: 1): a sample of a few counter steps has a CV of 0 or 100 %
+            reasons.append(f"samples of {s['median'] * self.r:.0f} ticks are below {self.sample_factor}x the "
+                           f"timer's floor ({self.floor_ticks():.0f} ticks): the figure is quantised")
         hz = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
-        if self.wall > 0 and self.steal / hz > STEAL_UNSTABLE * self.wall:
+        # /proc/stat counts steal in whole 1/hz ticks: one tick may be any steal below 2/hz, so
+        # two are needed before the steal is known to exceed the threshold
+        if self.wall > 0 and self.steal >= 2 and self.steal / hz > STEAL_UNSTABLE * self.wall:
             reasons.append(f"steal time grew by {self.steal / hz * 1e3:.0f} ms during {self.wall * 1e3:.0f} ms")
         return Measurement(name=self.name, kind=self.kind, reps=self.r, n=len(per_call),
                            overhead_ticks=self.overhead, cold=self.cold, cpu=self.cpu,
@@ -671,8 +687,10 @@ def measure(target: Any, *args, name: str | None = None, cold: bool = False, pin
             sample_factor: int = SAMPLE_FACTOR, cal: Calibration | None = None, pmu: Any = "auto",
             **kwargs) -> Measurement:
     """Time `target(*args, **kwargs)` (a callable) or a CCall; see the module docstring."""
-    if min_samples < 2:
-        raise ValueError(f"measure: min_samples={min_samples} must be >= 2")
+    _check_sampling("measure", budget_s=budget_s, warmup_s=warmup_s, warmup_calls=warmup_calls,
+                    min_samples=min_samples, max_samples=max_samples, sample_factor=sample_factor, cal=cal)
+    if max_samples < min_samples:
+        raise ValueError(f"measure: max_samples={max_samples} is below min_samples={min_samples}")
     s = Sampler(target, args, kwargs, name=name, cold=cold, reps=reps, sample_factor=sample_factor, cal=cal,
                 pmu=pmu)
     with _quiet(pin) as cpu:
@@ -680,6 +698,31 @@ def measure(target: Any, *args, name: str | None = None, cold: bool = False, pin
         s.warm(warmup_s, warmup_calls)
         s.take(budget_s, min_samples, max_samples)
     return s.result(min_samples)
+
+
+def _check_sampling(who: str, *, budget_s, warmup_s, warmup_calls, min_samples, max_samples, sample_factor,
+                    cal) -> None:
+    """TypeError / ValueError naming the argument: a NaN or infinite budget ran until max_samples
+    (400 calls of a 1 s callable), a negative one became min_samples, strings failed deep inside."""
+    def real(name, v, lo_ok):
+        if not isinstance(v, (int, float, np.integer, np.floating)) or isinstance(v, bool):
+            raise TypeError(f"{who}: {name} must be a number of seconds, got {type(v).__name__} {v!r}")
+        if not (math.isfinite(v) and (v >= 0 if lo_ok else v > 0)):
+            raise ValueError(f"{who}: {name}={v!r} must be finite and {'>= 0' if lo_ok else '> 0'}")
+
+    def integer(name, v, lo):
+        if not isinstance(v, (int, np.integer)) or isinstance(v, bool):
+            raise TypeError(f"{who}: {name} must be an integer, got {type(v).__name__} {v!r}")
+        if v < lo:
+            raise ValueError(f"{who}: {name}={v} must be >= {lo}")
+    real("budget_s", budget_s, False)
+    real("warmup_s", warmup_s, True)
+    integer("warmup_calls", warmup_calls, 0)
+    integer("min_samples", min_samples, 2)
+    integer("max_samples", max_samples, 2)
+    integer("sample_factor", sample_factor, 1)
+    if cal is not None and not isinstance(cal, Calibration):
+        raise TypeError(f"{who}: cal must be a Calibration (refimpl.timing.calibrate()), got {type(cal).__name__}")
 
 
 def fewest_max_samples(rounds: int, min_samples: int = 15) -> int:
@@ -712,9 +755,14 @@ def measure_interleaved(targets: list, *, rounds: int = 8, cold: bool = False, p
     samples, extra visits included (max_samples // rounds a slice; at least
     rounds x ceil(min_samples / rounds), else ValueError).
     """
+    _check_sampling("measure_interleaved", budget_s=budget_s, warmup_s=warmup_s, warmup_calls=warmup_calls,
+                    min_samples=min_samples, max_samples=max_samples, sample_factor=sample_factor, cal=cal)
+    for t in targets:
+        if not (isinstance(t, (tuple, list)) and len(t) == 4):
+            raise TypeError(f"measure_interleaved: each target must be a (target, args, kwargs, name) tuple, got {t!r}")
     cal = cal or calibrate()
-    if min_samples < 2:
-        raise ValueError(f"measure: min_samples={min_samples} must be >= 2")
+    if gate is not None and rounds < 2:
+        raise ValueError("measure_interleaved: the quiet gate needs rounds >= 2 (it keeps the quiet ones)")
     if rounds < 1:
         raise ValueError(f"measure_interleaved: rounds={rounds} must be >= 1")
     samplers = [Sampler(t, a, kw, name=nm, cold=cold, sample_factor=sample_factor, cal=cal, pmu=pmu)
@@ -863,6 +911,44 @@ class _Thunk:
 
     def run(self):
         getattr(lib, "rf_add_chain_thunk" if self.n_adds is not None else "rf_empty_thunk")(self._ctx)
+
+
+def c_thunk(lib, symbol: str, ctx=None):
+    """Your own C function `void symbol(void *ctx)` in the shared library `lib`, as a CCall: the
+    harness's C loop calls it `reps` times between two fenced counter reads, as it times the
+    project's kernels (no Python in the timed region).  Write the thunk to call your kernel with
+    its arguments; `ctx` is None (NULL) or a buffer (a NumPy array, a bytearray) whose address
+    the thunk gets, e.g. sizes and pointers you packed.  (`refimpl.verify.load_c` wraps a C
+    function for the verifier, with guard zones and copies around every call: not for timing.)"""
+    import cffi
+
+    from refimpl.kernels.ccall import CCall
+    path = os.fspath(lib)
+    if not re.fullmatch(r"[A-Za-z_]\w*", symbol or ""):
+        raise ValueError(f"c_thunk: symbol {symbol!r} is not a C identifier")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"c_thunk: shared library {path!r} not found")
+    f = cffi.FFI()
+    f.cdef(f"void {symbol}(void *);")
+    try:
+        handle = f.dlopen(os.path.abspath(path))
+    except OSError as e:
+        raise OSError(f"c_thunk: cannot open shared library {path!r}: {e}") from None
+    try:
+        fn = getattr(handle, symbol)
+    except AttributeError:
+        raise AttributeError(f"c_thunk: symbol {symbol!r} not found in {path!r}") from None
+    if ctx is None:
+        cptr = f.NULL
+    else:
+        try:
+            cptr = f.from_buffer(ctx, require_writable=False)
+        except TypeError:
+            raise TypeError(f"c_thunk: ctx must be None or a buffer (a NumPy array, bytearray), "
+                            f"got {type(ctx).__name__}") from None
+    fn_addr = int(f.cast("uintptr_t", f.addressof(handle, symbol)))
+    ctx_addr = int(f.cast("uintptr_t", cptr))
+    return CCall(fn_addr=fn_addr, ctx_addr=ctx_addr, run=lambda: fn(cptr), out=None, keep=[f, handle, ctx, cptr])
 
 
 def empty_ccall():

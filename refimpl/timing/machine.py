@@ -134,9 +134,13 @@ def _parse_override(text: str) -> dict:
         k = k.strip()
         if k not in ("float32", "float64"):
             raise ValueError(f"REFIMPL_PEAK_FLOPS: unknown dtype {k!r} (use float32=..,float64=..)")
-        out[k] = float(v)
-        if not out[k] > 0:
-            raise ValueError(f"REFIMPL_PEAK_FLOPS: {k} must be > 0, got {v!r}")
+        try:
+            out[k] = float(v)
+        except ValueError:
+            raise ValueError(f"REFIMPL_PEAK_FLOPS: {part.strip()!r} must be dtype=number "
+                             "(e.g. float32=32,float64=16)") from None
+        if not (math.isfinite(out[k]) and out[k] > 0):
+            raise ValueError(f"REFIMPL_PEAK_FLOPS: {k} must be a finite number > 0, got {v!r}")
     return out
 
 
@@ -162,8 +166,9 @@ def peak_table(uarch, flags, peak: dict | None = None) -> tuple[dict, str]:
         src = f"REFIMPL_PEAK_FLOPS={env}"
     if peak:
         for k, v in peak.items():
-            if k not in out or not v > 0:
-                raise ValueError(f"peak: expected {{'float32'|'float64': > 0}}, got {peak!r}")
+            if (k not in out or not isinstance(v, (int, float, np.integer, np.floating)) or isinstance(v, bool)
+                    or not (math.isfinite(v) and v > 0)):
+                raise ValueError(f"peak: expected {{'float32'|'float64': a finite number > 0}}, got {peak!r}")
             out[k] = float(v)
         src = "argument"
     return out, src

@@ -83,6 +83,11 @@ def work(op: str, shape: tuple, dtype="float32", causal: bool = False) -> Work:
         raise ValueError(f"{op}: shape {shape} must give {'x'.join(dims)}")
     if any((not isinstance(x, (int, np.integer))) or x < 0 for x in shape):
         raise ValueError(f"{op}: shape {shape} must be non-negative ints")
+    if causal and op != "attention":
+        raise ValueError(f"{op}: causal applies to attention only")
+    if op == "attention" and (shape[1] == 0 or shape[0] % shape[1]):
+        raise ValueError(f"attention: shape {shape}: query heads H={shape[0]} must be a multiple of "
+                         f"key/value heads Hkv={shape[1]}")
     if op == "matmul":
         M, K, N = shape
         return Work(2 * M * N * K, (M * K + K * N + M * N) * s)
@@ -141,9 +146,15 @@ def roofline(w: Work, ticks: float, machine, dtype="float32", cold: bool = False
     ticks x machine.core_per_tsc."""
     cpt = machine.core_per_tsc
     ticks = float(ticks)
+    if not (math.isfinite(ticks) and ticks >= 0):
+        raise ValueError(f"roofline: ticks={ticks!r} must be a finite number >= 0")
     if core_cycles is not None and ticks > 0 and core_cycles > 0:
         cpt = core_cycles / ticks                     # this measurement's own core/TSC
-    peak_cycle = machine.peak_flop_per_cycle[str(np.dtype(dtype))]
+    dt = str(np.dtype(dtype))
+    if dt not in machine.peak_flop_per_cycle:
+        raise ValueError(f"roofline: no peak FLOP/cycle for dtype {dt} (the machine model has "
+                         f"{', '.join(machine.peak_flop_per_cycle)})")
+    peak_cycle = machine.peak_flop_per_cycle[dt]
     peak_tick = peak_cycle * cpt
     if cold and machine.bandwidth:
         level = "DRAM" if "DRAM" in machine.bandwidth else list(machine.bandwidth)[-1]
