@@ -843,7 +843,7 @@ def test_c_thunk_times_a_users_c_function_from_the_c_loop(tmp_path):
     src.write_text("#include <stdint.h>\n"
                    "void empty(void *ctx) { (void)ctx; }\n"
                    "void chain(void *ctx) { uint64_t *c = ctx; uint64_t x = c[1];\n"
-                   "  for (uint64_t i = 0; i < c[0]; i++) __asm__ volatile(\"add $1, %0\" : \"+r\"(x));\n"
+                   "  for (uint64_t i = 0; i < c[0]; i++) { x += 1; __asm__ volatile(\"\" : \"+r\"(x)); }\n"
                    "  c[1] = x; }\n")
     so = tmp_path / "libt.so"
     subprocess.run(["gcc", "-O2", "-shared", "-fPIC", "-o", str(so), str(src)], check=True)
