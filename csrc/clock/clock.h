@@ -64,7 +64,8 @@ int rf_bw_simd_bits(void);
 /* perf_event_open probe: count core cycles and instructions (user space) around
  * an add chain of n_adds.  Returns 0 and fills *cycles, *instructions when the
  * counters work; else a positive errno from perf_event_open, or -1 if the
- * counters opened but counted nothing (a VM without a virtual PMU). */
+ * counters opened but counted nothing (a VM without a virtual PMU), -2 if they were
+ * multiplexed during the chain. */
 int rf_perf_probe(uint64_t *cycles, uint64_t *instructions, uint64_t n_adds);
 
 /* Counters for the harness: a perf_event_open group of two events of this thread,

@@ -358,6 +358,7 @@ int rf_perf_probe(uint64_t *cycles, uint64_t *instructions, uint64_t n_adds) {
     __asm__ __volatile__("" : : "r"(x));
     rf_pmu_close(fds);
     if (!ok || b[0] == a[0] || b[1] == a[1]) return -1;
+    if (b[3] - a[3] < b[2] - a[2]) return -2;       /* multiplexed: the counts cover part of the chain */
     *cycles = b[0] - a[0];
     *instructions = b[1] - a[1];
     return 0;

@@ -182,6 +182,9 @@ def perf_probe(n_adds: int = 1 << 20) -> tuple[bool, str, float | None, int, int
         return True, "perf_event_open counts core cycles and instructions", c[0] / n_adds, int(c[0]), int(i[0])
     if rc == -1:
         return False, "perf_event_open opened but counted nothing (no virtual PMU)", None, 0, 0
+    if rc == -2:
+        return False, ("perf_event_open's counters were multiplexed with other events during the probe "
+                       "(their counts would cover part of each sample)"), None, 0, 0
     name = errno.errorcode.get(rc, str(rc))
     why = {errno.ENOENT: "no hardware PMU exposed (typical in a VM)",
            errno.EACCES: "not permitted (kernel.perf_event_paranoid)",

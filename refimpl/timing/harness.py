@@ -575,13 +575,14 @@ class Sampler:
                 t0 = time.perf_counter()
                 deadline = t0 + budget_s
                 give_up = t0 + (4 * budget_s if give_up_s is None else give_up_s)
-            if cpu >= 0 and (ca != cpu or cb != cpu) and ca >= 0:
-                self.migrations += 1
-            elif cpu < 0 and ca != cb:
-                self.migrations += 1
+            migrated = (cpu >= 0 and (ca != cpu or cb != cpu) and ca >= 0) or (cpu < 0 and ca != cb)
+            self.migrations += bool(migrated)
+            if t >= 1 << 63:             # stop before start: a migration across unsynchronised TSCs
+                continue                 # wrapped to ~1.8e19 ticks; no figure at all
             x = (t - self.overhead) / r
-            (self.dropped if sw1 != sw0 else self.per_call).append(x)
-            if pmu is not None and sw1 == sw0:
+            # a sample that changed CPU read two CPUs' counters: dropped, as a preempted one is
+            (self.dropped if sw1 != sw0 or migrated else self.per_call).append(x)
+            if pmu is not None and sw1 == sw0 and not migrated:
                 whole = p1[3] - p0[3] >= p1[2] - p0[2]          # counted the whole sample
                 self.pmu_c.append((p1[0] - p0[0] - self.pmu_base[0]) / r if whole else math.nan)
                 self.pmu_i.append((p1[1] - p0[1] - self.pmu_base[1]) / r if whole else math.nan)
