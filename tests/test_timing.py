@@ -47,6 +47,24 @@ def test_counter_without_rdtscp_reads_no_cpu_id():
     assert counter.reads_cpu_ids() and counter.current_cpu() >= 0
 
 
+@pytest.mark.skipif(counter.COUNTER != "rdtsc", reason="TSC_AUX is x86-64's")
+def test_a_tsc_aux_that_is_not_the_cpu_turns_cpu_ids_off(monkeypatch):
+    """Where the kernel leaves TSC_AUX unset (0 on every CPU), every pinned sample off CPU 0
+    counted as a migration; calibrate now checks it against the CPU it pinned to."""
+    from refimpl._clock import lib
+    if len(os.sched_getaffinity(0)) < 2:
+        pytest.skip("one CPU: a TSC_AUX of 0 is right there")
+    assert counter.tsc_aux_is_the_cpu()
+    monkeypatch.setattr(counter, "current_cpu", lambda: 0)
+    try:
+        assert not counter.tsc_aux_is_the_cpu()
+        assert not calibrate(force=True).cpu_ids and not counter.reads_cpu_ids()
+    finally:
+        lib.rf_counter_without_cpu_ids(0)
+        monkeypatch.undo()
+        assert calibrate(force=True).cpu_ids
+
+
 def test_tsc_hz_matches_the_kernel():
     hz, source = counter.kernel_tsc_hz()
     if hz is None:

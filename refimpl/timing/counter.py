@@ -67,6 +67,24 @@ def reads_cpu_ids() -> bool:
     return bool(lib.rf_counter_cpu_ids())
 
 
+def tsc_aux_is_the_cpu(limit: int = 16) -> bool:
+    """Whether the cpu id a stop reads (RDTSCP's TSC_AUX) is the CPU the thread runs on, pinned in
+    turn to each CPU it may use (the first `limit`).  Linux writes TSC_AUX only when it uses RDTSCP
+    or RDPID itself; elsewhere (clearcpuid=rdtscp, some hypervisors, other kernels) it may read 0
+    on every CPU, and every pinned sample off CPU 0 would count as a migration."""
+    if not reads_cpu_ids() or not hasattr(os, "sched_setaffinity"):
+        return reads_cpu_ids()
+    before = os.sched_getaffinity(0)
+    try:
+        for c in sorted(before)[:limit]:
+            os.sched_setaffinity(0, {c})
+            if current_cpu() != c:
+                return False
+        return True
+    finally:
+        os.sched_setaffinity(0, before)
+
+
 @dataclass(frozen=True)
 class Calibration:
     counter: str
@@ -261,6 +279,8 @@ def calibrate(force: bool = False, hz_seconds: float = 0.1, n_empty: int = 20000
         return _CACHE
     if n_empty < 10000:
         raise ValueError(f"n_empty={n_empty}: the overhead needs at least 10000 empty regions")
+    if reads_cpu_ids() and not tsc_aux_is_the_cpu():
+        lib.rf_counter_without_cpu_ids(1)                # stops read no cpu id from here on
     d, migrated = empty_regions(n_empty)
     overhead = int(d.min())
     gran = granularity(d)
