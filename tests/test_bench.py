@@ -561,14 +561,14 @@ def test_max_samples_is_an_upper_limit(capsys):
     assert rep["results"][0]["n"] <= 16
     from refimpl.timing import harness
     with pytest.raises(ValueError, match="max_samples=7 cannot hold"):
-        harness.measure_interleaved(_logging_targets_for_cap(), rounds=8, max_samples=7, min_samples=2)
+        harness.measure_interleaved(_two_empty_targets(), rounds=8, max_samples=7, min_samples=2)
     gated = harness.QuietProbe()
-    ms = harness.measure_interleaved(_logging_targets_for_cap(), rounds=6, max_samples=12, min_samples=2,
+    ms = harness.measure_interleaved(_two_empty_targets(), rounds=6, max_samples=12, min_samples=2,
                                      budget_s=0.05, gate=gated, gate_extra_s=0.05)
     assert all(len(m.samples) <= 12 for m in ms)
 
 
-def _logging_targets_for_cap():
+def _two_empty_targets():
     return [(lambda: None, (), {}, f"t{i}") for i in range(2)]
 
 

@@ -134,10 +134,10 @@ def check_same_dtype(**arrays) -> np.dtype:
     return d0
 
 
-def check_matmul_args(a, b):
+def check_matmul_args(a, b, dtypes=_FLOATS):
     """a (M,K), b (K,N)."""
-    a = check_array("a", a, ndim=2)
-    b = check_array("b", b, ndim=2)
+    a = check_array("a", a, dtypes, ndim=2)
+    b = check_array("b", b, dtypes, ndim=2)
     check_same_dtype(a=a, b=b)
     if a.shape[1] != b.shape[0]:
         raise ValueError(f"matmul: a is {a.shape} and b is {b.shape}: inner sizes {a.shape[1]} != {b.shape[0]}")
@@ -197,11 +197,11 @@ def check_attention_shapes(q_shape, k_shape, v_shape, causal=False):
         raise ValueError(f"attention: causal needs Lq <= Lk, got Lq={Lq}, Lk={Lk}")
 
 
-def check_attention_args(q, k, v, causal=False):
+def check_attention_args(q, k, v, causal=False, dtypes=_FLOATS):
     """Arrays checked (see check_array) and shapes checked (see check_attention_shapes)."""
-    q = check_array("q", q, ndim=3)
-    k = check_array("k", k, ndim=3)
-    v = check_array("v", v, ndim=3)
+    q = check_array("q", q, dtypes, ndim=3)
+    k = check_array("k", k, dtypes, ndim=3)
+    v = check_array("v", v, dtypes, ndim=3)
     check_same_dtype(q=q, k=k, v=v)
     check_attention_shapes(q.shape, k.shape, v.shape, causal)
     return q, k, v

@@ -6,7 +6,6 @@ backend accepts and refuses the same calls; the checked arrays go to the oracle.
 """
 from __future__ import annotations
 
-
 from refimpl.kernels.contracts import (check_array, check_attention_args, check_finite, check_flag,
                                       check_matmul_args, check_norm_args, check_rope_args, check_rows_args)
 from refimpl.kernels.registry import register

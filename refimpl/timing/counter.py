@@ -163,7 +163,7 @@ def granularity(deltas, min_share: float = 0.001) -> int:
     return math.gcd(*(int(x) for x in use)) if use.size else 1
 
 
-def _whole_trips(n_adds: int) -> int:
+def whole_trips(n_adds: int) -> int:
     """n_adds rounded up to the 16 adds of a loop trip (what the C chain runs)."""
     return -(-int(n_adds) // 16) * 16
 
@@ -176,7 +176,7 @@ def add_chain_ticks(n_adds: int, trials: int = 7) -> int:
 def measure_core_per_tsc(n_adds: int = 1 << 20, rounds: int = 5) -> tuple[float, float]:
     """(core cycles per tick, relative spread): N / (t(2N) - t(N)) over `rounds` rounds
     (N rounded up to a multiple of 16: the adds run 16 to a trip)."""
-    n_adds = _whole_trips(n_adds)
+    n_adds = whole_trips(n_adds)
     est = []
     for _ in range(rounds):
         t1 = add_chain_ticks(n_adds)
@@ -192,7 +192,7 @@ def measure_core_per_tsc(n_adds: int = 1 << 20, rounds: int = 5) -> tuple[float,
 
 def perf_probe(n_adds: int = 1 << 20) -> tuple[bool, str, float | None, int, int]:
     """(works, reason, cycles per add, cycles, instructions) from perf_event_open."""
-    n_adds = _whole_trips(n_adds)
+    n_adds = whole_trips(n_adds)
     c = ffi.new("uint64_t *")
     i = ffi.new("uint64_t *")
     rc = int(lib.rf_perf_probe(c, i, n_adds))

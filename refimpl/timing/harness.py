@@ -89,7 +89,6 @@ from __future__ import annotations
 import gc
 import math
 import os
-import re
 try:
     import resource
     _RUSAGE_THREAD = getattr(resource, "RUSAGE_THREAD", None)
@@ -105,7 +104,7 @@ from typing import Any
 import numpy as np
 
 from refimpl._clock import ffi, lib
-from refimpl.timing.counter import PMU, Calibration, calibrate, current_cpu
+from refimpl.timing.counter import PMU, Calibration, calibrate, current_cpu, whole_trips
 
 CV_UNSTABLE = 0.05
 STEAL_UNSTABLE = 0.01
@@ -768,10 +767,10 @@ def measure_interleaved(targets: list, *, rounds: int = 8, cold: bool = False, p
         raise ValueError(f"measure_interleaved: rounds={rounds} must be >= 1")
     samplers = [Sampler(t, a, kw, name=nm, cold=cold, sample_factor=sample_factor, cal=cal, pmu=pmu)
                 for t, a, kw, nm in targets]
-    per_min = max(1, math.ceil(min_samples / rounds))
-    if max_samples < fewest_max_samples(rounds, min_samples):
+    per_min, fewest = max(1, math.ceil(min_samples / rounds)), fewest_max_samples(rounds, min_samples)
+    if max_samples < fewest:
         raise ValueError(f"measure_interleaved: max_samples={max_samples} cannot hold {per_min} sample(s) in "
-                         f"each of rounds={rounds} (needs >= {fewest_max_samples(rounds, min_samples)})")
+                         f"each of rounds={rounds} (needs >= {fewest})")
     per_max = max_samples // rounds
     with _quiet(pin) as cpu:
         for s in samplers:
@@ -923,22 +922,10 @@ def c_thunk(lib, symbol: str, ctx=None):
     function for the verifier, with guard zones and copies around every call: not for timing.)"""
     import cffi
 
-    from refimpl.kernels.ccall import CCall
-    path = os.fspath(lib)
-    if not re.fullmatch(r"[A-Za-z_]\w*", symbol or ""):
-        raise ValueError(f"c_thunk: symbol {symbol!r} is not a C identifier")
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"c_thunk: shared library {path!r} not found")
+    from refimpl.kernels.ccall import CCall, check_c_identifier, dlopen_symbol
     f = cffi.FFI()
-    f.cdef(f"void {symbol}(void *);")
-    try:
-        handle = f.dlopen(os.path.abspath(path))
-    except OSError as e:
-        raise OSError(f"c_thunk: cannot open shared library {path!r}: {e}") from None
-    try:
-        fn = getattr(handle, symbol)
-    except AttributeError:
-        raise AttributeError(f"c_thunk: symbol {symbol!r} not found in {path!r}") from None
+    f.cdef(f"void {check_c_identifier(symbol, 'c_thunk: ')}(void *);")
+    handle, fn = dlopen_symbol(f, lib, symbol, "c_thunk: ")
     if ctx is None:
         cptr = f.NULL
     else:
@@ -968,4 +955,4 @@ def add_chain_ccall(n_adds: int):
         raise TypeError(f"n_adds must be an integer, got {type(n_adds).__name__} {n_adds!r}")
     if n_adds < 0:
         raise ValueError(f"n_adds={n_adds} must be >= 0")
-    return _Thunk("rf_add_chain_thunk", -(-int(n_adds) // 16) * 16)
+    return _Thunk("rf_add_chain_thunk", whole_trips(n_adds))

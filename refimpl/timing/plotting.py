@@ -20,8 +20,8 @@ def image_format(path, opt: str = "--plot") -> str:
     ext = Path(path).suffix.lower().lstrip(".")
     if not ext:
         return "png"
-    supported = pyplot().figure().canvas.get_supported_filetypes()
-    pyplot().close("all")
+    from matplotlib.backend_bases import FigureCanvasBase
+    supported = FigureCanvasBase.get_supported_filetypes()
     if ext not in supported:
         raise ValueError(f"{opt} {path}: matplotlib cannot write .{ext} files "
                          f"(it writes {', '.join(sorted(supported))})")

@@ -168,32 +168,23 @@ class CFunction:
 
     def __init__(self, lib: str, symbol: str, signature: str, op: str):
         import cffi
+
+        from refimpl.kernels.ccall import check_c_identifier, dlopen_symbol
         from refimpl.verify.cases import OPS
         if op not in OPS:
             raise ValueError(f"unknown op {op!r}; ops are {', '.join(OPS)}")
-        if not re.fullmatch(r"[A-Za-z_]\w*", symbol or ""):
-            raise ValueError(f"symbol {symbol!r} is not a C identifier")
+        check_c_identifier(symbol)
         lib = os.fspath(lib)                             # a pathlib.Path too
         self.op, self.symbol, self.signature = op, symbol, signature
         self.ret, self.params = parse_signature(signature)
         self._classify()
-        path = lib if os.sep in lib else os.path.join(".", lib)
-        if not os.path.exists(path):
-            raise FileNotFoundError(f"shared library {lib!r} not found")
         self.ffi = cffi.FFI()
         decl = f"{self.ret} {symbol}({', '.join(p.text for p in self.params) or 'void'});"
         try:
             self.ffi.cdef(decl)
         except Exception as e:
             raise SignatureError(f"cffi cannot declare {decl!r}: {e}") from None
-        try:
-            self.lib = self.ffi.dlopen(os.path.abspath(path))
-        except OSError as e:
-            raise OSError(f"cannot open shared library {lib!r}: {e}") from None
-        try:
-            self.fn = getattr(self.lib, symbol)
-        except AttributeError:
-            raise AttributeError(f"symbol {symbol!r} not found in {lib!r}") from None
+        self.lib, self.fn = dlopen_symbol(self.ffi, lib, symbol)
         self.refimpl_name = f"{lib}:{symbol}"
 
     # ------------------------------------------------------------------ convention
@@ -363,26 +354,26 @@ class CFunction:
         the function's dtype and the ranks of the convention above: the C function indexes them
         by the sizes taken from their shapes (a 4-wide a with a 5-row b read past b's end)."""
         from refimpl.kernels import contracts as C
-        names = _ARRAYS[self.op]
+        from refimpl.verify.cases import SPECS
+        names, op, dts = SPECS[self.op].arrays, self.op, (self.refimpl_dtype,)
         if len(arrays) != len(names):
-            raise TypeError(f"{self.symbol} ({self.op}) takes {len(names)} array(s) ({', '.join(names)}), "
+            raise TypeError(f"{self.symbol} ({op}) takes {len(names)} array(s) ({', '.join(names)}), "
                             f"got {len(arrays)}")
-        dts = (self.refimpl_dtype,)
-        if self.op == "rope":
-            x, p = C.check_rope_args(C.check_array("x", arrays[0], dts, ndim=3), arrays[1], dts)
+        if op == "matmul":
+            return list(C.check_matmul_args(*arrays, dtypes=dts))
+        if op == "attention":
+            return list(C.check_attention_args(*arrays, causal=causal, dtypes=dts))
+        if op in ("gelu_tanh", "silu"):
+            return [C.check_array("x", arrays[0], dts)]
+        x = C.check_array("x", arrays[0], dts, ndim=3 if op == "rope" else 2)    # [R,N] / [H,T,D] here
+        if op == "rope":
+            x, p = C.check_rope_args(x, arrays[1], dts)
             if self.pos_dtype == np.int32 and p.size and (p.min() < -2**31 or p.max() >= 2**31):
                 raise ValueError(f"argument 'positions' has values beyond the int32 range {self.symbol} takes")
             return [x, p]
-        ranks = {"matmul": 2, "softmax": 2, "layer_norm": 2, "rms_norm": 2, "attention": 3}
-        out = [C.check_array(n, a, dts, ndim=ranks.get(self.op) if i == 0 or self.op in ("matmul", "attention")
-                             else 1) for i, (n, a) in enumerate(zip(names, arrays))]
-        if self.op == "matmul":
-            C.check_matmul_args(*out)
-        elif self.op in ("layer_norm", "rms_norm"):
-            C.check_norm_args(self.op, *out, dtypes=dts)
-        elif self.op == "attention":
-            C.check_attention_shapes(*(a.shape for a in out), causal)
-        return out
+        if op == "softmax":
+            return [x]
+        return list(C.check_norm_args(op, x, *arrays[1:], dtypes=dts))
 
     def __call__(self, *arrays, **kw):
         op = self.op
@@ -433,10 +424,6 @@ class CFunction:
             return np.stack([self._run((T, D), [x[h]], {"T": T, "D": D}, scalar=theta, positions=positions)
                              for h in range(H)])
         raise AssertionError(op)
-
-
-_ARRAYS = {"matmul": ("a", "b"), "softmax": ("x",), "layer_norm": ("x", "w", "b"), "rms_norm": ("x", "w"),
-           "gelu_tanh": ("x",), "silu": ("x",), "attention": ("q", "k", "v"), "rope": ("x", "positions")}
 
 
 def load_c(lib: str, symbol: str, signature: str, op: str) -> CFunction:
