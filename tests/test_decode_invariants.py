@@ -111,16 +111,19 @@ def test_stop_tokens_and_context_limit():
 
 @pytest.mark.parametrize("bad, match", [
     ([1, 97], "out of range: vocab_size is 97"),
-    ([-1], "out of range"),
+    ([-1], r"ids\[0\] = -1 is out of range"),
+    ([97], r"ids\[0\] = 97 is out of range: vocab_size is 97"),
+    (np.array([2**63], np.uint64), r"ids\[0\] = 9223372036854775808 is out of range"),
+    (np.array([5, 2**63], np.uint64), r"ids\[1\] = 9223372036854775808 is out of range"),
     ([], "non-empty"),
     (list(range(65)), "context limit max_seq_len = 64"),
 ])
 def test_bad_ids_name_the_limit(bad, match):
     m = tiny_model("llama")
     with pytest.raises(ValueError, match=match):
-        m.forward(np.array(bad, dtype=np.int64))
+        m.forward(np.asarray(bad, dtype=getattr(bad, "dtype", np.int64)))
     with pytest.raises(ValueError, match=match.replace("ids", "prompt")):
-        m.generate(np.array(bad, dtype=np.int64), 3)
+        m.generate(np.asarray(bad, dtype=getattr(bad, "dtype", np.int64)), 3)
 
 
 def test_bad_params_name_the_tensor():

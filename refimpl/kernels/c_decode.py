@@ -188,7 +188,7 @@ class _DecodeStep:
         if not 0 <= pos < t.dims.S:
             raise ValueError(f"cache position {pos} is outside the cache's capacity of {t.dims.S} positions "
                              f"(the context limit max_seq_len is {self.model.config.max_seq_len})")
-        logits = aligned_empty((1, self.V), np.float32)
+        logits = np.empty((1, self.V), np.float32)       # written with unaligned stores: NumPy's alignment will do
         stages = ffi.new("rf_decode_stages *") if self.stamps else ffi.NULL
         rc = self._run(self.w, t, ffi.cast("float *", ffi.from_buffer(logits, require_writable=True)), token, pos,
                        stages)
