@@ -9,6 +9,7 @@ import subprocess
 import sys
 from fractions import Fraction
 
+import numpy as np
 import pytest
 
 from refimpl.oracle import exact as X
@@ -152,3 +153,22 @@ def test_output_into_a_closed_pipe_is_no_traceback():
     p.stdout.close()
     err = p.stderr.read().decode()
     assert p.wait(timeout=300) == 141 and "Traceback" not in err and "BrokenPipe" not in err, err
+
+
+def test_exact_reads_numpy_scalars_and_compares_exactly():
+    """NumPy 2 prints np.float64(0.5) as 'np.float64(0.5)', which Fraction cannot read: teaching
+    mode failed on NumPy arrays.  A float reads as the digits it prints (np.float32(0.1) -> 1/10)."""
+    assert X.exact(np.float64(0.5)) == Fraction(1, 2) and X.exact(np.float32(0.1)) == Fraction(1, 10)
+    assert X.exact(np.array(0.25)) == Fraction(1, 4) and X.exact(np.int8(-4)) == -4
+    for bad, err in ((np.bool_(True), TypeError), (np.float64("nan"), ValueError), (np.float32("inf"), ValueError),
+                     (np.complex128(1), TypeError)):
+        with pytest.raises(err):
+            X.exact(bad)
+    eye = [[1, 0], [0, 1]]
+    assert (explain_attention(np.eye(2), np.eye(2), np.eye(2), out=io.StringIO())
+            == explain_attention(eye, eye, eye, out=io.StringIO()))       # arrays teach as lists do
+    third = Fraction(1, 3)
+    assert X.argmax([third, third + Fraction(1, 10 ** 60)]) == 1      # 60 digits past PREC = 50
+    assert X.argmax([X.to_decimal(third), third]) == 1                 # the 50-digit decimal is below 1/3
+    assert X.fmt(X.to_decimal(Fraction(10 ** 60))) == "1" + "0" * 60 + ".0000"
+    assert X.fmt(X.to_decimal(Fraction(-1, 10 ** 9))) == "0.0000"

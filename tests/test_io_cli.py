@@ -1,6 +1,8 @@
 """`refimpl generate` and the loaded model's input checks (token ids out of
 range, prompt longer than the context)."""
 
+import json
+
 import numpy as np
 import pytest
 
@@ -182,3 +184,24 @@ def test_generate_and_load_accept_tiny_models(tmp_path, monkeypatch, capsys):
     m = rload.load("tiny:classic:2", dtype="float64")                  # the one resolver (profile uses it too)
     assert m.config.arch == "classic"
     assert all(np.array_equal(m.params[k], v) for k, v in tiny_model("classic", seed=2).params.items())
+
+
+def test_generate_stops_at_any_of_several_eos_ids(tmp_path, capsys):
+    """Llama 3's config lists three EOS ids; the loader kept none of a list of two or more, so
+    `refimpl generate` never stopped at EOS.  generation_config.json's ids win, as in transformers."""
+    prompt = ByteTokenizer().encode("hi")
+    write_dir(tmp_path / "free", GPT2_128)
+    free = rload.load(tmp_path / "free").generate(prompt, 6).tokens
+    eos = [t for t in range(128) if t not in free][:1] + [free[2]]          # one unused id, one it emits
+    write_dir(tmp_path / "eos", dict(GPT2_128, eos_token_id=eos))
+    cfg = rload.load(tmp_path / "eos").config
+    assert cfg.eos_token_ids == tuple(eos)
+    assert main(["generate", str(tmp_path / "eos"), "--prompt", "hi", "--max-new-tokens", "6"]) == 0
+    out, err = capsys.readouterr()
+    assert out == ByteTokenizer().decode(prompt + free[: free.index(free[2]) + 1]) + "\n" and "stopped: stop" in err
+    write_dir(tmp_path / "gen", dict(GPT2_128, eos_token_id=eos[0]))
+    (tmp_path / "gen" / "generation_config.json").write_text(json.dumps({"eos_token_id": eos}))
+    assert rload.load(tmp_path / "gen").config.eos_token_ids == tuple(eos)
+    (tmp_path / "gen" / "generation_config.json").write_text("[1]")
+    with pytest.raises(ValueError, match="generation_config.json: must be a JSON object"):
+        rload.load(tmp_path / "gen")

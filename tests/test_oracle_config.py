@@ -28,3 +28,30 @@ def test_flags_must_be_booleans(field, value):
 def test_ordinary_values_pass():
     c = Config(**BASE, norm_eps=1e-6, rope_theta=500000, tie_embeddings=False, rope_interleaved=True)
     assert c.norm_eps == 1e-6 and c.rope_theta == 500000
+
+
+@pytest.mark.parametrize("field,value", [
+    ("type_vocab_size", 0), ("type_vocab_size", -1), ("type_vocab_size", 2.5),
+    ("n_layers", True), ("vocab_size", False), ("d_model", 8.0),
+])
+def test_sizes_must_be_positive_ints_not_bools(field, value):
+    with pytest.raises(ValueError, match=rf"config\.{field} must be a positive int"):
+        Config(**{**BASE, field: value})
+
+
+@pytest.mark.parametrize("eos, stored, ids", [
+    (None, None, ()), (2, 2, (2,)), ([2], 2, (2,)), ([2, 7], (2, 7), (2, 7)), ((7, 2), (7, 2), (7, 2)), ([], None, ()),
+])
+def test_one_or_several_eos_ids(eos, stored, ids):
+    c = Config(**BASE, eos_token_id=eos)
+    assert c.eos_token_id == stored and c.eos_token_ids == ids
+    assert Config.from_dict(c.to_dict()) == c                     # a JSON list reads back the same
+
+
+@pytest.mark.parametrize("field,value", [
+    ("eos_token_id", -1), ("eos_token_id", [2, "3"]), ("eos_token_id", True), ("eos_token_id", 2.0),
+    ("bos_token_id", -1), ("bos_token_id", [1]), ("bos_token_id", False),
+])
+def test_bad_token_ids_are_refused_by_name(field, value):
+    with pytest.raises(ValueError, match=rf"config\.{field} must be an int >= 0"):
+        Config(**BASE, **{field: value})

@@ -153,3 +153,30 @@ def test_layers_match_torch_float64():
     ref = F.scaled_dot_product_attention(t(q), t(np.repeat(k, 3, 0)), t(np.repeat(v, 3, 0)),
                                          attn_mask=t(L.causal_mask(T, S)))
     np.testing.assert_allclose(ours, ref.numpy(), **tol)
+
+
+def test_attention_takes_a_bool_keep_mask_only():
+    """An additive mask (0 keep, -1e10 drop) read as a truth value would keep exactly the
+    dropped keys: only bool is taken, and a mask that does not fit the scores is named."""
+    q, k, v = np.random.default_rng(0).standard_normal((3, 3, 4))
+    keep = L.causal_mask(3, 3)
+    p = L.attention_probs(q, k, keep)
+    assert (p[~keep] == 0).all() and np.allclose(p.sum(-1), 1)
+    with pytest.raises(TypeError, match="mask must be a bool array.*m == 0"):
+        L.attention_probs(q, k, np.where(keep, 0.0, -1e10))
+    with pytest.raises(TypeError, match="mask must be a bool array"):
+        L.attention(q, k, v, keep.astype(np.int64))
+    with pytest.raises(ValueError, match=r"mask of shape \(2, 3\) does not fit the scores' shape \(3, 3\)"):
+        L.attention_probs(q, k, keep[:2])
+    with pytest.raises(ValueError, match="causal_mask: T=4 queries must be 0..S=3"):
+        L.causal_mask(4, 3)
+
+
+def test_integer_inputs_are_computed_in_float64():
+    """The module's promise: integers are computed in float64, never in integers (int16 x*x
+    wrapped to NaN in rms_norm; int8 100*2 + 100*2 wrapped to -112 in linear)."""
+    x16 = np.array([[200, 300]], np.int16)
+    assert np.array_equal(L.rms_norm(x16, np.ones(2)), L.rms_norm(x16.astype(np.float64), np.ones(2)))
+    assert L.linear(np.array([[100, 100]], np.int8), np.array([[2, 2]], np.int8)).tolist() == [[400.0]]
+    assert L.layer_norm(x16, np.ones(2), np.zeros(2)).dtype == np.float64
+    assert L.relu(np.array([-3, 4], np.int8)).dtype == np.float64

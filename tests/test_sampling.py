@@ -121,6 +121,31 @@ def test_bad_sampling_arguments():
             S.sample(np.zeros(3), t, rng=S.XorShift64Star(1))
     with pytest.raises(ValueError, match="needs an rng"):
         S.sample(np.zeros(3), 1.0)
+    for p in ("0.5", "abc", True):                  # "0.5" was read as 0.5, True as 1.0
+        with pytest.raises(TypeError, match="top_p must be a number"):
+            S.check_top(None, p)
+    assert S.check_top(None, np.float32(0.5)) == (None, 0.5) and S.check_top(None, 1) == (None, 1.0)
+
+
+@pytest.mark.parametrize("stop, err, match", [
+    ("ab", TypeError, "stop must be a token id or an iterable of token ids, got str"),
+    (2.7, TypeError, "got float 2.7"),
+    ([2.7], TypeError, "stop must hold token ids .* got float 2.7"),     # was truncated to 2
+    ([1, True], TypeError, "got bool True"),
+])
+def test_generate_names_a_bad_stop(stop, err, match):
+    from refimpl.oracle.model import tiny_model
+    with pytest.raises(err, match=match):
+        tiny_model("gpt2").generate([1, 2], 2, stop=stop)
+
+
+def test_generate_takes_stop_as_an_id_a_list_a_set_or_an_array():
+    from refimpl.oracle.model import tiny_model
+    m = tiny_model("gpt2")
+    free = m.generate([1, 2], 6).tokens
+    cut = free[: free.index(free[2]) + 1]
+    for stop in (free[2], np.int64(free[2]), [free[2]], {free[2]}, np.array([free[2]])):
+        assert m.generate([1, 2], 6, stop=stop).tokens == cut
 
 
 def _literal_rule(p, top_k, top_p, r):

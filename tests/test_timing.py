@@ -871,7 +871,9 @@ def test_c_thunk_times_a_users_c_function_from_the_c_loop(tmp_path):
     small, big = harness.measure_interleaved([(harness.c_thunk(so, "chain", ctx), (), {}, "1x"),
                                               (harness.c_thunk(so, "chain", np.array([8192, 0], np.uint64)),
                                                (), {}, "2x")], rounds=4, budget_s=0.08, warmup_s=0.005)
-    assert 2 * 0.8 < big.median / small.median < 2 * 1.2
+    # mins: a register-only loop's noise only adds time, and a neighbour on the SMT sibling once
+    # slowed half the 2x samples 1.9x while a test ran beside this one (median ratio 3.7, mins 1.99)
+    assert 2 * 0.8 < big.min / small.min < 2 * 1.2
     assert ctx[1] > 0                                            # the thunk got the array's address
     with pytest.raises(AttributeError, match="'nosuch' not found"):
         harness.c_thunk(so, "nosuch")

@@ -81,7 +81,7 @@ def run(args: argparse.Namespace) -> int:
     if bad:
         return _fail(f"the prompt encodes to token id {bad[0]}, outside the model's vocabulary 0..{cfg.vocab_size - 1}"
                      f" ({tok.name} tokenizer)")
-    stop = {cfg.eos_token_id} - {None}
+    stop = set(cfg.eos_token_ids)
     if cfg.extra.get("source") == "llama2c" and cfg.bos_token_id is not None:
         stop.add(cfg.bos_token_id)                    # run.c: a sampled BOS (id 1) ends the sequence
     try:

@@ -87,13 +87,15 @@ def _flag(cfg: dict, key: str, source: str, default: bool) -> bool:
 
 
 def _token_id(cfg: dict, key: str, vocab: int):
-    """bos/eos id if it is a single id inside the vocabulary, else None."""
+    """The bos/eos id(s) inside the vocabulary: an int, a tuple of several (a list of EOS ids, as
+    Llama 3 gives: any of them ends a sequence), or None.  Others are dropped: a config may name
+    an id its vocabulary lacks."""
     v = cfg.get(key)
-    if isinstance(v, list):
-        v = v[0] if len(v) == 1 else None
-    if isinstance(v, int) and not isinstance(v, bool) and 0 <= v < vocab:
-        return v
-    return None
+    ids = [i for i in (v if isinstance(v, list) else [v])
+           if isinstance(i, int) and not isinstance(i, bool) and 0 <= i < vocab]
+    if key == "bos_token_id":                     # one id starts a prompt
+        return ids[0] if len(ids) == 1 else None
+    return None if not ids else ids[0] if len(ids) == 1 else tuple(dict.fromkeys(ids))
 
 
 def _refuse(cfg: dict, source: str, key: str, allowed, what: str):
@@ -203,7 +205,15 @@ def load_config(path) -> Config:
     f = p / "config.json" if p.is_dir() else p
     if not f.is_file():
         raise FileNotFoundError(f"no config.json in {p}")
-    return config_from_dict(_read_json(f), str(f))
+    c = _read_json(f)
+    g = f.parent / "generation_config.json"
+    if isinstance(c, dict) and g.is_file():      # transformers' generate() takes its EOS id(s) from here
+        gen = _read_json(g)
+        if not isinstance(gen, dict):
+            raise CheckpointError(f"{g}: must be a JSON object")
+        if gen.get("eos_token_id") is not None:
+            c = dict(c, eos_token_id=gen["eos_token_id"])
+    return config_from_dict(c, str(f))
 
 
 def _read_json(f: Path):

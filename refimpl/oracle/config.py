@@ -13,6 +13,11 @@ from dataclasses import asdict, dataclass, field
 ARCHS = ("gpt2", "llama", "bert", "classic")
 
 
+def _is_int(v) -> bool:
+    """A Python int that is not a bool (True is not a layer count)."""
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
 def _finite_positive(v) -> bool:
     if isinstance(v, bool) or not isinstance(v, (int, float)):
         return False
@@ -39,7 +44,7 @@ class Config:
     tie_embeddings: bool = True  # LM head reuses the token embedding table
     type_vocab_size: int = 2     # BERT token types
     bos_token_id: int | None = None
-    eos_token_id: int | None = None
+    eos_token_id: int | tuple[int, ...] | None = None   # several: any of them ends generation (Llama 3)
     extra: dict = field(default_factory=dict)  # anything a loader wants to remember (not used by the math)
 
     def __post_init__(self):
@@ -47,10 +52,18 @@ class Config:
             raise ValueError(f"config.arch must be one of {ARCHS}, got {self.arch!r}")
         if self.n_kv_heads is None:
             self.n_kv_heads = self.n_heads
-        for name in ("vocab_size", "d_model", "n_layers", "n_heads", "d_ff", "max_seq_len", "n_kv_heads"):
+        for name in ("vocab_size", "d_model", "n_layers", "n_heads", "d_ff", "max_seq_len", "n_kv_heads",
+                     "type_vocab_size"):
             v = getattr(self, name)
-            if not isinstance(v, int) or v <= 0:
+            if not _is_int(v) or v <= 0:
                 raise ValueError(f"config.{name} must be a positive int, got {v!r}")
+        if self.bos_token_id is not None and not (_is_int(self.bos_token_id) and self.bos_token_id >= 0):
+            raise ValueError(f"config.bos_token_id must be an int >= 0 or None, got {self.bos_token_id!r}")
+        eos = self.eos_token_id
+        ids = tuple(eos) if isinstance(eos, (list, tuple)) else () if eos is None else (eos,)
+        if not all(_is_int(i) and i >= 0 for i in ids):
+            raise ValueError(f"config.eos_token_id must be an int >= 0, a list of them, or None, got {eos!r}")
+        self.eos_token_id = None if not ids else ids[0] if len(ids) == 1 else ids
         for name, why in (("norm_eps", "the norms divide by sqrt(variance + eps), and a constant row has variance 0"),
                           ("rope_theta", "RoPE's frequencies are theta^(-2i/Dh)")):
             v = getattr(self, name)
@@ -70,6 +83,12 @@ class Config:
             raise ValueError(f"RoPE needs an even head width, got {self.head_dim}")
 
     # derived facts of the architecture ------------------------------------
+    @property
+    def eos_token_ids(self) -> tuple[int, ...]:
+        """Every end-of-sequence id (none, one, or several)."""
+        e = self.eos_token_id
+        return () if e is None else e if isinstance(e, tuple) else (e,)
+
     @property
     def head_dim(self) -> int:
         """Dh = D / H."""

@@ -23,19 +23,26 @@ Number = Fraction | Decimal
 
 
 def exact(x) -> Number:
-    """An int, str ('1/3', '0.5') or float as a Fraction; a Decimal stays Decimal.
+    """An int, str ('1/3', '0.5') or float (Python's or a NumPy scalar / 0-d array) as a
+    Fraction; a Decimal stays Decimal.
 
     A float is read as the decimal it prints as (0.1 -> 1/10, as a person
-    writing 0.1 means), not as its binary value 3602879701896397/2^55.
+    writing 0.1 means), not as its binary value 3602879701896397/2^55; a NumPy
+    float32 prints in its own shortest digits (np.float32(0.1) -> 1/10 too).
     """
     if isinstance(x, (Fraction, Decimal)):
         return x
+    if getattr(x, "ndim", None) == 0 and hasattr(x, "dtype"):     # a NumPy scalar or 0-d array
+        kind, x = x.dtype.kind, x[()]
+        if kind not in "biuf":
+            raise TypeError(f"a {x.dtype} value is not a real number here")
+        x = bool(x) if kind == "b" else int(x) if kind in "iu" else x
     if isinstance(x, bool):
         raise TypeError("a bool is not a number here")
-    if isinstance(x, float):
-        if x != x or x in (float("inf"), float("-inf")):
+    if isinstance(x, float) or getattr(x, "dtype", None) is not None:
+        if x != x or abs(float(x)) == float("inf"):
             raise ValueError(f"{x} is not a finite number")
-        return Fraction(repr(x))
+        return Fraction(str(x))                       # str: shortest digits that read back (NumPy: in its dtype)
     return Fraction(x)
 
 
@@ -141,7 +148,7 @@ def scale(A, c: Number):
 
 def softmax(row) -> list[Number]:
     """exp(x_j - max x) / sum_k exp(x_k - max x); exactly 1/n when all entries are equal."""
-    m = max(row, key=to_decimal)
+    m = max(row)                                      # Fraction and Decimal compare exactly
     e = [exp(sub(x, m)) for x in row]
     s = total(e)
     return [div(v, s) for v in e]
@@ -151,7 +158,7 @@ def argmax(row) -> int:
     """The first index of the largest value (ties go to the lowest index)."""
     best = 0
     for i, v in enumerate(row):
-        if to_decimal(v) > to_decimal(row[best]):
+        if v > row[best]:                             # exact: Decimal compares with Fraction by value
             best = i
     return best
 
@@ -166,8 +173,9 @@ def fmt(x: Number, digits: int = 4) -> str:
     if isinstance(x, Fraction):
         return str(x.numerator) if x.denominator == 1 else f"{x.numerator}/{x.denominator}"
     q = Decimal(1).scaleb(-digits)
-    v = x.quantize(q, rounding=decimal.ROUND_HALF_EVEN, context=_CTX)
-    return str(v + 0) if v != 0 else "0." + "0" * digits
+    room = decimal.Context(prec=max(PREC, x.adjusted() + digits + 2))   # every integer digit kept
+    v = x.quantize(q, rounding=decimal.ROUND_HALF_EVEN, context=room)
+    return str(room.add(v, 0)) if v != 0 else "0." + "0" * digits    # add 0: no "-0.0000"
 
 
 def fmt_decimal(x: Number, digits: int = 4) -> str:

@@ -109,6 +109,7 @@ def rope(x, positions, theta=10000.0, interleaved=False):  # [..., T, Dh] -> [..
 
 def layer_norm(x, w, b, eps=1e-5):  # [..., D], [D], [D] -> [..., D]
     """LayerNorm, eps inside the square root (as torch/HF): (x - mean) / sqrt(var + eps) * w + b."""
+    x = as_floating(x)
     mean = x.mean(axis=-1, keepdims=True)
     var = ((x - mean) ** 2).mean(axis=-1, keepdims=True)                  # biased variance
     return (x - mean) / np.sqrt(var + eps) * w + b
@@ -116,6 +117,7 @@ def layer_norm(x, w, b, eps=1e-5):  # [..., D], [D], [D] -> [..., D]
 
 def rms_norm(x, w, eps=1e-6):  # [..., D], [D] -> [..., D]
     """RMSNorm (Llama): x / sqrt(mean(x^2) + eps) * w."""
+    x = as_floating(x)
     ms = (x * x).mean(axis=-1, keepdims=True)
     return x / np.sqrt(ms + eps) * w
 
@@ -130,13 +132,13 @@ def linear(x, w, b=None):  # [..., In], [Out,In], [Out] -> [..., Out]
 
     GPT-2's Conv1D stores (in, out); its model passes `w.T`.
     """
-    y = x @ w.T
+    y = as_floating(x) @ as_floating(w).T
     return y if b is None else y + b
 
 
 def relu(x):  # [...] -> [...]
     """max(x, 0)."""
-    return np.maximum(x, 0)
+    return np.maximum(as_floating(x), 0)
 
 
 def gelu_tanh(x):  # [...] -> [...]
@@ -191,6 +193,8 @@ def softmax(x, axis=-1):  # [..., N] -> [..., N]
 
 def causal_mask(T, S):  # -> [T,S] bool, True where query t may see key s
     """Causal mask with T <= S queries at the end of S keys: query t sees keys 0..S-T+t."""
+    if not 0 <= T <= S:
+        raise ValueError(f"causal_mask: T={T} queries must be 0..S={S} keys (the queries are the last T keys)")
     return np.arange(S)[None, :] <= (S - T + np.arange(T))[:, None]
 
 
@@ -205,6 +209,21 @@ def padding_mask(attention_mask, T):  # [S] of 0/1 -> [T,S] bool
 # --------------------------------------------------------------------------
 
 
+def keep_mask(mask, shape):  # [T,S] bool (or broadcastable), (..., T, S) -> the mask
+    """`mask` checked as a keep-mask: bool, True where query t may see key s, broadcastable to
+    the scores' `shape`.  An additive float mask (0 = keep, -inf or -1e10 = drop, as some ports
+    use) would read the other way round as a truth value, so only bool is taken."""
+    mask = np.asarray(mask)
+    if mask.dtype != np.bool_:
+        raise TypeError(f"mask must be a bool array, True where a query may see a key, got dtype {mask.dtype} "
+                        "(an additive mask m of 0 / -inf is the keep-mask m == 0)")
+    try:
+        np.broadcast_shapes(mask.shape, shape)
+    except ValueError:
+        raise ValueError(f"mask of shape {mask.shape} does not fit the scores' shape {shape} [T,S]") from None
+    return mask
+
+
 def attention_probs(q, k, mask=None, scale=None):  # [T,Dh],[S,Dh],[T,S] -> [T,S]
     """P = softmax(q k^T * scale, masked), scale = 1/sqrt(Dh) by default (also traced and taught)."""
     q, k = as_floating(q), as_floating(k)
@@ -212,7 +231,7 @@ def attention_probs(q, k, mask=None, scale=None):  # [T,Dh],[S,Dh],[T,S] -> [T,S
         scale = 1.0 / math.sqrt(q.shape[-1])
     scores = (q @ k.swapaxes(-1, -2)) * q.dtype.type(scale)                # [T,S]
     if mask is not None:
-        scores = np.where(mask, scores, -np.inf)                          # masked -> prob 0
+        scores = np.where(keep_mask(mask, scores.shape), scores, -np.inf)  # masked -> prob 0
     return softmax(scores, axis=-1)
 
 

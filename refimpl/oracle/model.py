@@ -476,8 +476,7 @@ class Model:
             raise ValueError(f"seed must be an int in 0..2^64-1 (the xorshift64* state), got {seed!r}")
         top_k, top_p = check_top(top_k, top_p)      # refused even when greedy, which does not use them
         ids = self._check_ids(ids, None, "prompt")
-        stops = () if stop is None else [stop] if isinstance(stop, (int, np.integer)) else stop
-        stop_set = {int(s) for s in stops}                # an array too (`stop or ()` asked its truth)
+        stop_set = _stop_ids(stop)
         rng = XorShift64Star(random_seed() if seed is None else seed) if temperature else None
         # positions for this prompt and continuation only: a checkpoint may declare a context of 10^9
         cache = self.new_cache(min(len(ids) + int(max_new_tokens), self.config.max_seq_len))
@@ -507,6 +506,24 @@ class Model:
 # --------------------------------------------------------------------------
 # parameter checks and tiny random models
 # --------------------------------------------------------------------------
+
+
+def _stop_ids(stop) -> set[int]:
+    """generate's `stop`: None, one id, or an iterable of ids (a list, a set, an array) -> a set of
+    ints; TypeError naming `stop` for anything else (a str, a float: 2.7 is no token id)."""
+    def is_id(s):
+        return isinstance(s, (int, np.integer)) and not isinstance(s, (bool, np.bool_))
+    if stop is None:
+        return set()
+    if is_id(stop):
+        return {int(stop)}
+    if isinstance(stop, (str, bytes)) or not isinstance(stop, Iterable):
+        raise TypeError(f"stop must be a token id or an iterable of token ids, got {type(stop).__name__} {stop!r}")
+    stops = list(stop)                                # an array too (`stop or ()` asked its truth)
+    bad = [s for s in stops if not is_id(s)]
+    if bad:
+        raise TypeError(f"stop must hold token ids (integers), got {type(bad[0]).__name__} {bad[0]!r}")
+    return {int(s) for s in stops}
 
 
 def check_params(cfg: Config, params: dict, source: str = "params") -> None:

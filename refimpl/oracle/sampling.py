@@ -126,8 +126,8 @@ def ordered_sum(x) -> float:  # [n] -> sum
 
 def check_top(top_k=None, top_p=None) -> tuple[int | None, float | None]:
     """top_k as an int >= 1 (any size: beyond V it keeps every token) and top_p as a float in
-    (0, 1], each or None; TypeError for a top_k that is not an integer (1.9, nan, True), ValueError
-    for values out of range."""
+    (0, 1], each or None; TypeError for a top_k that is not an integer (1.9, nan, True) or a top_p
+    that is not a number ("0.5", True), ValueError for values out of range."""
     if top_k is not None:
         if not isinstance(top_k, (int, np.integer)) or isinstance(top_k, bool):
             raise TypeError(f"top_k must be an integer, got {type(top_k).__name__} {top_k!r}")
@@ -135,6 +135,8 @@ def check_top(top_k=None, top_p=None) -> tuple[int | None, float | None]:
         if top_k < 1:
             raise ValueError(f"top_k must be >= 1, got {top_k}")
     if top_p is not None:
+        if not isinstance(top_p, (int, float, np.integer, np.floating)) or isinstance(top_p, (bool, np.bool_)):
+            raise TypeError(f"top_p must be a number in (0, 1], got {type(top_p).__name__} {top_p!r}")
         if not 0.0 < float(top_p) <= 1.0:
             raise ValueError(f"top_p must be in (0, 1], got {top_p}")
         top_p = float(top_p)

@@ -60,13 +60,13 @@ def hf_peer(model):
                            num_hidden_layers=c.n_layers, num_attention_heads=c.n_heads,
                            num_key_value_heads=c.n_kv_heads, max_position_embeddings=c.max_seq_len,
                            rms_norm_eps=c.norm_eps, rope_theta=c.rope_theta, tie_word_embeddings=c.tie_embeddings,
-                           bos_token_id=c.bos_token_id, eos_token_id=c.eos_token_id)
+                           bos_token_id=c.bos_token_id, eos_token_id=list(c.eos_token_ids) or None)
         peer, prefix = T.LlamaForCausalLM(hc), "model."
     elif c.arch == "gpt2":
         hc = T.GPT2Config(vocab_size=c.vocab_size, n_positions=c.max_seq_len, n_embd=c.d_model,
                           n_layer=c.n_layers, n_head=c.n_heads, n_inner=c.d_ff, layer_norm_epsilon=c.norm_eps,
                           activation_function="gelu_new", tie_word_embeddings=c.tie_embeddings,
-                          bos_token_id=c.bos_token_id, eos_token_id=c.eos_token_id)
+                          bos_token_id=c.bos_token_id, eos_token_id=list(c.eos_token_ids) or None)
         peer, prefix = T.GPT2LMHeadModel(hc), "transformer."
     else:
         raise PeerError(f"no transformers peer for arch {c.arch!r} (llama and gpt2 have one)")
