@@ -2,6 +2,8 @@
 sets the unit roundoff."""
 import json
 import struct
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -106,8 +108,28 @@ def test_bf16_storage_gives_the_bfloat16_unit_roundoff(llama_traces, tmp_path):
     b = _write_bf16(a, tmp_path / "bf16.safetensors", "float32")      # computed in float32, stored as BF16
     rep = diff(a, b)
     assert rep.u == 2.0 ** -8
-    assert rep.passed, rep.text()                                      # bf16 rounding is within the bf16 bound
-    assert any("no finite bound" in n for n in rep.notes)              # deep tensors: n u >= 1, said so
+    assert rep.first_bad is None, rep.text()                           # bf16 rounding is within the bf16 bound
+    # but from layer 0 on that bound is no smaller than the tensors' own scale: no pass is claimed
+    assert rep.verdict == "inconclusive" and not rep.passed and "embed" not in rep.unchecked
+    assert rep.unchecked[0] == "layers.0.attn_norm" and "INCONCLUSIVE" in rep.text()
+    assert any("were not checked (verdict: inconclusive)" in n for n in rep.notes)
+
+
+def test_garbage_behind_a_vacuous_bound_is_not_a_pass(llama_traces, tmp_path):
+    """A bf16 trace with attention reversed along the keys and the logits negated read PASS,
+    exit 0: every bound past the embedding was infinite or larger than the values' range."""
+    a, _ = llama_traces
+    t, meta = st_load(a)
+    t["layers.0.attn_probs"] = t["layers.0.attn_probs"][..., ::-1]
+    t["logits"] = -t["logits"]
+    save_file({k: np.ascontiguousarray(v) for k, v in t.items()}, tmp_path / "g.safetensors", meta)
+    b = _write_bf16(tmp_path / "g.safetensors", tmp_path / "bad.safetensors", "bfloat16")
+    rep = diff(a, b)
+    assert rep.verdict == "inconclusive" and "layers.0.attn_probs" in rep.unchecked and "logits" in rep.unchecked
+    r = subprocess.run([sys.executable, "-m", "refimpl", "diff", str(a), str(b), "--json", str(tmp_path / "r.json")],
+                       capture_output=True, text=True)
+    assert r.returncode == 1 and "INCONCLUSIVE" in r.stdout and "PASS" not in r.stdout
+    assert json.loads((tmp_path / "r.json").read_text())["verdict"] == "inconclusive"
 
 
 @pytest.mark.parametrize("value", ["fp32", "f32", "<class 'numpy.float32'>"])
@@ -160,3 +182,13 @@ def test_a_valid_name_in_one_file_only_is_a_note(llama_traces, tmp_path):
 def test_vacuous_bound_of_an_all_zero_tensor_is_inf_not_nan():
     from refimpl.verify.diff import tolerance
     assert tolerance("final_norm", np.zeros((2, 3)), 2.0 ** -8, 4, 32, 48, 5) == np.inf   # n u >= 1, scale 0
+
+
+def test_ids_compare_as_numbers(llama_traces, tmp_path):
+    """TRACE.md asks for comma-separated ids; "1, 5, 9" was refused as other inputs than "1,5,9"."""
+    a, _ = llama_traces
+    b = _rewrite(a, tmp_path / "b.safetensors", None, lambda m: m.update(ids=", ".join(map(str, IDS))))
+    assert diff(a, b).passed
+    c = _rewrite(a, tmp_path / "c.safetensors", None, lambda m: m.update(ids="1;5;9;3;7"))
+    with pytest.raises(ValueError, match=r"c\.safetensors: __metadata__\.ids must be comma-separated integers"):
+        diff(a, c)

@@ -172,3 +172,12 @@ def test_exact_reads_numpy_scalars_and_compares_exactly():
     assert X.argmax([X.to_decimal(third), third]) == 1                 # the 50-digit decimal is below 1/3
     assert X.fmt(X.to_decimal(Fraction(10 ** 60))) == "1" + "0" * 60 + ".0000"
     assert X.fmt(X.to_decimal(Fraction(-1, 10 ** 9))) == "0.0000"
+
+
+@pytest.mark.parametrize("t", [-1.0, float("nan"), float("inf")])
+def test_explain_model_refuses_a_bad_temperature_before_the_walk(t):
+    """--temperature -1 and nan were read as greedy."""
+    buf = io.StringIO()
+    with pytest.raises(ValueError, match="temperature must be"):
+        explain_model("llama", out=buf, temperature=t)
+    assert buf.getvalue() == ""

@@ -126,6 +126,23 @@ def test_diff_names_planted_layer_and_trap(arch, attr, fn, layer, trap, ref_trac
     assert f"first tensor out of bound: {layer}" in rep.text()
 
 
+@pytest.mark.parametrize("attr,fn,trap", [("causal_mask", mask_sees_next, "mask +1 (sees next token)"),
+                                           ("kv_head_of", lambda h, H, Hkv: h % Hkv, "GQA h % Hkv")])
+def test_a_fused_port_without_attn_probs_still_gets_the_attention_trap(attr, fn, trap, ref_traces, tmp_path,
+                                                                       monkeypatch):
+    """TRACE.md lets a fused attention leave attn_probs out; its traps were then "no known
+    convention trap for layers.0.attn_out".  They are recomputed from B's q and k."""
+    from refimpl.io.safetensors import save_file
+    t, meta = st_load(_plant(monkeypatch, tmp_path, "llama", attr, fn))
+    keep = [k for k in t if not k.endswith("attn_probs")]
+    meta["order"] = ",".join(keep)
+    save_file({k: t[k] for k in keep}, tmp_path / "fused.safetensors", meta)
+    rep = diff(ref_traces["llama"], tmp_path / "fused.safetensors")
+    assert rep.first_bad.name == "layers.0.attn_out", rep.text()
+    assert rep.trap is not None and rep.trap.label == trap, rep.text()
+    assert "recomputed from q and k" in rep.trap_family and rep.reference_ratio > 1 >= rep.trap.ratio
+
+
 def test_unexplained_divergence_is_reported_without_a_trap(ref_traces, tmp_path, monkeypatch):
     b = _plant(monkeypatch, tmp_path, "gpt2", "attention_probs", probs_finite_mask)
     rep = diff(ref_traces["gpt2"], b)
@@ -167,6 +184,10 @@ def test_cli_trace_and_diff(tmp_path):
     assert r.returncode == 2 and "out of range" in r.stderr
     r = _cli("diff", str(a), str(tmp_path / "missing.safetensors"))
     assert r.returncode == 2
+    from refimpl.verify.golden import write_model
+    write_model(tmp_path, "gpt2", 0)                    # a checkpoint directory without a tokenizer
+    r = _cli("trace", str(tmp_path / "gpt2"), "--prompt", "!#", "--out", str(b))   # ids 33, 35 < V = 97
+    assert r.returncode == 0 and "no tokenizer found next to the checkpoint; using bytes" in r.stderr, r.stderr
 
 
 def test_diff_refuses_a_model_it_cannot_load_even_when_the_traces_agree(ref_traces, tmp_path, capsys):

@@ -56,6 +56,8 @@ CRASH = """
 void sgemm_crash(float* c, const float* a, const float* b, int M, int K, int N) {
   volatile float* nowhere = (volatile float*)0; c[0] = nowhere[M];   /* a bad pointer: SIGSEGV */
 }
+void exit(int);
+void sgemm_exit0(float* c, const float* a, const float* b, int M, int K, int N) { exit(0); }
 """
 
 
@@ -197,7 +199,13 @@ def test_cli_verify_c_exit_codes(lib, tmp_path):
     usage = _cli("verify", "--lib", lib, "--symbol", "sgemm_ok", "--signature", "void(float**)", "--op", "matmul")
     assert usage.returncode == 2 and "pointers to pointers" in usage.stderr
     missing = _cli("verify", "--lib", lib, "--op", "matmul")
+    clash = _cli("verify", "--lib", lib, "--symbol", "sgemm_ok", "--signature", GEMM, "--op", "matmul",
+                 "--dtype", "float64")             # was FAIL (exit 1) with a TypeError in every case
+    assert clash.returncode == 2 and "dtype float64 conflicts with the function's own float32" in clash.stderr
     assert missing.returncode == 2
     crash = _cli("verify", "--lib", lib, "--symbol", "sgemm_crash", "--signature", GEMM, "--op", "matmul",
                  "--examples", "5")
     assert crash.returncode == 1 and "crashed the check with SIGSEGV" in crash.stderr, crash.stderr
+    gone = _cli("verify", "--lib", lib, "--symbol", "sgemm_exit0", "--signature", GEMM, "--op", "matmul",
+                "--examples", "5")     # exit(0) in the function: read as a pass (status 0, no report)
+    assert gone.returncode == 1 and "ended the check's process with exit status 0" in gone.stderr, gone.stderr

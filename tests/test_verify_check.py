@@ -20,8 +20,8 @@ def test_project_numpy_kernels_pass(op):
     assert rep.passed, rep.text()
     assert all(c.stats is not None for c in rep.cases)
     assert 0 <= rep.worst_ratio <= 1
-    # every edge case of the op ran, plus one hypothesis row
-    assert len(rep.cases) == len(edge_cases(op, np.float32, {"causal", "scale"} if op == "attention" else ())) + 1
+    # every edge case of the op ran (the kernel takes every parameter the op varies), plus one hypothesis row
+    assert len(rep.cases) == len(edge_cases(op, np.float32, set(SPECS[op].varied))) + 1
 
 
 def test_float64_inputs_pass():
@@ -456,16 +456,18 @@ def test_nondeterministic_implementation_is_a_failure_not_a_crash(tmp_path, caps
     assert not rep.passed
     (hyp,) = rep.cases
     assert "nondeterministic: same input, different output" in hyp.error and hyp.example
-    # the command line prints the same verdict (exit 1), no traceback
+    # the command line prints the same verdict (exit 1), no traceback; every case is called twice,
+    # so a result that differs on the second call of an edge case fails there
     from refimpl.cli import main
-    wrong_call = len(edge_cases("softmax", np.float32)) + 2    # the second hypothesis example
+    wrong_call = 2 * 3                                       # the second call of the third edge case
     (tmp_path / "racy.py").write_text("import numpy as np\n_n = [0]\n"
                                       "def softmax(x):\n    _n[0] += 1\n"
                                       "    e = np.exp(x - x.max(-1, keepdims=True))\n"
                                       f"    return e / e.sum(-1, keepdims=True) * (1.01 if _n[0] == {wrong_call} else 1.0)\n")
     assert main(["verify", f"{tmp_path / 'racy.py'}:softmax", "--op", "softmax", "--examples", "20"]) == 1
     out = capsys.readouterr().out
-    assert "nondeterministic: same input, different output" in out and "FAIL" in out
+    assert "nondeterministic: same input, different output: two calls differ first at" in out and "FAIL" in out
+    assert edge_cases("softmax", np.float32)[2].name in out
 
 
 def test_reproducer_with_all_masked_rows_rebuilds_the_same_input():
@@ -553,3 +555,54 @@ def test_cli_output_to_a_closed_pipe_or_a_full_disk(tmp_path):
         r = subprocess.run(cmd + ["/dev/full"], capture_output=True, text=True, timeout=300)
         assert r.returncode == 2 and "PASS" in r.stdout, r.stdout + r.stderr
         assert "refimpl verify: error: --json /dev/full: [Errno 28]" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_an_implementation_that_exits_fails():
+    """sys.exit(0) in the code under test ended `refimpl verify` with status 0 and no report."""
+    import sys
+
+    def leaves(x):
+        sys.exit(0)
+    rep = check(leaves, "silu", examples=0)
+    assert not rep.passed and all("tried to exit the process (SystemExit: 0)" in c.error for c in rep.cases)
+
+
+@pytest.mark.parametrize("op, params, err, match", [
+    ("rms_norm", {"eps": float("nan")}, ValueError, "'eps' must be finite and >= 0, got nan"),
+    ("rms_norm", {"eps": -1e30}, ValueError, "'eps' must be finite and >= 0"),
+    ("layer_norm", {"eps": "1e-5"}, TypeError, "'eps' must be a real number"),
+    ("attention", {"scale": float("inf")}, ValueError, "'scale' must be finite"),
+    ("rope", {"theta": 0}, ValueError, "'theta' must be finite and > 0"),
+    ("rope", {"interleaved": "yes"}, TypeError, "'interleaved' must be a bool"),
+    ("attention", {"causal": 2}, TypeError, "'causal' must be a bool"),
+])
+def test_op_parameters_are_checked_by_name(op, params, err, match):
+    """eps=nan made every bound NaN, and an all-NaN implementation passed."""
+    with pytest.raises(err, match=match):
+        check(lambda *a, **k: np.full_like(a[0], np.nan), op, examples=0, **params)
+
+
+@pytest.mark.parametrize("op, impl", [
+    ("rms_norm", lambda x, w, eps=1e-6: x / np.sqrt((x * x).mean(-1, keepdims=True) + 1e-6) * w),
+    ("layer_norm", lambda x, w, b, eps=1e-5: L.layer_norm(x.astype(np.float64), w, b, 1e-5).astype(np.float32)),
+    ("rope", lambda x, positions, theta=10000.0, interleaved=False:
+        L.rope(x.astype(np.float64), positions, 10000.0, interleaved).astype(np.float32)),
+    ("rope", lambda x, positions, theta=10000.0, interleaved=False:
+        L.rope(x.astype(np.float64), positions, theta, False).astype(np.float32)),
+])
+def test_a_parameter_taken_and_ignored_fails(op, impl):
+    """eps, theta and interleaved were only ever passed at their defaults: an implementation that
+    takes them and ignores them passed."""
+    assert not check(impl, op, examples=20).passed
+
+
+def test_silu_by_x_over_one_plus_exp_minus_x_passes_where_exp_overflows():
+    """torch's float32 SiLU gives -0 for x in (-103, -88.7), where exp(-x) overflows and the true
+    value is below 2.6e-37: silu_bound allows 0 there (and only there, only down from |ref|)."""
+    def silu32(x):
+        with np.errstate(over="ignore"):
+            return (x / (np.float32(1) + np.exp(-x))).astype(np.float32)
+    assert check(silu32, "silu", examples=50).passed
+    assert not check(lambda x: np.where(x < -88.75, np.float32(-1e-30), silu32(x)), "silu", examples=0).passed
+    torch = require("torch")
+    assert check(torch.nn.functional.silu, "silu", examples=50).passed

@@ -308,9 +308,15 @@ def gelu_tanh_bound(x, ref, dtype, ulps: float = EXP_ULPS + 4):
 
 
 def silu_bound(x, ref, dtype, ulps: float = EXP_ULPS + 3):
-    """ulps u |ref|: x * sigmoid(x) is well conditioned except for exp's own error."""
+    """ulps u |ref|: x * sigmoid(x) is well conditioned except for exp's own error.
+
+    One allowance: where exp(-x) overflows `dtype` (x < -log(max), -88.72 in float32), the
+    common form x / (1 + exp(-x)) gives -0 (torch's does); the true value there is below
+    |x| e^x < 2.6e-37 in float32.  The bound there is |ref|: any result between 0 and ref."""
     u = unit_roundoff(dtype)
-    return ulps * u * np.abs(_f64(ref)) + float(np.finfo(dtype).tiny)
+    x64, r = _f64(x), np.abs(_f64(ref))
+    flush = x64 < -math.log(float(np.finfo(dtype).max))
+    return np.where(flush, r, ulps * u * r) + float(np.finfo(dtype).tiny)
 
 
 def layer_norm_bound(x, w, b, eps, dtype, c: float = C_SAFETY):  # [..., D] -> [..., D]

@@ -6,7 +6,8 @@ An op (see `SPECS`) is described by
                 the implementation accepts them, otherwise fixed at the value
                 the user gave, or the default)
     varied      params the generators vary when the implementation accepts
-                them (attention: `causal`, `scale`)
+                them (attention: `causal`, `scale`; the norms: `eps`; RoPE: `theta`,
+                `interleaved`), so one that takes a parameter and ignores it fails
     reference   the float64 oracle on the same inputs (refimpl.oracle.layers)
     bound       the elementwise error bound from refimpl.kernels.contracts
 
@@ -97,12 +98,12 @@ SPECS: dict[str, OpSpec] = {
         lambda a, p, ref, dt: C.attention_bound(a["q"], a["k"], a["v"], bool(p.get("causal")), p.get("scale"), dt),
         "attention(q[H,Lq,D], k[Hkv,Lk,D], v[Hkv,Lk,D], causal=False, scale=None) -> [H,Lq,D]"),
     "layer_norm": OpSpec(
-        "layer_norm", ("x", "w", "b"), {"eps": 1e-5}, (),
+        "layer_norm", ("x", "w", "b"), {"eps": 1e-5}, ("eps",),
         lambda a, p: L.layer_norm(a["x"], a["w"], a["b"], p["eps"]),
         lambda a, p, ref, dt: C.layer_norm_bound(a["x"], a["w"], a["b"], p["eps"], dt),
         "layer_norm(x[R,D], w[D], b[D], eps=1e-5) -> [R,D]"),
     "rms_norm": OpSpec(
-        "rms_norm", ("x", "w"), {"eps": 1e-6}, (),
+        "rms_norm", ("x", "w"), {"eps": 1e-6}, ("eps",),
         lambda a, p: L.rms_norm(a["x"], a["w"], p["eps"]),
         lambda a, p, ref, dt: C.rms_norm_bound(a["x"], a["w"], p["eps"], dt),
         "rms_norm(x[R,D], w[D], eps=1e-6) -> [R,D]"),
@@ -117,7 +118,7 @@ SPECS: dict[str, OpSpec] = {
         lambda a, p, ref, dt: C.silu_bound(a["x"], ref, dt),
         "silu(x[n]) -> [n]"),
     "rope": OpSpec(
-        "rope", ("x", "positions"), {"theta": 10000.0, "interleaved": False}, (),
+        "rope", ("x", "positions"), {"theta": 10000.0, "interleaved": False}, ("theta", "interleaved"),
         lambda a, p: L.rope(a["x"], a["positions"], p["theta"], p["interleaved"]),
         lambda a, p, ref, dt: C.rope_bound(a["x"], a["positions"], p["theta"], dt),
         "rope(x[H,T,D], positions[T] int, theta=10000.0, interleaved=False) -> [H,T,D]"),
@@ -250,6 +251,9 @@ def edge_cases(op: str, dtype=np.float32, accepts=(), seed: int = 0, all_masked_
         add("large values 1e3", x=r(2, 31, scale=1e3), w=r(31), b=r(31))
         for n in TAILS:
             add(f"vector tail D={n}", x=r(2, n, scale=2.0, loc=1.0), w=r(n), b=r(n))
+        if "eps" in accepts:    # variance ~0.01: eps = 0.1 changes every output severalfold
+            add("eps=0.1 on rows of variance ~0.01 (the eps given must be used)", {"eps": 0.1},
+                x=r(3, 16, scale=0.1), w=r(16), b=r(16))
     elif op == "rms_norm":
         add("D=1", x=r(3, 1), w=r(1))
         add("ordinary 4x16", x=r(4, 16, scale=2.0), w=r(16))
@@ -263,11 +267,19 @@ def edge_cases(op: str, dtype=np.float32, accepts=(), seed: int = 0, all_masked_
         add("grid -10..10", x=np.linspace(-10, 10, 201).astype(dt))
         add("zero and tiny normals", x=np.array([0.0, -0.0, 1e-30, -1e-30, 1e-7, -1e-7], dt))
         add("large magnitudes", x=np.array([30.0, -30.0, 88.0, -88.0, 1e4, -1e4, 1e30, -1e30], dt))
+        # exp(-x) overflows float32 below -88.72, where silu = x e^x is still a float32 (normal to
+        # about -91.9, subnormal to -103): x / (1 + exp(-x)) gives -0 there (silu_bound allows it)
+        add("exp(-x) past float32's range, -88.8..-103", x=np.array([-88.8, -89.0, -95.0, -100.0, -103.0], dt))
         add("n=1", x=np.array([0.5], dt))
         add("prime n=1031", x=r(1031, scale=4.0))
         for n in TAILS:
             add(f"vector tail n={n}", x=r(n, scale=4.0))
     elif op == "rope":
+        if "theta" in accepts:
+            add("theta=500000 (Llama 3)", {"theta": 500000.0}, x=r(2, 3, 16), positions=np.array([0, 7, 1000]))
+        if "interleaved" in accepts:
+            add("interleaved pairs (2i, 2i+1), llama2.c", {"interleaved": True}, x=r(2, 3, 16),
+                positions=np.array([0, 7, 1000]))
         add("D=2, T=1, position 0", x=r(1, 1, 2), positions=np.array([0]))
         add("H=2 T=5 D=8", x=r(2, 5, 8), positions=np.arange(5))
         add("offset positions 100..103 D=16", x=r(1, 4, 16), positions=np.arange(100, 104))
@@ -332,18 +344,21 @@ def strategy(op: str, dtype=np.float32, accepts=(), all_masked_rows: bool = Fals
         return Case("hypothesis", {"q": draw(arr((H, Lq, D), el)), "k": draw(arr((Hkv, Lk, D), el)),
                                    "v": draw(arr((Hkv, Lk, D), _floats(st, dt, 2.0 ** 4)))}, params)
 
+    def eps(draw) -> dict:      # the norms' eps, when the implementation takes it: default or another
+        return {"eps": draw(st.sampled_from([SPECS[op].params["eps"], 1e-2, 0.5]))} if "eps" in accepts else {}
+
     @st.composite
     def layer_norm(draw):
         R, D = draw(st.integers(1, 3)), draw(st.integers(1, 40))
         return Case("hypothesis", {"x": draw(arr((R, D), _floats(st, dt, 2.0 ** 8))),
                                    "w": draw(arr((D,), _floats(st, dt, 4.0))),
-                                   "b": draw(arr((D,), _floats(st, dt, 4.0)))})
+                                   "b": draw(arr((D,), _floats(st, dt, 4.0)))}, eps(draw))
 
     @st.composite
     def rms_norm(draw):
         R, D = draw(st.integers(1, 3)), draw(st.integers(1, 40))
         return Case("hypothesis", {"x": draw(arr((R, D), _floats(st, dt, 2.0 ** 8))),
-                                   "w": draw(arr((D,), _floats(st, dt, 4.0)))})
+                                   "w": draw(arr((D,), _floats(st, dt, 4.0)))}, eps(draw))
 
     @st.composite
     def elementwise(draw):
@@ -354,7 +369,12 @@ def strategy(op: str, dtype=np.float32, accepts=(), all_masked_rows: bool = Fals
     def rope(draw):
         H, T, D = draw(st.integers(1, 3)), draw(st.integers(1, 4)), 2 * draw(st.integers(1, 20))
         pos = np.asarray(draw(st.lists(st.integers(0, 2 ** 16), min_size=T, max_size=T)), dtype=np.int64)
-        return Case("hypothesis", {"x": draw(arr((H, T, D), _floats(st, dt, 2.0 ** 4))), "positions": pos})
+        params = {}
+        if "theta" in accepts:
+            params["theta"] = draw(st.sampled_from([10000.0, 500000.0, 100.0]))
+        if "interleaved" in accepts:
+            params["interleaved"] = draw(st.booleans())
+        return Case("hypothesis", {"x": draw(arr((H, T, D), _floats(st, dt, 2.0 ** 4))), "positions": pos}, params)
 
     table = {"matmul": matmul, "softmax": softmax, "attention": attention, "layer_norm": layer_norm,
              "rms_norm": rms_norm, "gelu_tanh": elementwise, "silu": elementwise, "rope": rope}

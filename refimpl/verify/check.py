@@ -16,9 +16,10 @@ same inputs, the contract's error bound (`refimpl.kernels.contracts`), and
 max abs / max relative error, max ulp distance, the error/bound ratio
 ("% of the error budget used"; > 100% fails), NMSE, and non-finite
 mismatches (NaN/inf must match the oracle exactly).  A failure found by
-hypothesis is shrunk and printed as Python source small enough to paste; a
-failing input that passes when hypothesis calls it again is reported as
-"nondeterministic: same input, different output".
+hypothesis is shrunk and printed as Python source small enough to paste.  Every
+case is called twice, on fresh copies of its input: results whose bits differ
+fail as "nondeterministic", and so does a failing input that passes when
+hypothesis calls it again.
 
 Calling convention
 ------------------
@@ -233,6 +234,23 @@ class _CaseFailed(Exception):
     pass
 
 
+def _first_difference(a: np.ndarray, b: np.ndarray):
+    """(index, a value, b value) of the first element whose bits differ, or None if a and b are
+    the same bits (same dtype and shape; a NaN equals the same NaN, 0.0 differs from -0.0)."""
+    if a.dtype != b.dtype or a.shape != b.shape:
+        return ((), f"{a.dtype} {a.shape}", f"{b.dtype} {b.shape}")
+    x, y = a.reshape(-1), b.reshape(-1)
+    u = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}.get(a.dtype.itemsize)
+    if u is not None and a.dtype.kind in "fiub":
+        bad = np.ascontiguousarray(x).view(u) != np.ascontiguousarray(y).view(u)
+    else:
+        bad = ~((x == y) | ((x != x) & (y != y)))
+    if not bad.any():
+        return None
+    i = tuple(int(j) for j in np.unravel_index(int(np.argmax(bad)), a.shape))
+    return i, a[i], b[i]
+
+
 def run_case(call, op: str, case: CS.Case, fixed: dict, accepts: set, dtype, varied=(),
              seed: int = 0, all_masked_rows: bool = False) -> CaseResult:
     """One case: oracle, bound, the implementation's result, statistics."""
@@ -251,9 +269,22 @@ def run_case(call, op: str, case: CS.Case, fixed: dict, accepts: set, dtype, var
         got = call([case.arrays[n].copy() for n in sp.arrays], kwargs)
     except Exception as e:   # the implementation's failure is the finding, not ours
         return failed(f"{type(e).__name__}: {e}")
+    except SystemExit as e:  # sys.exit(0) in the implementation must not end the check as a pass
+        return failed(f"the implementation tried to exit the process (SystemExit: {e.code!r})")
     got = np.asarray(got)
     if got.shape != ref.shape:
         return failed(f"returned shape {got.shape}, expected {ref.shape}")
+    try:                     # the same input again, on fresh copies: the same bits, or nondeterministic
+        again = np.asarray(call([case.arrays[n].copy() for n in sp.arrays], kwargs))
+    except Exception as e:
+        return failed(f"the second call on the same input raised {type(e).__name__}: {e}")
+    except SystemExit as e:
+        return failed(f"the implementation tried to exit the process (SystemExit: {e.code!r})")
+    differ = _first_difference(got, again)
+    if differ is not None:
+        i, a, b = differ
+        return failed(f"nondeterministic: same input, different output: two calls differ first at {i}: {a!r}, "
+                      f"then {b!r} (a race, uninitialised memory or hidden state?)")
     if got.dtype.kind not in "fiu":
         return failed(f"returned dtype {got.dtype}, expected a float array")
     if got.dtype.kind != "f":
@@ -263,6 +294,18 @@ def run_case(call, op: str, case: CS.Case, fixed: dict, accepts: set, dtype, var
     if st.nonfinite_mismatches == 0 and st.bound_ratio <= 1.0:
         return CaseResult(case.name, case.describe(), True, st)
     return failed(None, st)
+
+
+def check_param(name: str, value, dtype=np.float32):
+    """An op parameter as the contract takes it, or TypeError / ValueError naming it: eps finite
+    and >= 0, theta finite and > 0, scale finite or None (each within `dtype`), causal and
+    interleaved bool.  A NaN eps made every case's bound NaN, and an all-NaN result passed."""
+    from refimpl.kernels.contracts import check_finite, check_flag
+    if name in ("causal", "interleaved"):
+        return check_flag(name, value)
+    if name == "scale" and value is None:
+        return None
+    return check_finite(name, value, dtype, positive=name == "theta", nonneg=name == "eps")
 
 
 def check(impl, op: str, *, examples: int = 100, seed: int = 0, dtype=None, edge: bool = True,
@@ -285,9 +328,14 @@ def check(impl, op: str, *, examples: int = 100, seed: int = 0, dtype=None, edge
     if unknown:
         have = ", ".join(sp.params) or "none"
         raise ValueError(f"op {op!r} has no parameter {', '.join(sorted(unknown))}; its parameters: {have}")
-    dt = np.dtype(dtype or getattr(impl, "refimpl_dtype", None) or np.float32)
+    own = getattr(impl, "refimpl_dtype", None)        # a C function's pointer type (load_c)
+    if dtype is not None and own is not None and np.dtype(dtype) != np.dtype(own):
+        raise ValueError(f"dtype {np.dtype(dtype)} conflicts with the function's own {np.dtype(own)} arrays "
+                         "(its C signature): leave dtype out, or wrap a function of that type")
+    dt = np.dtype(dtype or own or np.float32)
     if dt not in (np.float32, np.float64):
         raise ValueError(f"dtype must be float32 or float64, got {dt}")
+    params = {k: check_param(k, v, dt) for k, v in params.items()}
     fixed = {**sp.params, **params}
     accepts = _accepted(impl, sp.params)
     varied = {v for v in sp.varied if v in accepts and v not in params}

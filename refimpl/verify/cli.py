@@ -7,10 +7,10 @@
     refimpl diff A.safetensors B.safetensors [--model PATH] [--json PATH]
     refimpl golden --out DIR
     refimpl explain attention [--q JSON --k JSON --v JSON --dk N]
-    refimpl explain model [--arch llama --ids 1,2,3 --temperature T --seed S]
+    refimpl explain model [--arch llama --ids 1,2,3 --temperature T --sample-seed S]
 
-Exit status: 0 pass, 1 fail (out of bound / first divergent tensor found),
-2 usage error (bad arguments, unloadable target, unparseable signature).
+Exit status: 0 pass, 1 fail (out of bound / first divergent tensor found; for diff also
+inconclusive: a bound too loose to check a tensor), 2 usage error (bad arguments, unloadable target, unparseable signature).
 """
 from __future__ import annotations
 
@@ -134,6 +134,8 @@ def _parse_value(s: str):
         return low == "true"
     if low == "none":
         return None
+    if low.lstrip("+-") in ("nan", "inf", "infinity"):
+        return float(low)                             # so the check names it as not finite
     try:
         return ast.literal_eval(s)
     except (ValueError, SyntaxError):
@@ -209,7 +211,7 @@ def run_verify(args) -> int:
             report = check(impl, args.op, examples=args.examples, seed=args.seed, dtype=args.dtype,
                            convert=args.convert, all_masked_rows=args.all_masked_rows,
                            name=args.target, **params)      # as the user wrote it, not the private module name
-        except ValueError as e:
+        except (ValueError, TypeError) as e:               # check's own refusals (op, dtype, --param values)
             return _err("verify", str(e))
         failed_write = _write_json(args.json, report.as_dict()) if args.json else None   # first: a closed
         con = Console(width=None if sys.stdout.isatty() else 140)                      # pipe loses no file
@@ -226,11 +228,15 @@ def run_verify(args) -> int:
 
 
 def _isolated(run, what: str) -> int:
-    """Run `run()` in a forked child, so a C function that crashes ends the check, not the verifier."""
+    """Run `run()` in a forked child, so a C function that crashes ends the check, not the verifier.
+    The child reports its exit code through a pipe before it leaves: a function that calls exit()
+    ends the child with no report, and that is a failure, whatever the status it exits with."""
     sys.stdout.flush()
     sys.stderr.flush()
+    done_r, done_w = os.pipe()
     pid = os.fork()
     if pid == 0:   # the child: run the check, flush, leave without unwinding the parent's state
+        os.close(done_r)
         code = 2
         try:
             code = run()
@@ -243,12 +249,21 @@ def _isolated(run, what: str) -> int:
         finally:
             sys.stdout.flush()
             sys.stderr.flush()
+            os.write(done_w, b"done")
             os._exit(code)
+    os.close(done_w)
+    with os.fdopen(done_r, "rb") as f:
+        reported = f.read() == b"done"          # EOF when the child is gone: after its report, or without one
     _, status = os.waitpid(pid, 0)
     if os.WIFSIGNALED(status):
         sig = signal.Signals(os.WTERMSIG(status)).name
         print(f"refimpl verify: FAIL: {what} crashed the check with {sig} (an out-of-bounds access or a "
               f"bad pointer; the check ran in a child process)", file=sys.stderr)
+        return 1
+    if not reported:
+        print(f"refimpl verify: FAIL: {what} ended the check's process with exit status {os.WEXITSTATUS(status)} "
+              "before the check finished (it called exit(), or the like); the check ran in a child process",
+              file=sys.stderr)
         return 1
     return os.WEXITSTATUS(status)
 
@@ -285,8 +300,12 @@ def run_trace(args) -> int:
                 ids = [b % cfg.vocab_size for b in args.prompt.encode("utf-8")]
                 print(f"refimpl trace: note: tiny model: ids = UTF-8 bytes mod {cfg.vocab_size}", file=sys.stderr)
             else:
-                from refimpl.io.tokenizers import load_tokenizer
-                ids = load_tokenizer(args.path, vocab_size=cfg.vocab_size).encode(args.prompt, bos=True)
+                from refimpl.io.tokenizers import ByteTokenizer, load_tokenizer
+                tok = load_tokenizer(args.path, vocab_size=cfg.vocab_size)
+                if isinstance(tok, ByteTokenizer):
+                    print("refimpl trace: note: no tokenizer found next to the checkpoint; using bytes "
+                          "(id = byte value): give --ids for the model's own token ids", file=sys.stderr)
+                ids = tok.encode(args.prompt, bos=True)
             if not ids:
                 raise ValueError("the prompt encodes to no tokens")
         else:

@@ -19,6 +19,9 @@ The bound (elementwise, absolute), stated
              the F-wide down projection, the S-long attention sum); l = 0 for
              embed, i + 1 inside layer i, n_layers + 1 for final_norm / logits
     scale  = max |a| over the tensor (1 for attn_probs)
+A tensor whose C gamma(n, u) is 1 or more (or n u >= 1) is not checked: any
+values of A's size would pass.  Then, with nothing out of bound, the verdict is
+"inconclusive", not "pass" (a bfloat16 or float16 trace of any sizeable model).
 This is the first-order forward-error size of a float computation of that
 depth, relative to the tensor's own scale (cf. the matmul bound in
 refimpl.kernels.contracts); it ignores error amplification between layers,
@@ -70,6 +73,7 @@ class TensorDiff:
     stats: ErrorStats | None
     passed: bool
     note: str = ""
+    checked: bool = True  # False: the bound is no smaller than the tensor's own scale (or infinite)
 
 
 @dataclass
@@ -95,14 +99,26 @@ class DiffReport:
     notes: list = field(default_factory=list)
 
     @property
+    def verdict(self) -> str:
+        """"fail" (a tensor out of bound), "inconclusive" (none out of bound, but some bound too
+        loose to catch anything: see `unchecked`), or "pass"."""
+        return "fail" if self.first_bad is not None else "inconclusive" if self.unchecked else "pass"
+
+    @property
+    def unchecked(self) -> list:
+        """Names of the compared tensors whose bound is >= their own scale, or infinite."""
+        return [d.name for d in self.tensors if not d.checked]
+
+    @property
     def passed(self) -> bool:
-        return self.first_bad is None
+        return self.verdict == "pass"
 
     def as_dict(self):
         def st(t):
-            return {"name": t.name, "shape": list(t.shape), "tol": t.tol, "passed": t.passed, "note": t.note,
-                    "stats": t.stats.as_dict() if t.stats else None}
-        return {"a": self.a, "b": self.b, "u": self.u, "passed": self.passed,
+            return {"name": t.name, "shape": list(t.shape), "tol": t.tol, "passed": t.passed, "checked": t.checked,
+                    "note": t.note, "stats": t.stats.as_dict() if t.stats else None}
+        return {"a": self.a, "b": self.b, "u": self.u, "passed": self.passed, "verdict": self.verdict,
+                "unchecked": self.unchecked,
                 "first_bad": st(self.first_bad) if self.first_bad else None,
                 "trap": (None if self.trap is None else
                          {"family": self.trap_family, "label": self.trap.label,
@@ -121,12 +137,18 @@ class DiffReport:
             t.add_column(col, justify="left" if col in ("tensor", "shape", "") else "right")
         for d in self.tensors:
             s = d.stats
-            mark = "[green]ok[/]" if d.passed else "[bold red]FIRST OUT OF BOUND[/]"
+            mark = ("[bold red]FIRST OUT OF BOUND[/]" if not d.passed else "[green]ok[/]" if d.checked
+                    else "[yellow]unchecked: bound >= the tensor's scale[/]")
             t.add_row(d.name, str(list(d.shape)), f"{s.max_abs:.3g}", f"{d.tol:.3g}",
                       "inf" if not math.isfinite(s.bound_ratio) else f"{100 * s.bound_ratio:.3g}%",
                       f"{s.max_ulp:.3g}", f"{s.nmse:.3g}", mark if d.passed or d is self.first_bad else "")
         console.print(t)
-        if self.first_bad is None:
+        if self.first_bad is None and self.unchecked:
+            n = len(self.tensors) - len(self.unchecked)
+            console.print(f"[bold yellow]INCONCLUSIVE[/]: no tensor out of bound, but {len(self.unchecked)} of "
+                          f"{len(self.tensors)} (from {self.unchecked[0]}) have a bound no smaller than the tensor's "
+                          f"own scale at u = {self.u:.3g}: any values would pass there.  {n} tensor(s) checked.")
+        elif self.first_bad is None:
             console.print(f"[bold green]PASS[/]: every common tensor is within its bound (u = {self.u:.3g}).")
         else:
             d = self.first_bad
@@ -177,15 +199,21 @@ def _depth(name: str, n_layers: int) -> int:
     return n_layers + 1
 
 
+def relative_bound(name: str, u: float, n_layers: int, D: int, F: int, S: int) -> float:
+    """C gamma((l+1)(D+F+S), u): the bound as a fraction of the tensor's scale (inf when n u >= 1).
+    At 1 or more it lets B be anything of A's size: that tensor is not checked."""
+    n = (_depth(name, n_layers) + 1) * (D + F + S)
+    return C_DIFF * n * u / (1 - n * u) if n * u < 1 else math.inf
+
+
 def tolerance(name: str, a: np.ndarray, u: float, n_layers: int, D: int, F: int, S: int) -> float:
     """C gamma((l+1)(D+F+S), u) * scale (see the module docstring)."""
-    n = (_depth(name, n_layers) + 1) * (D + F + S)
-    if n * u >= 1:          # no finite bound at this depth (inf: unchecked; inf * a zero scale would be NaN)
+    r = relative_bound(name, u, n_layers, D, F, S)
+    if not math.isfinite(r):  # no finite bound at this depth (inf: unchecked; inf * a zero scale would be NaN)
         return math.inf
-    g = n * u / (1 - n * u)
     fin = np.abs(a[np.isfinite(a)]) if a.size else np.zeros(0)
     scale = 1.0 if name.endswith("attn_probs") else (float(fin.max()) if fin.size else 0.0)
-    return C_DIFF * g * scale + float(np.finfo(np.float64).tiny)
+    return r * scale + float(np.finfo(np.float64).tiny)
 
 
 # --------------------------------------------------------------------------
@@ -284,6 +312,51 @@ class _Recompute:
         b = P[f"h.{i}.attn.c_attn.bias"][j * D:(j + 1) * D]
         return a, W, b
 
+    def probs(self, i, scale, mask_kind="ref", maskval=-np.inf, group="block"):  # -> [H,T,S]
+        """Layer i's attention probabilities from B's q and k under one convention: the causal
+        mask as is ("ref"), off by one ("plus1", "minus1") or left out ("none"); masked scores
+        set to `maskval` (-inf) or `maskval` added; key/value head of query head h h // (H/Hkv)
+        ("block") or h % Hkv ("mod")."""
+        from refimpl.oracle import layers as L
+        cfg = self.cfg
+        H, Hkv = cfg.n_heads, cfg.n_kv_heads
+        q, k = self.get(f"layers.{i}.q"), self.get(f"layers.{i}.k")
+        T, S = q.shape[1], k.shape[1]
+        out = []
+        for h in range(H):
+            g = h // (H // Hkv) if group == "block" else h % Hkv
+            s = q[h] @ k[g].T * scale
+            if cfg.causal or mask_kind != "ref":
+                off = {"ref": 0, "plus1": 1, "minus1": -1, "none": S}[mask_kind]
+                m = np.arange(S)[None, :] <= (S - T + np.arange(T))[:, None] + off
+                s = np.where(m, s, maskval) if np.isinf(maskval) else s + np.where(m, 0.0, maskval)
+            out.append(L.softmax(s))
+        return np.stack(out)
+
+    def prob_alternatives(self, i) -> list:
+        """(label, description, probabilities) for the reference attention and its traps."""
+        cfg = self.cfg
+        H, Hkv, Dh, D = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.d_model
+        sc = 1 / math.sqrt(Dh)
+        alts = [("reference", "softmax(q kᵀ / sqrt(Dh) + mask), mask -inf", self.probs(i, sc)),
+                ("no scale", "softmax(q kᵀ) without 1/sqrt(Dh)", self.probs(i, 1.0)),
+                ("scale 1/Dh", "scale 1/Dh instead of 1/sqrt(Dh)", self.probs(i, 1 / Dh)),
+                ("scale 1/sqrt(D)", "scale 1/sqrt(D) (model width) instead of 1/sqrt(Dh)",
+                 self.probs(i, 1 / math.sqrt(D)))]
+        if cfg.causal:
+            alts += [("mask -1e4", "finite mask value -1e4 added to the scores instead of -inf",
+                      self.probs(i, sc, maskval=-1e4)),
+                     ("mask -1e9", "finite mask value -1e9 instead of -inf", self.probs(i, sc, maskval=-1e9)),
+                     ("mask +1 (sees next token)", "off-by-one causal mask: query t sees key t+1",
+                      self.probs(i, sc, "plus1")),
+                     ("mask -1 (misses itself)", "off-by-one causal mask: query t does not see key t",
+                      self.probs(i, sc, "minus1")),
+                     ("no mask", "no causal mask", self.probs(i, sc, "none"))]
+        if Hkv not in (1, H):
+            alts.append(("GQA h % Hkv", "GQA grouping h % Hkv instead of h // (H / Hkv)",
+                         self.probs(i, sc, group="mod")))
+        return alts
+
     # per trace point ------------------------------------------------------
     def alternatives(self, name):
         """(family, [(label, description, array)]) or None when no trap is known for this point."""
@@ -352,48 +425,10 @@ class _Recompute:
             fam = "RoPE interleaved vs half-split / transposed weights" if cfg.arch == "llama" else "transposed weights"
             return fam, alts
         if point == "attn_probs":
-            q, k = self.get(f"layers.{i}.q"), self.get(f"layers.{i}.k")
-            S = k.shape[1]
-            causal = cfg.causal
-
-            def probs(scale, mask_kind="ref", maskval=-np.inf, group="block"):
-                out = []
-                for h in range(H):
-                    g = h // (H // Hkv) if group == "block" else h % Hkv
-                    s = q[h] @ k[g].T * scale
-                    if causal or mask_kind not in ("ref",):
-                        if mask_kind == "none":
-                            m = np.ones((T, S), bool)
-                        else:
-                            off = {"ref": 0, "plus1": 1, "minus1": -1}[mask_kind] if mask_kind != "none" else 0
-                            m = np.arange(S)[None, :] <= (S - T + np.arange(T))[:, None] + off
-                        s = np.where(m, s, maskval) if np.isinf(maskval) else s + np.where(m, 0.0, maskval)
-                    out.append(L.softmax(s))
-                return np.stack(out)
-            sc = 1 / math.sqrt(Dh)
-            alts = [("reference", "softmax(q kᵀ / sqrt(Dh) + mask), mask -inf", probs(sc)),
-                    ("no scale", "softmax(q kᵀ) without 1/sqrt(Dh)", probs(1.0)),
-                    ("scale 1/Dh", "scale 1/Dh instead of 1/sqrt(Dh)", probs(1 / Dh)),
-                    ("scale 1/sqrt(D)", "scale 1/sqrt(D) (model width) instead of 1/sqrt(Dh)", probs(1 / math.sqrt(D)))]
-            if causal:
-                alts += [("mask -1e4", "finite mask value -1e4 added to the scores instead of -inf",
-                          probs(sc, maskval=-1e4)),
-                         ("mask -1e9", "finite mask value -1e9 instead of -inf", probs(sc, maskval=-1e9)),
-                         ("mask +1 (sees next token)", "off-by-one causal mask: query t sees key t+1",
-                          probs(sc, "plus1")),
-                         ("mask -1 (misses itself)", "off-by-one causal mask: query t does not see key t",
-                          probs(sc, "minus1")),
-                         ("no mask", "no causal mask", probs(sc, "none"))]
-            if Hkv not in (1, H):
-                alts.append(("GQA h % Hkv", "GQA grouping h % Hkv instead of h // (H / Hkv)", probs(sc, group="mod")))
-            return "softmax scale / mask value / causal mask / GQA grouping", alts
+            return "softmax scale / mask value / causal mask / GQA grouping", self.prob_alternatives(i)
         if point == "attn_out":
             v = self.get(f"layers.{i}.v")
             Pn = f"layers.{i}.attn_probs"
-            if Pn not in self.tb:
-                return None
-            Pr = self.get(Pn)
-            o = L.merge_heads(np.stack([Pr[h] @ v[h // (H // Hkv)] for h in range(H)]))
             if cfg.arch == "llama":
                 W, b = self.P[f"layers.{i}.self_attn.o_proj.weight"].T, 0.0
             elif cfg.arch == "bert":
@@ -401,12 +436,25 @@ class _Recompute:
                 b = self.P[f"encoder.layer.{i}.attention.output.dense.bias"]
             else:
                 W, b = self.P[f"h.{i}.attn.c_proj.weight"], self.P[f"h.{i}.attn.c_proj.bias"]
-            alts = [("reference", "merge_heads(P v) W_o", o @ W + b),
-                    ("transposed weight", "the output projection weight transposed", o @ W.T + b)]
-            if Hkv not in (1, H):
-                o2 = L.merge_heads(np.stack([Pr[h] @ v[h % Hkv] for h in range(H)]))
-                alts.append(("GQA h % Hkv", "GQA grouping h % Hkv for the values", o2 @ W + b))
-            return "transposed weights / GQA grouping", alts
+
+            def out(P, group="block"):   # merge_heads(P_h v_g)
+                return L.merge_heads(np.stack([P[h] @ v[h // (H // Hkv) if group == "block" else h % Hkv]
+                                               for h in range(H)]))
+            if Pn in self.tb:
+                Pr = self.get(Pn)
+                alts = [("reference", "merge_heads(P v) W_o", out(Pr) @ W + b),
+                        ("transposed weight", "the output projection weight transposed", out(Pr) @ W.T + b)]
+                if Hkv not in (1, H):
+                    alts.append(("GQA h % Hkv", "GQA grouping h % Hkv for the values", out(Pr, "mod") @ W + b))
+                return "transposed weights / GQA grouping", alts
+            # a fused attention writes no attn_probs (TRACE.md): the probabilities' traps, recomputed
+            # from B's q and k, go through v and W_o here
+            alts = [(label, desc, out(P, "mod" if label.startswith("GQA") else "block") @ W + b)
+                    for label, desc, P in self.prob_alternatives(i)]
+            alts.append(("transposed weight", "the output projection weight transposed",
+                         out(self.probs(i, 1 / math.sqrt(Dh))) @ W.T + b))
+            return ("softmax scale / mask value / causal mask / GQA grouping / transposed weights "
+                    "(attn_probs not in B's trace: recomputed from q and k)"), alts
         if point == "ffn_hidden":
             m = self.get(f"layers.{i}.ffn_norm")
             acts = _acts()
@@ -449,6 +497,14 @@ def _check_trace(path, tensors: dict, meta: dict):
                          "(see refimpl/verify/TRACE.md)")
 
 
+def _trace_ids(path, meta) -> list[int]:
+    """The metadata's comma-separated ids as ints (spaces allowed), or ValueError naming the file."""
+    try:
+        return [int(x) for x in meta["ids"].split(",")]
+    except ValueError:
+        raise ValueError(f"{path}: __metadata__.ids must be comma-separated integers, got {meta['ids']!r}") from None
+
+
 def diff(path_a, path_b, model=None) -> DiffReport:
     """Compare trace B with reference trace A; see the module docstring."""
     from refimpl.verify.trace import load_model_spec, read_trace_with_dtypes
@@ -462,7 +518,8 @@ def diff(path_a, path_b, model=None) -> DiffReport:
             mdl = load_model_spec(model, dtype="float64")
         except (OSError, ValueError) as e:
             raise ValueError(f"--model {model}: {e}") from None
-    if ma["ids"] != mb["ids"]:
+    ids_a, ids = _trace_ids(path_a, ma), _trace_ids(path_b, mb)
+    if ids_a != ids:                                   # as numbers: "1, 5" is "1,5"
         raise ValueError(f"the traces are of different inputs: A ids [{ma['ids']}], B ids [{mb['ids']}]")
     rep = DiffReport(str(path_a), str(path_b), 0.0)
     rep.only_a = [n for n in ta if n not in tb]
@@ -477,7 +534,6 @@ def diff(path_a, path_b, model=None) -> DiffReport:
     S = next((ta[n].shape[-1] for n in ta if n.endswith("attn_probs")), len(ma.get("ids", "").split(",")))
     u = max(_trace_unit(ma, sa), _trace_unit(mb, sb))
     rep.u = u
-    ids = [int(x) for x in mb["ids"].split(",")]       # both files have them (_check_trace), the same
     if mdl is not None:        # the user's model must be the traces', whatever the tensors say
         try:
             why = _model_mismatch(mdl, ta, (ma, mb), ids, u, n_layers, D, F, S)
@@ -497,17 +553,18 @@ def diff(path_a, path_b, model=None) -> DiffReport:
         with np.errstate(all="ignore"):
             st = error_stats(b, a, tol)
         ok = st.nonfinite_mismatches == 0 and st.bound_ratio <= 1.0
-        d = TensorDiff(n, a.shape, tol, st, ok)
+        d = TensorDiff(n, a.shape, tol, st, ok, checked=relative_bound(n, u, n_layers, D, F, S) < 1)
         rep.tensors.append(d)
         if not ok:
             rep.first_bad = d
             break
     if rep.only_a or rep.only_b:
         rep.notes.append(f"tensors only in A: {rep.only_a or 'none'}; only in B: {rep.only_b or 'none'} (skipped)")
-    vacuous = [d.name for d in rep.tensors if not math.isfinite(d.tol) and not d.note]
+    vacuous = [d.name for d in rep.tensors if not d.checked and not d.note]
     if vacuous:
-        rep.notes.append(f"{len(vacuous)} tensor(s) from {vacuous[0]} on have no finite bound: n u >= 1 at u = {u:.3g} "
-                         "(the first-order bound says nothing at that depth and precision), so they were not checked")
+        rep.notes.append(f"{len(vacuous)} tensor(s) from {vacuous[0]} on have a bound of C gamma(n, u) >= 1 times "
+                         f"their scale, or none (n u >= 1), at u = {u:.3g}: the first-order bound says nothing at "
+                         "that depth and precision, so they were not checked (verdict: inconclusive)")
     if rep.first_bad is not None and rep.first_bad.stats is not None and not rep.first_bad.note:
         spec = model or _model_spec(mb, path_b) or _model_spec(ma, path_a)
         if not spec:

@@ -1,7 +1,7 @@
 """Teaching mode: the math of attention and of a whole forward pass, step by step.
 
     refimpl explain attention [--q "[[1,0],[0,1],[1,1]]" --k ... --v ... --dk 2 --digits 4]
-    refimpl explain model [--arch llama --ids 1,2,3 --temperature 0.8 --seed 7]
+    refimpl explain model [--arch llama --ids 1,2,3 --temperature 0.8 --sample-seed 7]
 
 `explain_attention` computes exactly (refimpl.oracle.exact): fractions where
 the value is rational, 50-digit decimals otherwise (shown rounded to
@@ -185,8 +185,9 @@ def explain_model(arch: str = "llama", ids=(1, 2, 3), seed: int = 0, temperature
 
     from refimpl.oracle import layers as L
     from refimpl.oracle.model import tiny_model
-    from refimpl.oracle.sampling import XorShift64Star, sample
+    from refimpl.oracle.sampling import XorShift64Star, check_temperature, sample
 
+    temp = check_temperature(temperature, XorShift64Star(sample_seed)) or 0.0   # ValueError: < 0, nan, inf
     p = _printer(out)
     model = tiny_model(arch, seed=seed, dtype="float64")
     c = model.config
@@ -213,7 +214,6 @@ def explain_model(arch: str = "llama", ids=(1, 2, 3), seed: int = 0, temperature
         p("BERT is an encoder: its output is the last hidden state [T, D]; there is no next-token step.")
         return {"steps": steps, "hidden": final}
     z = final[-1]
-    temp = float(temperature)
     probs = L.softmax(z / temp) if temp > 0 else L.softmax(z)
     order = np.lexsort((np.arange(z.size), -probs))[:top]
     p(f"Next token: the last row of the logits z [{z.size}] → p = softmax(z"
