@@ -416,3 +416,68 @@ def test_norms_fall_back_to_double_where_float32_cannot(backend, case, x, eps):
 def _nothing():
     import contextlib
     return contextlib.nullcontext()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("qs, ks, match", [
+    ((2, 3, 0), (1, 4, 0), "head width D must be >= 1"),
+    ((2, 0, 4), (1, 0, 4), "needs at least one key"),
+    ((2, 3, 4), (1, 0, 4), "needs at least one key"),
+])
+def test_degenerate_attention_is_refused_alike(backend, qs, ks, match):
+    """D = 0 and Lk = 0 raised ZeroDivisionError and NumPy's reduction error on the numpy
+    backend, and Numba returned a result for D = 0 where C refused."""
+    with pytest.raises(ValueError, match=match):
+        get("attention", backend)(f32(*qs), f32(*ks), f32(*ks))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("qs", [(0, 1, 4), (2, 0, 4)])
+def test_attention_without_queries_gives_an_empty_result(backend, qs):
+    out = get("attention", backend)(f32(*qs), f32(1, 3, 4), f32(1, 3, 4))
+    assert out.shape == qs and out.dtype == F32
+
+
+def test_c_matmul_stream_is_a_flag():
+    for bad in ("no", np.array([1, 0]), 2):
+        with pytest.raises(TypeError, match="'stream' must be a bool"):
+            get("matmul", "c")(f32(2, 3), f32(3, 4), stream=bad)
+
+
+def test_step_names_a_cache_that_is_not_one():
+    m = _model()
+    step = decode_step(m)
+    with pytest.raises(TypeError, match="cache must be a KVCache .* got NoneType"):
+        step(1, None)
+    cache = m.new_cache()
+    cache.length = 2.0
+    with pytest.raises(TypeError, match="whose length is an integer, got KVCache of length 2.0"):
+        step(1, cache)
+
+
+def test_forced_path_blocks_of_two_threads_do_not_interleave():
+    """Thread A forced portable, B avx2, A left, B left: B restored the portable path it had
+    found, for the rest of the process.  Now B's block waits for A's to end."""
+    import threading
+
+    from refimpl.kernels.cdispatch import forced_path, simd_path
+    start = simd_path()
+    a_in, b_in, a_out = threading.Event(), threading.Event(), threading.Event()
+
+    def a():
+        with forced_path("portable"):
+            a_in.set()
+            b_in.wait(1.0)                       # B cannot get in while A's block runs
+        a_out.set()
+
+    def b():
+        a_in.wait(5)
+        with forced_path("avx2"):
+            b_in.set()
+            a_out.wait(5)
+    ts = [threading.Thread(target=a), threading.Thread(target=b)]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join(10)
+    assert simd_path() == start

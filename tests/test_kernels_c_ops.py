@@ -290,6 +290,20 @@ def test_attention_large_scores(path):
 
 
 @pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("Lq", [1, 70])            # the few-rows path and the flash path
+def test_attention_scale_q_overflowing_where_the_scores_do_not(path, Lq):
+    """q = 1e30 with scale = 1e9: q scale overflows float32 but the scores q.k scale are ~1e9.
+    The C kernel scaled q before the dot and returned NaN; it now scales the scores then."""
+    rng = np.random.default_rng(11)
+    q = (rng.standard_normal((4, Lq, 8)) * 1e30).astype(F32)
+    k = (rng.standard_normal((2, 90, 8)) * 1e-30).astype(F32)
+    v = rng.standard_normal((2, 90, 8)).astype(F32)
+    with forced_path(path):
+        _attention_check(q, k, v, True, 1e9, f"attention[{path}] scale q overflows, Lq={Lq}")
+        _attention_check(q, k, v, False, 1e9, f"attention[{path}] scale q overflows, Lq={Lq}, not causal")
+
+
+@pytest.mark.parametrize("path", PATHS)
 def test_attention_nan_propagates(path):
     rng = np.random.default_rng(3)
     q = rng.standard_normal((2, 5, 16)).astype(F32)

@@ -16,7 +16,10 @@ with its output 0 or 256-4032 bytes after x, 224k at 128 bytes and 264k (+29 %) 
 where NumPy's allocator put the output changed from process to process, and so did the
 kernel's speed.  The Numba GEMV, which adds each row of B into the output block, ran
 423-436k ticks (median of 25 rounds' medians) with the output 1-3 KiB after B and
-495-534k at 0-256 bytes.  Every C and Numba wrapper allocates its outputs this way.
+495-534k at 0-256 bytes.  The C matmul, the C and Numba elementwise and row wrappers and
+the C attention allocate their outputs this way; the Numba matmul and attention, the naive
+reference kernels, the sampler's scratch and the C decode step's [1, V] logits (a plain
+np.empty: 2 us a token saved) do not.
 
 The inputs' places matter as much.  Measured, C layer_norm (64, 768) (median of
 harness medians) ran 20.0-21.0k ticks or 22.7-25.5k depending on where w and b sat
@@ -47,8 +50,8 @@ def address(a: np.ndarray) -> int:
 
 def _carve(shape, dtype, slack: int, offset) -> np.ndarray:
     """A C-contiguous `shape` array cut from a byte buffer `slack` bytes longer, starting
-    `offset(address of the buffer)` bytes into it.  Every C and Numba wrapper's output comes
-    from here, so it is kept cheap (~2 us, a quarter of it the buffer's address through cffi;
+    `offset(address of the buffer)` bytes into it.  Most C and Numba wrappers' outputs come
+    from here (see the module docstring), so it is kept cheap (~2 us, a quarter of it the buffer's address through cffi;
     np.prod, `.ctypes` and a shape check by `min` each cost more than the rest together)."""
     if not isinstance(dtype, np.dtype):
         dtype = np.dtype(dtype)

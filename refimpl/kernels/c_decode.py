@@ -181,7 +181,11 @@ class _DecodeStep:
             token = operator.index(token)
         except TypeError:
             raise TypeError(f"C decode step: token must be an integer, got {type(token).__name__} {token!r}") from None
-        pos = operator.index(cache.length)
+        pos = getattr(cache, "length", None)
+        if not isinstance(pos, (int, np.integer)) or isinstance(pos, (bool, np.bool_)):
+            raise TypeError(f"C decode step: cache must be a KVCache (model.new_cache()) whose length is an "
+                            f"integer, got {type(cache).__name__}" + ("" if pos is None else f" of length {pos!r}"))
+        pos = int(pos)
         if not 0 <= token < self.V:
             raise ValueError(f"token {token} is out of range: vocab_size is {self.V}")
         t = self._thread(cache)

@@ -25,7 +25,7 @@ import numpy as np
 from refimpl._kernels import ffi, lib
 from refimpl.kernels.buffers import apart_empty
 from refimpl.kernels.ccall import CCall
-from refimpl.kernels.contracts import check_matmul_args
+from refimpl.kernels.contracts import check_flag, check_matmul_args
 from refimpl.kernels.registry import register
 
 _INT64_MAX = 2**63 - 1
@@ -89,6 +89,7 @@ def matmul(a, b, stream=False):  # [M,K] @ [K,N] -> [M,N]
     stream=True says b comes from DRAM (decode: weights larger than the caches together): the
     GEMV then prefetches ahead, faster from DRAM, ~15% slower when b already sits in L3.
     """
+    stream = check_flag("stream", stream)
     a, b, M, K, N = _checked(a, b)
     return _run(apart_empty((M, N), a.dtype, like=b), a, b, M, K, N, stream)
 

@@ -120,10 +120,6 @@ def _attention_args(q, k, v, causal, scale):  # -> q, k, v, kv_stride, causal, s
         check_attention_shapes(q.shape, k.shape, v.shape, causal)
     H, Lq, D = q.shape
     Hkv, Lk, _ = k.shape
-    if D == 0:
-        raise ValueError("attention: head width D must be >= 1, got q of shape " f"{q.shape}")
-    if Lk == 0:
-        raise ValueError(f"attention: needs at least one key, got k of shape {k.shape}")
     if Lk > _INT32_MAX:
         raise ValueError(f"attention: Lk={Lk} exceeds the C kernel's limit {_INT32_MAX}")
     scale = 1.0 / math.sqrt(D) if scale is None else check_finite("scale", scale, np.float32)

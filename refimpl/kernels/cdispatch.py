@@ -12,6 +12,7 @@ best path available and `forced_path` yields the path actually in force.
 """
 from __future__ import annotations
 
+import threading
 from contextlib import contextmanager
 
 from refimpl._kernels import ffi, lib
@@ -23,16 +24,25 @@ def simd_path() -> str:
     return ffi.string(lib.rf_cpu_path()).decode()
 
 
+_FORCE_LOCK = threading.RLock()
+
+
 @contextmanager
 def forced_path(name: str):
+    """Run the block with the C kernels on SIMD path `name` (tests, benchmarks of one path).
+    The path is process-wide, so the block holds a lock: another thread's forced_path waits for
+    it to end (overlapping blocks restored each other's paths out of order and left the process
+    on one of them); nested blocks in one thread are fine.  Kernels called from other threads
+    meanwhile run on the forced path too."""
     if name not in _PATHS:
         raise ValueError(f"unknown SIMD path {name!r}; choose from {sorted(_PATHS)}")
-    before = _PATHS.get(simd_path(), 0)
-    lib.rf_cpu_force_path(_PATHS[name])
-    try:
-        yield simd_path()
-    finally:
-        lib.rf_cpu_force_path(before)
+    with _FORCE_LOCK:
+        before = _PATHS.get(simd_path(), 0)
+        lib.rf_cpu_force_path(_PATHS[name])
+        try:
+            yield simd_path()
+        finally:
+            lib.rf_cpu_force_path(before)
 
 
 def runnable_paths() -> list[str]:

@@ -12,7 +12,9 @@ Argument rules (all backends)
   check_norm_args, check_rope_args, check_attention_args): matmul a [M,K], b [K,N];
   softmax, layer_norm, rms_norm x [..., N] over the last axis, w and b [N]; gelu_tanh and
   silu any shape; rope x [..., T, D] with D even and integer positions [T]; attention
-  q [H,Lq,D], k and v [Hkv,Lk,D].  The C backend takes float32 only (TypeError for float64).
+  q [H,Lq,D], k and v [Hkv,Lk,D] with D >= 1 and Lk >= 1.  The C backend takes float32
+  only (TypeError for float64), except matmul, which also computes float64 (a correct,
+  unblocked path).
 * flags (causal, interleaved): bool or 0 / 1, else TypeError (check_flag).
 * scalars (eps >= 0, scale, theta > 0): a finite int or float, within float32's range
   when the kernel takes it as float32; TypeError for bool, str, arrays, ValueError for
@@ -184,11 +186,18 @@ def check_rope_args(x, positions, dtypes=_FLOATS) -> tuple:
 
 
 def check_attention_shapes(q_shape, k_shape, v_shape, causal=False):
-    """q (H,Lq,D), k (Hkv,Lk,D), v (Hkv,Lk,D), H % Hkv == 0, causal needs Lq <= Lk."""
+    """q (H,Lq,D), k (Hkv,Lk,D), v (Hkv,Lk,D), H % Hkv == 0, D >= 1, Lk >= 1 (a softmax over no
+    key, and the default scale 1/sqrt(0), are undefined), causal needs Lq <= Lk.  H = 0 or
+    Lq = 0 gives an empty result."""
     H, Lq, D = q_shape
     Hkv, Lk, Dk = k_shape
     if Dk != D:
         raise ValueError(f"attention: k head width {Dk} != q head width {D}")
+    if D == 0:
+        raise ValueError(f"attention: head width D must be >= 1, got q of shape {tuple(q_shape)}")
+    if Lk == 0:
+        raise ValueError(f"attention: needs at least one key (softmax over zero keys is undefined), "
+                         f"got k of shape {tuple(k_shape)}")
     if tuple(v_shape) != tuple(k_shape):
         raise ValueError(f"attention: v has shape {tuple(v_shape)}, expected the shape of k {tuple(k_shape)}")
     if Hkv == 0 or H % Hkv:

@@ -620,10 +620,7 @@ def attention(q, k, v, causal=False, scale=None):  # [H,Lq,D],[Hkv,Lk,D],[Hkv,Lk
     causal = check_flag("causal", causal)
     q, k, v = check_attention_args(q, k, v, causal)
     H, Lq, D = q.shape
-    Lk = k.shape[1]
-    if Lk == 0 and Lq > 0:
-        raise ValueError("attention: k and v have no positions (Lk=0): softmax over zero keys is undefined")
-    scale = (1.0 / math.sqrt(D) if D else 1.0) if scale is None else check_finite("scale", scale, q.dtype)
+    scale = 1.0 / math.sqrt(D) if scale is None else check_finite("scale", scale, q.dtype)
     out = np.zeros((H, Lq, D), dtype=q.dtype)
     if out.size:
         cfg.call(_attention_kernel, q.dtype, out, q, k, v, causal, q.dtype.type(scale))

@@ -6,6 +6,8 @@ backend accepts and refuses the same calls; the checked arrays go to the oracle.
 """
 from __future__ import annotations
 
+import numpy as np
+
 from refimpl.kernels.contracts import (check_array, check_attention_args, check_finite, check_flag,
                                       check_matmul_args, check_norm_args, check_rope_args, check_rows_args)
 from refimpl.kernels.registry import register
@@ -30,6 +32,8 @@ def attention(q, k, v, causal=False, scale=None):  # [H,Lq,D],[Hkv,Lk,D],[Hkv,Lk
     q, k, v = check_attention_args(q, k, v, causal)
     if scale is not None:
         scale = check_finite("scale", scale, q.dtype)
+    if q.size == 0:                                      # H = 0 or Lq = 0: no query, nothing to attend
+        return np.zeros(q.shape, q.dtype)
     mask = L.causal_mask(q.shape[1], k.shape[1]) if causal else None
     return L.multi_head_attention(q, k, v, mask, scale)
 
