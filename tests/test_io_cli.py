@@ -113,7 +113,8 @@ def test_generate_uses_the_tokenizer_file_it_is_given(gpt2_dir, tmp_path, capsys
     n = write_tokenizer_bin(tmp_path / "vocab.tok")                     # 268 tokens, the model has 128
     assert main(["generate", str(gpt2_dir), "--prompt", "hi", "--tokenizer", str(tmp_path / "vocab.tok")]) == 2
     err = capsys.readouterr().err
-    assert "vocab.tok" in err and f"holds {n} tokens" in err            # loaded (and refused), not ignored
+    # loaded (and refused), not ignored: 268 records of <= max_token_length bytes cannot be 128
+    assert "vocab.tok" in err and n > 128 and "holds more than 128 tokens" in err
     (tmp_path / "t.json").write_text("{not json")
     assert main(["generate", str(gpt2_dir), "--prompt", "hi", "--tokenizer", str(tmp_path / "t.json")]) == 2
     assert "t.json" in capsys.readouterr().err
@@ -205,3 +206,24 @@ def test_generate_stops_at_any_of_several_eos_ids(tmp_path, capsys):
     (tmp_path / "gen" / "generation_config.json").write_text("[1]")
     with pytest.raises(ValueError, match="generation_config.json: must be a JSON object"):
         rload.load(tmp_path / "gen")
+
+
+def test_generate_without_a_tokenizer_refuses_a_vocabulary_past_the_bytes(tmp_path, capsys):
+    """With no tokenizer the ids are bytes: a 1000-id model generated ids >= 256 and then
+    failed with a traceback while printing them."""
+    write_dir(tmp_path / "big", dict(GPT2_JSON, vocab_size=1000))
+    assert main(["generate", str(tmp_path / "big"), "--prompt", "hi", "--max-new-tokens", "3"]) == 2
+    err = capsys.readouterr().err
+    assert "vocabulary (1000 ids) is larger than the 256 byte values: give --tokenizer" in err
+
+
+def test_generate_names_a_prompt_the_tokenizer_cannot_encode(gpt2_dir, tmp_path, capsys):
+    """A tokenizer.json whose BPE unk_token is not in its vocabulary loads, and its encode raised
+    the tokenizers package's bare Exception: a traceback from `refimpl generate`."""
+    from conftest import require
+    require("tokenizers")
+    (tmp_path / "t.json").write_text(json.dumps({"version": "1.0", "added_tokens": [], "model": {
+        "type": "BPE", "unk_token": "<unk>", "vocab": {"h": 0, "e": 1, "he": 2}, "merges": ["h e"]}}))
+    assert main(["generate", str(gpt2_dir), "--prompt", "hello", "--tokenizer", str(tmp_path / "t.json")]) == 2
+    err = capsys.readouterr().err
+    assert "t.json: cannot encode the text" in err and "Traceback" not in err

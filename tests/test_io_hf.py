@@ -238,3 +238,46 @@ def test_config_json_with_a_huge_integer_names_the_file(tmp_path):
     with pytest.raises(CheckpointError, match=r"config\.json: field 'layer_norm_epsilon' must be a finite number, "
                                               r"got an integer of 401 digits"):
         rload.load(tmp_path)
+
+
+def test_a_named_safetensors_file_is_the_one_loaded(tmp_path):
+    """load("dir/finetuned.safetensors") read dir/model.safetensors instead."""
+    write_dir(tmp_path / "m", LLAMA_JSON)
+    t = st.load_file(tmp_path / "m" / "model.safetensors")
+    st.save_file({k: v * 0 for k, v in t.items()}, tmp_path / "m" / "zeros.safetensors")
+    _, p = rload.load_params(tmp_path / "m" / "zeros.safetensors")
+    assert not any(a.any() for a in p.values())
+    _, p = rload.load_params(tmp_path / "m" / "model.safetensors")
+    assert p["norm.weight"].any()
+
+
+def test_an_lm_head_twice_is_refused(tmp_path):
+    """lm_head.weight and model.lm_head.weight both strip to lm_head.weight: the later one won."""
+    untied = dict(LLAMA_JSON, tie_word_embeddings=False)
+    write_dir(tmp_path / "m", untied, extra_tensors={"model.lm_head.weight": np.zeros((64, 16), np.float32)})
+    with pytest.raises(CheckpointError, match="LM head appears twice, as 'lm_head.weight' and 'model.lm_head.weight'"):
+        load_hf(tmp_path / "m")
+
+
+@pytest.mark.parametrize("cfg_json, key", [(LLAMA_JSON, "num_hidden_layers"), (GPT2_JSON, "n_layer")])
+def test_a_layer_count_beyond_the_tensors_is_refused_before_listing_names(tmp_path, cfg_json, key):
+    """num_hidden_layers = 10^8 in a 2-layer file: expected_shapes listed ~9 names a layer first
+    (~100 GB) and ran out of memory."""
+    write_dir(tmp_path / "m", cfg_json)
+    (tmp_path / "m" / "config.json").write_text(json.dumps(dict(cfg_json, **{key: 10 ** 6})))   # 10^8 ran out of memory
+    with pytest.raises(CheckpointError, match=r"layer count \(1000000\) differs from the layers the tensors hold "
+                                              r"\(2, numbered 0..1\)"):
+        load_hf(tmp_path / "m")
+
+
+def test_a_sparse_file_behind_a_small_header_is_refused_before_it_is_read(tmp_path):
+    """A valid header followed by gigabytes of holes was read whole, then refused."""
+    write_dir(tmp_path / "m", GPT2_JSON)
+    f = tmp_path / "m" / "model.safetensors"
+    with open(f, "r+b") as fh:
+        fh.truncate(f.stat().st_size + (1 << 29))                      # 512 MiB of holes: no disk used
+    import resource
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    with pytest.raises(st.SafetensorsError, match="model.safetensors"):
+        rload.load(tmp_path / "m")
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 100_000      # KiB: nothing read

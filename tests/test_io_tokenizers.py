@@ -68,6 +68,12 @@ def test_llama2c_bad_files(tmp_path):
     n = write_tokenizer_bin(tmp_path / "tokenizer.bin")
     with pytest.raises(ValueError, match=f"holds {n} tokens but the model's vocab_size is 32000"):
         Llama2cTokenizer.from_file(tmp_path / "tokenizer.bin", vocab_size=32000)
+    with pytest.raises(ValueError, match=r"holds more than 10 tokens \(\d+ bytes; 10 tokens of at most"):
+        Llama2cTokenizer.from_file(tmp_path / "tokenizer.bin", vocab_size=10)   # refused before the read
+    import os
+    os.mkfifo(tmp_path / "fifo")                                       # must not block
+    with pytest.raises(FileNotFoundError, match="is not a file"):
+        Llama2cTokenizer.from_file(tmp_path / "fifo")
     data = (tmp_path / "tokenizer.bin").read_bytes()
     (tmp_path / "cut.bin").write_bytes(data[:-1])
     with pytest.raises(ValueError, match="cut.bin: token 267 bytes truncated"):

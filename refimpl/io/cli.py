@@ -68,8 +68,14 @@ def run(args: argparse.Namespace) -> int:
         return _fail(str(e))
     if isinstance(tok, ByteTokenizer):
         where = "a tiny model" if args.path.startswith("tiny:") else "no tokenizer found next to the checkpoint"
+        if cfg.vocab_size > 256:                     # its ids >= 256 would have no byte to print
+            return _fail(f"{where}, and the model's vocabulary ({cfg.vocab_size} ids) is larger than the 256 "
+                         "byte values: give --tokenizer")
         print(f"refimpl generate: note: {where}; using bytes (id = byte value)", file=sys.stderr)
-    ids = tok.encode(args.prompt, bos=True)
+    try:
+        ids = tok.encode(args.prompt, bos=True)
+    except ValueError as e:                          # the text has no encoding in this tokenizer
+        return _fail(str(e))
     if not ids:
         if cfg.bos_token_id is None:
             return _fail("empty prompt and the model has no BOS token: give --prompt")

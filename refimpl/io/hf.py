@@ -149,7 +149,7 @@ def _llama_config(c: dict, source: str) -> Config:
     H = _need(c, "num_attention_heads", source)
     hd = c.get("head_dim")
     if hd is not None and H and D % H == 0 and hd != D // H:
-        raise CheckpointError(f"{source}: head_dim={hd} differs from hidden_size/num_attention_heads={D // H}: "
+        raise CheckpointError(f"{source}: head_dim={hd!r} differs from hidden_size/num_attention_heads={D // H}: "
                               f"not supported")
     V = _need(c, "vocab_size", source)
     kv = c.get("num_key_value_heads")
@@ -251,7 +251,7 @@ def read_safetensors_dir(d: Path) -> dict[str, np.ndarray]:
             raise CheckpointError(f"{index}: needs a 'weight_map' object of tensor name -> shard file name")
         shards: dict[str, set[str]] = {}
         for key, fname in wm.items():
-            if Path(fname).name != fname or fname in (".", ".."):
+            if not fname or Path(fname).name != fname or fname in (".", ".."):
                 raise CheckpointError(f"{index}: tensor {key!r} maps to {fname!r}, which is not a plain file name "
                                       f"in the model directory")
             shards.setdefault(fname, set()).add(key)
@@ -280,6 +280,23 @@ def _widen(name: str, a: np.ndarray, source: str) -> np.ndarray:
     raise CheckpointError(f"{source}: tensor {name!r} has dtype {a.dtype}; weights must be floating point")
 
 
+_LAYER_KEY = {"llama": re.compile(r"layers\.(\d+)\."), "gpt2": re.compile(r"h\.(\d+)\."),
+              "bert": re.compile(r"encoder\.layer\.(\d+)\.")}
+
+
+def _check_layer_count(cfg: Config, params: dict, source: str) -> None:
+    """The config's layer count against the layers the tensors hold, before expected_shapes
+    lists ~9 names a layer (num_hidden_layers = 10^8 in a 2-layer file: 100 GB of names)."""
+    pat = _LAYER_KEY.get(cfg.arch)
+    if pat is None:
+        return
+    found = {int(m.group(1)) for k in params for m in [pat.match(k)] if m}
+    n = max(found) + 1 if found else 0
+    if cfg.n_layers != n:
+        raise CheckpointError(f"{source}: the config's layer count ({cfg.n_layers}) differs from the layers the "
+                              f"tensors hold ({n}{', numbered 0..' + str(n - 1) if n else ''})")
+
+
 def params_from_tensors(cfg: Config, tensors: dict[str, np.ndarray], source: str) -> dict[str, np.ndarray]:
     """Strip the class prefix, drop non-parameters, then require exactly `expected_shapes(cfg)`."""
     prefix = _PREFIX[cfg.arch]
@@ -289,6 +306,8 @@ def params_from_tensors(cfg: Config, tensors: dict[str, np.ndarray], source: str
     for key, a in tensors.items():
         name = key[len(prefix):] if key.startswith(prefix) else key
         if name == "lm_head.weight" and cfg.arch != "bert":
+            if head is not None:
+                raise CheckpointError(f"{source}: the LM head appears twice, as {head[0]!r} and {key!r}")
             head = (key, a)
             continue
         if any(p.fullmatch(name) for p in drop):
@@ -304,6 +323,7 @@ def params_from_tensors(cfg: Config, tensors: dict[str, np.ndarray], source: str
                                       f"from the token embedding table")
         else:
             params["lm_head.weight"] = head[1]
+    _check_layer_count(cfg, params, source)
     want = expected_shapes(cfg)
     missing = [k for k in want if k not in params]
     if missing:
@@ -321,12 +341,14 @@ def params_from_tensors(cfg: Config, tensors: dict[str, np.ndarray], source: str
     return {k: _widen(k, params[k], source) for k in want}
 
 
-def load_hf(path) -> tuple[Config, dict[str, np.ndarray]]:
-    """An HF model directory -> (Config, params keyed as `expected_shapes`)."""
+def load_hf(path, weights=None) -> tuple[Config, dict[str, np.ndarray]]:
+    """An HF model directory -> (Config, params keyed as `expected_shapes`).  `weights`: one
+    .safetensors file to read the tensors from (with the directory's config.json) instead of
+    the directory's model.safetensors or index."""
     d = Path(path)
     if not d.is_dir():
         raise FileNotFoundError(f"HF model directory {d} does not exist")
     cfg = load_config(d)
-    cfg.extra["path"] = str(d)
-    tensors = read_safetensors_dir(d)
-    return cfg, params_from_tensors(cfg, tensors, str(d))
+    cfg.extra["path"] = str(weights or d)
+    tensors = st.load_file(weights) if weights is not None else read_safetensors_dir(d)
+    return cfg, params_from_tensors(cfg, tensors, str(weights or d))

@@ -33,6 +33,7 @@ does (`permute_reverse`), so the written file computes the same function.
 """
 from __future__ import annotations
 
+import math
 import struct
 from pathlib import Path
 
@@ -75,7 +76,7 @@ def _header_size(version: int) -> int:
 
 def expected_file_size(c: Config, version: int, shared: bool) -> int:
     """Header bytes + 4 bytes per float of every block (Python ints)."""
-    n = sum(int(np.prod(s)) for _, s in _layout(c, version, shared))
+    n = sum(math.prod(s) for _, s in _layout(c, version, shared))      # Python ints: no int64 wrap
     return _header_size(version) + 4 * n
 
 
@@ -130,11 +131,15 @@ def load_llama2c(path) -> tuple[Config, dict[str, np.ndarray]]:
     p = Path(path)
     if not p.is_file():
         raise FileNotFoundError(f"llama2.c checkpoint {p} does not exist")
-    data = p.read_bytes()
-    cfg, version, shared, hdr = read_llama2c_header(data, str(p))
-    want = expected_file_size(cfg, version, shared)
-    if len(data) != want:
-        raise Llama2cError(f"llama2.c checkpoint {p}: file is {len(data)} bytes but its v{version} header "
+    size = p.stat().st_size
+    with open(p, "rb") as f:                     # the header, checked against the file's size before the body
+        data = f.read(V1_HEADER_BYTES)
+        cfg, version, shared, hdr = read_llama2c_header(data, str(p))
+        want = expected_file_size(cfg, version, shared)
+        if size == want:
+            data += f.read()
+    if size != want or len(data) != want:
+        raise Llama2cError(f"llama2.c checkpoint {p}: file is {size} bytes but its v{version} header "
                            f"(dim={cfg.d_model}, hidden_dim={cfg.d_ff}, n_layers={cfg.n_layers}, "
                            f"n_heads={cfg.n_heads}, n_kv_heads={cfg.n_kv_heads}, vocab_size={cfg.vocab_size}, "
                            f"seq_len={cfg.max_seq_len}, shared_classifier={shared}) implies {want} bytes")
@@ -142,7 +147,7 @@ def load_llama2c(path) -> tuple[Config, dict[str, np.ndarray]]:
     blocks: dict[str, np.ndarray] = {}
     off = hdr
     for name, shape in _layout(cfg, version, shared):
-        n = int(np.prod(shape))
+        n = math.prod(shape)
         blocks[name] = np.frombuffer(data, dtype="<f4", count=n, offset=off).astype(np.float32).reshape(shape)
         off += 4 * n
     params = {"embed_tokens.weight": blocks["embedding"], "norm.weight": blocks["rms_final"]}

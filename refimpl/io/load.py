@@ -2,7 +2,7 @@
 
     path is a directory          -> Hugging Face layout (config.json + safetensors), see refimpl.io.hf
     path ends in .bin            -> llama2.c checkpoint (v0 or v1), see refimpl.io.llama2c
-    path is a .safetensors file  -> the HF directory that holds it
+    path is a .safetensors file  -> that file's tensors, with the config.json beside it
     path is "tiny:ARCH[:SEED]"   -> a built-in tiny random model (no files), see refimpl.oracle.model.tiny_model
 """
 from __future__ import annotations
@@ -27,9 +27,12 @@ def load_params(path) -> tuple[Config, dict[str, np.ndarray]]:
     if p.suffix == ".bin":
         from refimpl.io.llama2c import load_llama2c
         return load_llama2c(p)
-    if p.suffix == ".safetensors" or p.name == "model.safetensors.index.json":
+    if p.name == "model.safetensors.index.json":
         from refimpl.io.hf import load_hf
         return load_hf(p.parent)
+    if p.suffix == ".safetensors":                 # this file's tensors, the directory's config.json
+        from refimpl.io.hf import load_hf
+        return load_hf(p.parent, weights=p)
     from refimpl.io.pickles import torch_checkpoint_kind, torch_checkpoint_message
     kind = None
     if p.is_file():

@@ -105,14 +105,16 @@ def _is_uint(v) -> bool:
     return isinstance(v, int) and not isinstance(v, bool) and v >= 0
 
 
-def parse_header(data: bytes | bytearray | memoryview, source: str = "<bytes>"):
+def parse_header(data: bytes | bytearray | memoryview, source: str = "<bytes>", size: int | None = None):
     """Check the header of a whole safetensors file held in `data`.
 
     Returns (entries, metadata, data_start): entries maps tensor name to
     (dtype name, shape tuple, begin, end) with offsets relative to data_start.
+    With `size` (the file's size), `data` may be the file's first 8 + header bytes only:
+    the header is checked against that size before the body is read.
     """
     where = f"safetensors file {source}"
-    size = len(data)
+    size = len(data) if size is None else size
     if size < 8:
         raise SafetensorsError(f"{where}: truncated: {size} bytes, fewer than the 8-byte header size field")
     (n,) = struct.unpack("<Q", bytes(data[:8]))
@@ -231,10 +233,20 @@ def _load_entries(data, source: str):
 
 
 def _read(path) -> bytes:
+    """The file's bytes, read only after its header checked out against the file's size (a
+    sparse 8 GB file behind a small header was read whole before any check)."""
     p = Path(path)
     if not p.is_file():
         raise FileNotFoundError(f"safetensors file {p} does not exist or is not a file")
-    return p.read_bytes()
+    size = p.stat().st_size
+    with open(p, "rb") as f:
+        head = f.read(8)
+        if len(head) == 8:
+            (n,) = struct.unpack("<Q", head)
+            if n <= MAX_HEADER_BYTES and 8 + n <= size:
+                head += f.read(n)
+        parse_header(head, str(p), size=size)         # raises for a bad header, or offsets != the size
+        return head + f.read()
 
 
 def load(path) -> tuple[dict[str, np.ndarray], dict[str, str]]:

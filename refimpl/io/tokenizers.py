@@ -73,12 +73,22 @@ class Llama2cTokenizer:
     @classmethod
     def from_file(cls, path, vocab_size: int | None = None) -> "Llama2cTokenizer":
         p = Path(path)
-        data = p.read_bytes()
-        if len(data) < 4:
-            raise ValueError(f"tokenizer {p}: {len(data)} bytes, too short for max_token_length")
-        (max_len,) = struct.unpack_from("<i", data, 0)
-        if max_len <= 0:
-            raise ValueError(f"tokenizer {p}: max_token_length = {max_len} must be positive")
+        if not p.is_file():                          # a FIFO would block the read
+            raise FileNotFoundError(f"tokenizer {p} does not exist or is not a file")
+        size = p.stat().st_size
+        with open(p, "rb") as f:
+            data = f.read(4)
+            if len(data) < 4:
+                raise ValueError(f"tokenizer {p}: {len(data)} bytes, too short for max_token_length")
+            (max_len,) = struct.unpack_from("<i", data, 0)
+            if max_len <= 0:
+                raise ValueError(f"tokenizer {p}: max_token_length = {max_len} must be positive")
+            most = 4 + vocab_size * (8 + max_len) if vocab_size is not None else size
+            if size > most:                          # more bytes than vocab_size records can hold: not read
+                raise ValueError(f"tokenizer {p}: holds more than {vocab_size} tokens ({size} bytes; {vocab_size} "
+                                 f"tokens of at most {max_len} bytes take {most}) but the model's vocab_size is "
+                                 f"{vocab_size}")
+            data += f.read()
         vocab, scores, off = [], [], 4
         while off < len(data):
             if off + 8 > len(data):
@@ -182,6 +192,8 @@ class HFTokenizer:
     def __init__(self, path, tok=None):
         self.source = str(path)
         if tok is None:
+            if not Path(path).is_file():             # a FIFO would block the read
+                raise FileNotFoundError(f"tokenizer {path} does not exist or is not a file")
             tk = _tokenizers_package(path)
             try:
                 tok = tk.Tokenizer.from_file(str(path))
@@ -210,7 +222,10 @@ class HFTokenizer:
         return cls(vocab, bpe._tokenizer)
 
     def encode(self, text: str, bos: bool = True, eos: bool = False) -> list[int]:
-        ids = list(self.tok.encode(text, add_special_tokens=bos).ids)
+        try:
+            ids = list(self.tok.encode(text, add_special_tokens=bos).ids)
+        except Exception as e:         # a bare Exception from the tokenizers package (an unk_token not in vocab)
+            raise ValueError(f"tokenizer {self.source}: cannot encode the text: {e}") from None
         if eos and self.eos_id is not None and (not ids or ids[-1] != self.eos_id):
             ids.append(self.eos_id)
         return ids
