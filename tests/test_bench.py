@@ -626,6 +626,17 @@ def test_mismatched_options_are_refused_not_an_empty_run(monkeypatch, capsys):
     assert [j[3] for j in bench.plan(["softmax"], ["numpy", "torch"], quick=True)] == [["numpy"]]
 
 
+@pytest.mark.parametrize("op", ["matmul", "softmax", "attention", "layer_norm", "rms_norm", "gelu_tanh", "silu",
+                                "rope"])
+def test_every_torch_peer_passes_the_verifiers_edge_cases(op):
+    """The peers are ratios' denominators: one that computes something else must not be timed.
+    The torch RoPE took `interleaved` and always rotated half-split pairs (bench dropped it,
+    with a warning, once the verifier tried interleaved=True)."""
+    require("torch")
+    row = bench.verify_edges(op, "torch", bench.torch_impl(op), "float32")
+    assert row["passed"], row["error"]
+
+
 # ------------------------------------------------------------------ profile
 
 

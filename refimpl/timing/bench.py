@@ -368,7 +368,10 @@ def torch_impl(op: str):
             ang = t(positions).to(torch.float64)[:, None] * inv[None, :]
             cos, sin = ang.cos().to(t(x).dtype), ang.sin().to(t(x).dtype)
             xt = t(x)
-            x1, x2 = xt[..., : D // 2], xt[..., D // 2:]
+            if interleaved:                            # pairs (2i, 2i+1), llama2.c / Meta
+                x1, x2 = xt[..., 0::2], xt[..., 1::2]
+                return torch.stack([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).flatten(-2).numpy()
+            x1, x2 = xt[..., : D // 2], xt[..., D // 2:]     # pairs (i, i + D/2), HF
             return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).numpy()
         return rope
     return None
