@@ -3,6 +3,8 @@ ids worked out by hand below), HF tokenizer.json, and load_tokenizer's choice.""
 import struct
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from refimpl.io.tokenizers import ByteTokenizer, Llama2cTokenizer, load_tokenizer
 
@@ -185,3 +187,28 @@ def test_json_that_is_not_a_tokenizer_says_so(tmp_path):
     (tmp_path / "t.json").write_text('{"model": ')                    # not JSON: the parser's message stays
     with pytest.raises(ValueError, match=r"t\.json: not a valid tokenizer\.json: "):
         load_tokenizer_file(tmp_path / "t.json")
+
+
+@settings(max_examples=300, deadline=None)
+@given(data=st.data())
+def test_heap_merge_is_run_cs_merge_loop(data):
+    """Llama2cTokenizer.merge (a heap, O(n log n)) against merge_naive (run.c's rescanning loop,
+    O(n^2): a 100k-character prompt took minutes before the context check): the same tokens for
+    random vocabularies with tied scores, pieces present twice, and scores at run.c's -1e10."""
+    chars = [b"a", b"b", b"c", b" "]
+    pieces = [b"<unk>", b"<s>", b"</s>"] + chars
+    for _ in range(data.draw(st.integers(0, 25))):
+        pieces.append(data.draw(st.sampled_from(pieces[3:])) + data.draw(st.sampled_from(pieces[3:])))
+    scores = [data.draw(st.sampled_from([-1e10, -3.0, -1.0, 0.0, 0.0, 2.5])) for _ in pieces]
+    tok = Llama2cTokenizer(pieces, scores, max(map(len, pieces)))
+    ids = [1] + [pieces.index(c) for c in data.draw(st.lists(st.sampled_from(chars), max_size=60))]
+    assert tok.merge(ids) == tok.merge_naive(ids)
+
+
+def test_encode_merges_a_long_prompt_as_run_c_does():
+    pieces = [b"<unk>", b"<s>", b"</s>", b" ", b"a", b"aa", b"aaaa", b"aaaaaaaa"]
+    tok = Llama2cTokenizer(pieces, [0.0, 0.0, 0.0, 0.0, 0.0, 1.0, 2.0, 3.0], 8)
+    text = "a" * 3001
+    ids = tok.encode(text)
+    assert ids == tok.merge_naive([1] + [3] + [4] * 3001)
+    assert b"".join(pieces[i] for i in ids[1:]) == b" " + text.encode()

@@ -22,6 +22,7 @@ Every tokenizer has `encode(text, bos=...) -> list[int]`, `decode(ids) -> str`,
 """
 from __future__ import annotations
 
+import heapq
 import json
 import re
 import struct
@@ -129,19 +130,68 @@ class Llama2cTokenizer:
                 j += 1
             tokens.extend(self._piece_or_bytes(raw[i:j]))
             i = j
-        body = tokens                                     # run.c merges over BOS too
-        while True:                                       # merge the best-scoring adjacent pair
-            best, best_id, best_idx = -1e10, -1, -1
-            for k in range(len(body) - 1):
-                tid = self.lookup.get(self.vocab[body[k]] + self.vocab[body[k + 1]], -1)
-                if tid != -1 and self.scores[tid] > best:
-                    best, best_id, best_idx = self.scores[tid], tid, k
-            if best_idx == -1:
-                break
-            body[best_idx:best_idx + 2] = [best_id]
+        tokens = self.merge(tokens)                       # run.c merges over BOS too
         if eos:
             tokens.append(2)
         return tokens
+
+    def _pair(self, a: int, b: int) -> int:
+        """The id of piece a + piece b if run.c would merge them (score > -1e10), else -1."""
+        tid = self.lookup.get(self.vocab[a] + self.vocab[b], -1)
+        return tid if tid != -1 and self.scores[tid] > -1e10 else -1
+
+    def merge_naive(self, ids: list[int]) -> list[int]:
+        """run.c's loop as written: merge the best-scoring adjacent pair (the first of equal
+        ones), rescanning every pair after each merge: O(n^2) in the pieces of the prompt."""
+        body = list(ids)
+        while True:
+            best, best_id, best_idx = -1e10, -1, -1
+            for k in range(len(body) - 1):
+                tid = self._pair(body[k], body[k + 1])
+                if tid != -1 and self.scores[tid] > best:
+                    best, best_id, best_idx = self.scores[tid], tid, k
+            if best_idx == -1:
+                return body
+            body[best_idx:best_idx + 2] = [best_id]
+
+    def merge(self, ids: list[int]) -> list[int]:
+        """The same merges as `merge_naive`, in O(n log n): the candidate pairs in a heap keyed by
+        (-score, left piece's first position), so the best and, among equal scores, the leftmost
+        comes first, as run.c's strict > picks; the pieces in a linked list; a pair whose pieces
+        changed since it was pushed is skipped when it comes up (each piece has a version)."""
+        n = len(ids)
+        tok, nxt, prv = list(ids), list(range(1, n + 1)), list(range(-1, n - 1))
+        ver = [0] * n
+        if n:
+            nxt[-1] = -1
+        heap: list[tuple] = []
+
+        def push(i):
+            j = nxt[i]
+            if j != -1:
+                tid = self._pair(tok[i], tok[j])
+                if tid != -1:
+                    heapq.heappush(heap, (-self.scores[tid], i, ver[i], ver[j], tid))
+        for i in range(n - 1):
+            push(i)
+        while heap:
+            _, i, vi, vj, tid = heapq.heappop(heap)
+            j = nxt[i]
+            if ver[i] != vi or j == -1 or ver[j] != vj:
+                continue                                  # i or its right neighbour changed
+            tok[i], ver[i] = tid, vi + 1                  # piece j joins piece i
+            ver[j] += 1
+            nxt[i] = nxt[j]
+            if nxt[j] != -1:
+                prv[nxt[j]] = i
+            if prv[i] != -1:
+                push(prv[i])
+            push(i)
+        out, i = [], 0 if n else -1
+        while i != -1:
+            out.append(tok[i])
+            i = nxt[i]
+        return out
 
     def _piece_or_bytes(self, s: bytes) -> list[int]:
         tid = self.lookup.get(s)
