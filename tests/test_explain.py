@@ -1,7 +1,8 @@
 """Teaching mode: printed values checked against independently computed ones.
 
-The reference values are design.md's ("The article's worked example, done
-right") and values computed here with mpmath / by hand, not by refimpl.
+The reference values are the project design notes' ("The article's worked example, done
+right", a document outside this repository) and values computed here with
+mpmath / by hand, not by refimpl.
 """
 import io
 import re
@@ -146,11 +147,15 @@ def test_qk_shape_mistake_when_n_k_equals_d_k():
 
 def test_output_into_a_closed_pipe_is_no_traceback():
     """`refimpl explain model | head -1`: the reader closes the pipe early; the command stops
-    quietly (exit 141, as a shell reports SIGPIPE) instead of printing a BrokenPipeError."""
+    quietly (exit 141, as a shell reports SIGPIPE) instead of printing a BrokenPipeError.
+    The pipe's read end is closed before the command starts: reading a line first and then
+    closing raced with the command, which under load wrote its 4 KB before the close (exit 0)."""
+    import os
+    r, w = os.pipe()
+    os.close(r)
     p = subprocess.Popen([sys.executable, "-m", "refimpl", "explain", "model", "--arch", "gpt2"],
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    p.stdout.readline()
-    p.stdout.close()
+                         stdout=w, stderr=subprocess.PIPE)
+    os.close(w)
     err = p.stderr.read().decode()
     assert p.wait(timeout=300) == 141 and "Traceback" not in err and "BrokenPipe" not in err, err
 

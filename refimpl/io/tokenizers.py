@@ -5,8 +5,9 @@ Every tokenizer has `encode(text, bos=...) -> list[int]`, `decode(ids) -> str`,
 
 * `ByteTokenizer`: id = the byte's value (0..255) of the UTF-8 text; no
   special tokens; decoding joins the bytes and replaces invalid UTF-8 with
-  U+FFFD.  Works with any model whose vocabulary has >= 256 entries (or, for
-  ASCII text, >= 128).
+  U+FFFD.  Fits a model of exactly 256 ids, or a smaller vocabulary when the
+  text's bytes fall inside it (ASCII: 128; the tiny models); its decode refuses
+  ids past 255, and `refimpl generate` refuses it for a vocabulary past 256.
 * `Llama2cTokenizer`: llama2.c's `tokenizer.bin`: int32 max_token_length, then
   per token: float32 score, int32 byte length, the bytes.  The vocabulary size
   is not stored: it is every record up to the end of the file.  Encoding is

@@ -6,7 +6,7 @@ counter reads, no Python inside the region), or any Python callable (NumPy,
 Numba, torch), timed from Python with the same counter around a loop of
 `reps` calls.
 
-Recipe (design.md "Timing on bare CPUs"):
+Recipe (from the project's design notes, "Timing on bare CPUs"):
   1. pin the thread to one CPU (restored afterwards);
   2. warm up: call until `warmup_s` has passed (>= `warmup_calls` calls).
      Numba compiles on its first call: that call is part of the warm-up and

@@ -1,7 +1,8 @@
 """The machine model: CPU, SIMD, peak FLOP per cycle, caches, measured bandwidths.
 
     describe(bandwidth=False) -> Machine     (cached per process)
-    peak_flops(dtype)          -> FLOP per *core* cycle for one core
+    peak_table(uarch, flags, peak=None) -> ({dtype: FLOP per *core* cycle, one core}, source)
+                                  (also describe().peak_flop_per_cycle)
     cache_sizes()              -> [{level, type, size, line, shared_cpus}] from sysfs
     measure_bandwidth()        -> {level: {"read": B/tick, "copy": B/tick, "bytes": test size,
                                            "capacity": cache size (None for DRAM)}}

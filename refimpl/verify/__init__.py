@@ -11,10 +11,10 @@ from refimpl.verify.compare import ErrorStats, assert_within, error_stats
 from refimpl.verify.check import check
 
 
-def load_c(lib, symbol, signature, op, **options):
+def load_c(lib, symbol, signature, op):
     """See refimpl.verify.cabi.load_c."""
     from refimpl.verify.cabi import load_c as _load
-    return _load(lib, symbol, signature, op, **options)
+    return _load(lib, symbol, signature, op)
 
 
 __all__ = ["ErrorStats", "assert_within", "error_stats", "check", "load_c"]

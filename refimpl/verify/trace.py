@@ -33,9 +33,9 @@ compares the names both files have) but must use these names and shapes.
     order   the tensor names in forward order, comma-separated (required:
             safetensors does not keep an order)
     ids     the input token ids, comma-separated
-    dtype   the compute dtype ("float32" | "float64")
+    dtype   the compute dtype ("float32" | "float64" | "float16" | "bfloat16")
     arch, model (optional): the architecture and where the weights came from
-            ("tiny:llama:0" or a checkpoint path), used by `refimpl diff` to
+            ("tiny:llama", "tiny:llama:3" or a checkpoint path, as given), used by `refimpl diff` to
             recompute a layer when it looks for convention traps
     config  (optional) the refimpl Config as JSON
 """
