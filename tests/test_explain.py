@@ -177,6 +177,8 @@ def test_exact_reads_numpy_scalars_and_compares_exactly():
     assert X.argmax([X.to_decimal(third), third]) == 1                 # the 50-digit decimal is below 1/3
     assert X.fmt(X.to_decimal(Fraction(10 ** 60))) == "1" + "0" * 60 + ".0000"
     assert X.fmt(X.to_decimal(Fraction(-1, 10 ** 9))) == "0.0000"
+    with pytest.raises(TypeError, match="object value is not a real number"):
+        X.exact(np.array(None, dtype=object))
 
 
 @pytest.mark.parametrize("t", [-1.0, float("nan"), float("inf")])
@@ -186,3 +188,7 @@ def test_explain_model_refuses_a_bad_temperature_before_the_walk(t):
     with pytest.raises(ValueError, match="temperature must be"):
         explain_model("llama", out=buf, temperature=t)
     assert buf.getvalue() == ""
+
+
+def test_explain_model_greedy_needs_no_sample_seed():
+    assert explain_model("llama", out=io.StringIO(), sample_seed=None)["chosen"] is not None

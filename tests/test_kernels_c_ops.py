@@ -304,6 +304,22 @@ def test_attention_scale_q_overflowing_where_the_scores_do_not(path, Lq):
 
 
 @pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("Lq", [1, 70])
+def test_attention_overflow_fallback_is_per_row(path, Lq):
+    """Scaling the scores after the dot is decided per row: one head's overflowing q switched a
+    whole block of rows, so head 0's bits depended on head 1's values (differences of 5e-7)."""
+    rng = np.random.default_rng(5)
+    q = (rng.standard_normal((2, Lq, 8)) * 3e28).astype(F32)
+    k = (rng.standard_normal((2, 90, 8)) * 1e-37).astype(F32)
+    v = rng.standard_normal((2, 90, 8)).astype(F32)
+    with forced_path(path):
+        before = c_ops.attention(q, k, v, scale=1e9)
+        q[1, -1, 0] = 1e30                                 # head 1's last row now overflows scale q
+        after = c_ops.attention(q, k, v, scale=1e9)
+    assert np.array_equal(before[0], after[0]) and np.array_equal(before[1, :-1], after[1, :-1])
+
+
+@pytest.mark.parametrize("path", PATHS)
 def test_attention_nan_propagates(path):
     rng = np.random.default_rng(3)
     q = rng.standard_normal((2, 5, 16)).astype(F32)

@@ -168,6 +168,8 @@ def test_attention_takes_a_bool_keep_mask_only():
         L.attention(q, k, v, keep.astype(np.int64))
     with pytest.raises(ValueError, match=r"mask of shape \(2, 3\) does not fit the scores' shape \(3, 3\)"):
         L.attention_probs(q, k, keep[:2])
+    with pytest.raises(ValueError, match=r"mask of shape \(2, 3, 3\) does not fit the scores' shape \(3, 3\)"):
+        L.attention_probs(q, k, np.ones((2, 3, 3), bool))       # would broadcast the scores up to 3-D
     with pytest.raises(ValueError, match="causal_mask: T=4 queries must be 0..S=3"):
         L.causal_mask(4, 3)
 

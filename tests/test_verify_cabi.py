@@ -58,6 +58,16 @@ void sgemm_crash(float* c, const float* a, const float* b, int M, int K, int N) 
 }
 void exit(int);
 void sgemm_exit0(float* c, const float* a, const float* b, int M, int K, int N) { exit(0); }
+int fork(void);
+unsigned sleep(unsigned);
+void _exit(int);
+int close(int);
+static int forked;
+void sgemm_fork(float* c, const float* a, const float* b, int M, int K, int N) {
+  /* a helper process left running, holding every fd but stdout / stderr (the test's own pipes) */
+  if (!forked) { forked = 1; if (fork() == 0) { close(1); close(2); sleep(60); _exit(0); } }
+  sgemm_ok(c, a, b, M, K, N);
+}
 """
 
 
@@ -184,8 +194,8 @@ def test_signature_errors(lib):
     assert ps[0].const and ps[0].pointer and ps[0].name == "a"
 
 
-def _cli(*args):
-    return subprocess.run([sys.executable, "-m", "refimpl", *args], capture_output=True, text=True, timeout=300)
+def _cli(*args, timeout=300):
+    return subprocess.run([sys.executable, "-m", "refimpl", *args], capture_output=True, text=True, timeout=timeout)
 
 
 def test_cli_verify_c_exit_codes(lib, tmp_path):
@@ -209,3 +219,7 @@ def test_cli_verify_c_exit_codes(lib, tmp_path):
     gone = _cli("verify", "--lib", lib, "--symbol", "sgemm_exit0", "--signature", GEMM, "--op", "matmul",
                 "--examples", "5")     # exit(0) in the function: read as a pass (status 0, no report)
     assert gone.returncode == 1 and "ended the check's process with exit status 0" in gone.stderr, gone.stderr
+    # a process the function starts keeps the report pipe open: the verifier waited for it (60 s here)
+    kept = _cli("verify", "--lib", lib, "--symbol", "sgemm_fork", "--signature", GEMM, "--op", "matmul",
+                "--examples", "5", timeout=30)
+    assert kept.returncode == 0 and "PASS" in kept.stdout, kept.stdout + kept.stderr

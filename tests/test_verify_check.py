@@ -592,8 +592,9 @@ def test_op_parameters_are_checked_by_name(op, params, err, match):
 ])
 def test_a_parameter_taken_and_ignored_fails(op, impl):
     """eps, theta and interleaved were only ever passed at their defaults: an implementation that
-    takes them and ignores them passed."""
+    takes them and ignores them passed.  The edge cases alone catch it (rms_norm had none)."""
     assert not check(impl, op, examples=20).passed
+    assert not check(impl, op, examples=0).passed
 
 
 def test_silu_by_x_over_one_plus_exp_minus_x_passes_where_exp_overflows():
@@ -606,3 +607,13 @@ def test_silu_by_x_over_one_plus_exp_minus_x_passes_where_exp_overflows():
     assert not check(lambda x: np.where(x < -88.75, np.float32(-1e-30), silu32(x)), "silu", examples=0).passed
     torch = require("torch")
     assert check(torch.nn.functional.silu, "silu", examples=50).passed
+
+
+@pytest.mark.parametrize("value, words", [("nan", "must be finite and >= 0, got nan"), ("--nan", "got str '--nan'"),
+                                          ("-1e30", "must be finite and >= 0"), ("abc", "got str 'abc'")])
+def test_cli_names_a_bad_param_value_exit_2(value, words, capsys):
+    """--param eps=nan crashed with NumPy's error; eps=--nan with float()'s (exit 1, a traceback)."""
+    from refimpl.cli import main
+    assert main(["verify", "refimpl.kernels.numpy_kernels:rms_norm", "--op", "rms_norm", "--param",
+                 f"eps={value}", "--examples", "0"]) == 2
+    assert words in capsys.readouterr().err

@@ -454,24 +454,26 @@ static void V(pv_few)(float *O, const float *inv, const float *S, int64_t ldS, c
     }
 }
 
-/* Qp rows (rc, Dp) = scale q rows (rc, D), zero-padded; returns the scale applied: `scale`, or 1
- * when scale q overflows float32 for a finite q (the caller then scales the scores instead) */
-static float V(scale_q_rows)(float *Qp, int64_t Dp, const float *q, int64_t D, int rc, float scale) {
-    float qs = scale;
-    for (int pass = 0; pass < 2; pass++) {
+/* Qp rows (rc, Dp) = scale q rows (rc, D), zero-padded; a row where scale q overflows float32 for
+ * a finite q is packed unscaled and flagged in post[r] (its scores are scaled after the dot
+ * instead: q.k scale may still be finite); returns whether any row was */
+static int V(scale_q_rows)(float *Qp, int64_t Dp, const float *q, int64_t D, int rc, float scale,
+                           unsigned char *post) {
+    int any = 0;
+    for (int r = 0; r < rc; r++) {
         int ovf = 0;
-        for (int r = 0; r < rc; r++) {
-            for (int64_t d = 0; d < D; d++) {
-                float x = q[r * D + d] * qs;
-                ovf |= isinf(x) && !isinf(q[r * D + d]);
-                Qp[r * Dp + d] = x;
-            }
-            for (int64_t d = D; d < Dp; d++) Qp[r * Dp + d] = 0.0f;
+        for (int64_t d = 0; d < D; d++) {
+            float x = q[r * D + d] * scale;
+            ovf |= isinf(x) && !isinf(q[r * D + d]);
+            Qp[r * Dp + d] = x;
         }
-        if (!ovf) break;
-        qs = 1.0f;
+        if (ovf)
+            for (int64_t d = 0; d < D; d++) Qp[r * Dp + d] = q[r * D + d];
+        for (int64_t d = D; d < Dp; d++) Qp[r * Dp + d] = 0.0f;
+        post[r] = (unsigned char)ovf;
+        any |= ovf;
     }
-    return qs;
+    return any;
 }
 
 /* the few-rows path for G Lq <= RF_ATT_FEW (arguments as V(attention)); the R rows of a kv head
@@ -501,12 +503,13 @@ static int V(attention_few)(float *out, const float *q, const float *k, const fl
             float *oc = out + (g * R + c0) * D;       /* (rc,D) */
             /* q scaled before the dot, unless scale q overflows where q does not (the score
              * q.k scale may still be finite): then the scores are scaled after it */
-            const float qs = V(scale_q_rows)(Qp, Dp, qc, D, rc, scale);
+            unsigned char post[RF_ATT_ROWS];
+            const int any_post = V(scale_q_rows)(Qp, Dp, qc, D, rc, scale, post);
             for (int r0 = 0; r0 < rc; r0 += RF_VW)   /* portable: rows 4 at a time */
                 V(qk_few)(S + r0 * ldS, ldS, Qp + r0 * Dp, Dp, kg, D, Lk, rc - r0 < RF_VW ? rc - r0 : RF_VW);
             for (int r = 0; r < rc; r++) {
                 int64_t n = causal ? Lk - Lq + (c0 + r) % Lq + 1 : Lk;    /* keys row c0 + r sees */
-                if (qs != scale)
+                if (any_post && post[r])
                     for (int64_t j = 0; j < n; j++) S[r * ldS + j] *= scale;
                 float l = V(softmax_few_row)(S + r * ldS, n, Lk);
                 inv[r] = l == 0.0f ? 0.0f : 1.0f / l;  /* l = 0 only if every score was -inf */
@@ -539,6 +542,7 @@ static int V(attention)(float *out /* (H,Lq,D) */, const float *q /* (H,Lq,D) */
     int32_t *lim = (int32_t *)(alpha + BR);
     const float *qrow[BR];
     float *orow[BR];
+    unsigned char post[BR];                                  /* rows whose scores are scaled after the dot */
     const vf ninf = V(vset1)(-INFINITY), zero = V(vset1)(0.0f);
 
     /* a query block: Bp positions x Gc heads of one kv group */
@@ -565,19 +569,18 @@ static int V(attention)(float *out /* (H,Lq,D) */, const float *q /* (H,Lq,D) */
                 for (int r = R; r < Rp; r++) lim[r] = (int32_t)(Lk - 1);
                 /* Qt = (scale q)^T, zero rows beyond R; q unscaled when scale q overflows where
                  * q does not, and then each tile of scores is scaled after the dot */
-                float qs = scale;
-                for (int pass = 0; pass < 2; pass++) {
+                int any_post = 0;
+                for (int64_t d = 0; d < D; d++) {
+                    for (int r = 0; r < R; r++) Qt[d * BR + r] = qrow[r][d] * scale;
+                    for (int r = R; r < Rp; r++) Qt[d * BR + r] = 0.0f;
+                }
+                for (int r = 0; r < R; r++) {             /* per row: unscaled where scale q overflows */
                     int ovf = 0;
-                    for (int64_t d = 0; d < D; d++) {
-                        for (int r = 0; r < R; r++) {
-                            float x = qrow[r][d] * qs;
-                            ovf |= isinf(x) && !isinf(qrow[r][d]);
-                            Qt[d * BR + r] = x;
-                        }
-                        for (int r = R; r < Rp; r++) Qt[d * BR + r] = 0.0f;
-                    }
-                    if (!ovf) break;
-                    qs = 1.0f;
+                    for (int64_t d = 0; d < D; d++) ovf |= isinf(Qt[d * BR + r]) && !isinf(qrow[r][d]);
+                    if (ovf)
+                        for (int64_t d = 0; d < D; d++) Qt[d * BR + r] = qrow[r][d];
+                    post[r] = (unsigned char)ovf;
+                    any_post |= ovf;
                 }
                 for (int rv = 0; rv < nvr; rv++) {
                     V(vst)(mrow + rv * RF_VW, ninf);
@@ -598,9 +601,10 @@ static int V(attention)(float *out /* (H,Lq,D) */, const float *q /* (H,Lq,D) */
                         for (int rv = 0; rv < nvr; rv += NVQ)
                             V(qk_block)(St, Qt, kp, D, jj, rv * RF_VW, nvr - rv < NVQ ? nvr - rv : NVQ);
                     }
-                    if (qs != scale)
+                    if (any_post)
                         for (int j = 0; j < nk; j++)
-                            for (int r = 0; r < Rp; r++) St[j * BR + r] *= scale;
+                            for (int r = 0; r < R; r++)
+                                if (post[r]) St[j * BR + r] *= scale;
                     /* causal mask on a tile crossing the diagonal: key > lim -> -inf */
                     if (j0 + nk - 1 > minlim) {
                         for (int rv = 0; rv < nvr; rv++) {

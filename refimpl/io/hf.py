@@ -239,6 +239,16 @@ _DROP = {
 }
 
 
+def shard_of_index(f: Path) -> bool:
+    """Whether file `f` is a shard named in its directory's model.safetensors.index.json."""
+    index = f.parent / "model.safetensors.index.json"
+    if f.name == "model.safetensors" or not index.is_file():
+        return False
+    idx = _read_json(index)
+    wm = idx.get("weight_map") if isinstance(idx, dict) else None
+    return isinstance(wm, dict) and f.name in set(wm.values())
+
+
 def read_safetensors_dir(d: Path) -> dict[str, np.ndarray]:
     """All tensors of `model.safetensors` or of the shards named by `model.safetensors.index.json`."""
     single, index = d / "model.safetensors", d / "model.safetensors.index.json"

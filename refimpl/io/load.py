@@ -31,7 +31,9 @@ def load_params(path) -> tuple[Config, dict[str, np.ndarray]]:
         from refimpl.io.hf import load_hf
         return load_hf(p.parent)
     if p.suffix == ".safetensors":                 # this file's tensors, the directory's config.json
-        from refimpl.io.hf import load_hf
+        from refimpl.io.hf import load_hf, shard_of_index
+        if shard_of_index(p):                      # one shard of a sharded checkpoint: all of them
+            return load_hf(p.parent)
         return load_hf(p.parent, weights=p)
     from refimpl.io.pickles import torch_checkpoint_kind, torch_checkpoint_message
     kind = None

@@ -33,9 +33,10 @@ def exact(x) -> Number:
     if isinstance(x, (Fraction, Decimal)):
         return x
     if getattr(x, "ndim", None) == 0 and hasattr(x, "dtype"):     # a NumPy scalar or 0-d array
-        kind, x = x.dtype.kind, x[()]
+        dtype, x = x.dtype, x[()]
+        kind = dtype.kind
         if kind not in "biuf":
-            raise TypeError(f"a {x.dtype} value is not a real number here")
+            raise TypeError(f"a {dtype} value is not a real number here")
         x = bool(x) if kind == "b" else int(x) if kind in "iu" else x
     if isinstance(x, bool):
         raise TypeError("a bool is not a number here")

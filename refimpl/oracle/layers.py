@@ -218,9 +218,11 @@ def keep_mask(mask, shape):  # [T,S] bool (or broadcastable), (..., T, S) -> the
         raise TypeError(f"mask must be a bool array, True where a query may see a key, got dtype {mask.dtype} "
                         "(an additive mask m of 0 / -inf is the keep-mask m == 0)")
     try:
-        np.broadcast_shapes(mask.shape, shape)
+        fits = np.broadcast_shapes(mask.shape, shape) == tuple(shape)
     except ValueError:
-        raise ValueError(f"mask of shape {mask.shape} does not fit the scores' shape {shape} [T,S]") from None
+        fits = False
+    if not fits:                                      # a larger mask would broadcast the scores up
+        raise ValueError(f"mask of shape {mask.shape} does not fit the scores' shape {tuple(shape)} [T,S]")
     return mask
 
 

@@ -259,6 +259,9 @@ def edge_cases(op: str, dtype=np.float32, accepts=(), seed: int = 0, all_masked_
         add("ordinary 4x16", x=r(4, 16, scale=2.0), w=r(16))
         add("zero row (eps only)", x=np.zeros((1, 8), dt), w=r(8))
         add("tiny row (eps dominates)", x=r(2, 8, scale=1e-4), w=r(8))
+        if "eps" in accepts:    # mean square ~0.01: eps = 0.1 changes every output severalfold
+            add("eps=0.1 on rows of mean square ~0.01 (the eps given must be used)", {"eps": 0.1},
+                x=r(3, 16, scale=0.1), w=r(16))
         add("prime D=257", x=r(2, 257, scale=10.0), w=r(257))
         add("large values 1e3", x=r(2, 31, scale=1e3), w=r(31))
         for n in TAILS:

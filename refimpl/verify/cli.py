@@ -134,11 +134,9 @@ def _parse_value(s: str):
         return low == "true"
     if low == "none":
         return None
-    if low.lstrip("+-") in ("nan", "inf", "infinity"):
-        return float(low)                             # so the check names it as not finite
-    try:
-        return ast.literal_eval(s)
-    except (ValueError, SyntaxError):
+    try:                                              # nan / inf as floats, so the check names them
+        return float(low) if low.lstrip("+-") in ("nan", "inf", "infinity") else ast.literal_eval(s)
+    except (ValueError, SyntaxError):                 # "--nan", "abc": a string, named by the check
         return s
 
 
@@ -247,14 +245,25 @@ def _isolated(run, what: str) -> int:
             import traceback
             traceback.print_exc()
         finally:
-            sys.stdout.flush()
-            sys.stderr.flush()
-            os.write(done_w, b"done")
-            os._exit(code)
+            try:
+                sys.stdout.flush()
+                sys.stderr.flush()
+                os.write(done_w, b"done")
+            except BaseException:    # fds the code under test closed: never run the parent's code on
+                pass
+            finally:
+                os._exit(code)
     os.close(done_w)
-    with os.fdopen(done_r, "rb") as f:
-        reported = f.read() == b"done"          # EOF when the child is gone: after its report, or without one
     _, status = os.waitpid(pid, 0)
+    # read after the child is gone, without waiting: a process the function under test started
+    # may still hold the pipe's write end (reading to EOF waited for it)
+    os.set_blocking(done_r, False)
+    try:
+        reported = os.read(done_r, 16) == b"done"
+    except BlockingIOError:
+        reported = False
+    finally:
+        os.close(done_r)
     if os.WIFSIGNALED(status):
         sig = signal.Signals(os.WTERMSIG(status)).name
         print(f"refimpl verify: FAIL: {what} crashed the check with {sig} (an out-of-bounds access or a "

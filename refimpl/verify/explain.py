@@ -187,7 +187,7 @@ def explain_model(arch: str = "llama", ids=(1, 2, 3), seed: int = 0, temperature
     from refimpl.oracle.model import tiny_model
     from refimpl.oracle.sampling import XorShift64Star, check_temperature, sample
 
-    temp = check_temperature(temperature, XorShift64Star(sample_seed)) or 0.0   # ValueError: < 0, nan, inf
+    temp = check_temperature(temperature, XorShift64Star(0)) or 0.0   # ValueError: < 0, nan, inf (any rng)
     p = _printer(out)
     model = tiny_model(arch, seed=seed, dtype="float64")
     c = model.config
