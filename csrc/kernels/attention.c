@@ -454,24 +454,25 @@ static void V(pv_few)(float *O, const float *inv, const float *S, int64_t ldS, c
     }
 }
 
-/* Qp rows (rc, Dp) = scale q rows (rc, D), zero-padded; a row where scale q overflows float32 for
- * a finite q is packed unscaled and flagged in post[r] (its scores are scaled after the dot
- * instead: q.k scale may still be finite); returns whether any row was */
+/* whether scale q[d] overflows float32 for a finite q[d] (d < D): the row's scores q.k scale may
+ * still be finite, so that row is packed unscaled and its scores are scaled after the dot */
+static int V(scale_overflows)(const float *q, int64_t D, float scale) {
+    int ovf = 0;
+    for (int64_t d = 0; d < D; d++) ovf |= isinf(q[d] * scale) && !isinf(q[d]);
+    return ovf;
+}
+
+/* Qp rows (rc, Dp) = s_r q rows (rc, D), zero-padded, s_r = 1 where scale_overflows (flagged in
+ * post[r]), else scale; returns whether any row was flagged */
 static int V(scale_q_rows)(float *Qp, int64_t Dp, const float *q, int64_t D, int rc, float scale,
                            unsigned char *post) {
     int any = 0;
     for (int r = 0; r < rc; r++) {
-        int ovf = 0;
-        for (int64_t d = 0; d < D; d++) {
-            float x = q[r * D + d] * scale;
-            ovf |= isinf(x) && !isinf(q[r * D + d]);
-            Qp[r * Dp + d] = x;
-        }
-        if (ovf)
-            for (int64_t d = 0; d < D; d++) Qp[r * Dp + d] = q[r * D + d];
+        post[r] = (unsigned char)V(scale_overflows)(q + r * D, D, scale);
+        const float s = post[r] ? 1.0f : scale;
+        for (int64_t d = 0; d < D; d++) Qp[r * Dp + d] = q[r * D + d] * s;
         for (int64_t d = D; d < Dp; d++) Qp[r * Dp + d] = 0.0f;
-        post[r] = (unsigned char)ovf;
-        any |= ovf;
+        any |= post[r];
     }
     return any;
 }
@@ -567,20 +568,18 @@ static int V(attention)(float *out /* (H,Lq,D) */, const float *q /* (H,Lq,D) */
                     }
                 const int nvr = (R + RF_VW - 1) / RF_VW, Rp = nvr * RF_VW;
                 for (int r = R; r < Rp; r++) lim[r] = (int32_t)(Lk - 1);
-                /* Qt = (scale q)^T, zero rows beyond R; q unscaled when scale q overflows where
-                 * q does not, and then each tile of scores is scaled after the dot */
+                /* Qt = (s_r q)^T, zero rows beyond R: s_r = scale, or 1 for a row whose scale q overflows
+                 * where q does not (post[r]: that row's scores are scaled after the dot, per tile) */
                 int any_post = 0;
-                for (int64_t d = 0; d < D; d++) {
-                    for (int r = 0; r < R; r++) Qt[d * BR + r] = qrow[r][d] * scale;
-                    for (int r = R; r < Rp; r++) Qt[d * BR + r] = 0.0f;
+                float rs[BR];                             /* per row: scale, or 1 where scale q overflows */
+                for (int r = 0; r < R; r++) {
+                    post[r] = (unsigned char)V(scale_overflows)(qrow[r], D, scale);
+                    rs[r] = post[r] ? 1.0f : scale;
+                    any_post |= post[r];
                 }
-                for (int r = 0; r < R; r++) {             /* per row: unscaled where scale q overflows */
-                    int ovf = 0;
-                    for (int64_t d = 0; d < D; d++) ovf |= isinf(Qt[d * BR + r]) && !isinf(qrow[r][d]);
-                    if (ovf)
-                        for (int64_t d = 0; d < D; d++) Qt[d * BR + r] = qrow[r][d];
-                    post[r] = (unsigned char)ovf;
-                    any_post |= ovf;
+                for (int64_t d = 0; d < D; d++) {
+                    for (int r = 0; r < R; r++) Qt[d * BR + r] = qrow[r][d] * rs[r];
+                    for (int r = R; r < Rp; r++) Qt[d * BR + r] = 0.0f;
                 }
                 for (int rv = 0; rv < nvr; rv++) {
                     V(vst)(mrow + rv * RF_VW, ninf);

@@ -239,14 +239,19 @@ _DROP = {
 }
 
 
+def _weight_map(index: Path) -> dict[str, str]:
+    """model.safetensors.index.json's weight_map (tensor name -> shard file name), checked."""
+    idx = _read_json(index)
+    wm = idx.get("weight_map") if isinstance(idx, dict) else None
+    if not isinstance(wm, dict) or not all(isinstance(v, str) for v in wm.values()):
+        raise CheckpointError(f"{index}: needs a 'weight_map' object of tensor name -> shard file name")
+    return wm
+
+
 def shard_of_index(f: Path) -> bool:
     """Whether file `f` is a shard named in its directory's model.safetensors.index.json."""
     index = f.parent / "model.safetensors.index.json"
-    if f.name == "model.safetensors" or not index.is_file():
-        return False
-    idx = _read_json(index)
-    wm = idx.get("weight_map") if isinstance(idx, dict) else None
-    return isinstance(wm, dict) and f.name in set(wm.values())
+    return f.name != "model.safetensors" and index.is_file() and f.name in set(_weight_map(index).values())
 
 
 def read_safetensors_dir(d: Path) -> dict[str, np.ndarray]:
@@ -255,10 +260,7 @@ def read_safetensors_dir(d: Path) -> dict[str, np.ndarray]:
     if single.is_file():
         return st.load_file(single)
     if index.is_file():
-        idx = _read_json(index)
-        wm = idx.get("weight_map") if isinstance(idx, dict) else None
-        if not isinstance(wm, dict) or not all(isinstance(v, str) for v in wm.values()):
-            raise CheckpointError(f"{index}: needs a 'weight_map' object of tensor name -> shard file name")
+        wm = _weight_map(index)
         shards: dict[str, set[str]] = {}
         for key, fname in wm.items():
             if not fname or Path(fname).name != fname or fname in (".", ".."):

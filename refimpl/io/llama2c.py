@@ -40,6 +40,7 @@ from pathlib import Path
 import numpy as np
 
 from refimpl.io.pickles import torch_checkpoint_kind, torch_checkpoint_message
+from refimpl.io.safetensors import read_rest
 from refimpl.oracle.config import Config, expected_shapes
 
 MAGIC = 0x616B3432            # "ak42"
@@ -137,7 +138,7 @@ def load_llama2c(path) -> tuple[Config, dict[str, np.ndarray]]:
         cfg, version, shared, hdr = read_llama2c_header(data, str(p))
         want = expected_file_size(cfg, version, shared)
         if size == want:
-            data += f.read()
+            data = read_rest(f, data, size)
     if size != want or len(data) != want:
         raise Llama2cError(f"llama2.c checkpoint {p}: file is {size} bytes but its v{version} header "
                            f"(dim={cfg.d_model}, hidden_dim={cfg.d_ff}, n_layers={cfg.n_layers}, "

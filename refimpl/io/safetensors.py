@@ -225,16 +225,27 @@ def load_bytes(data: bytes | bytearray, source: str = "<bytes>") -> tuple[dict[s
     return tensors, metadata
 
 
-def _load_entries(data, source: str):
-    entries, metadata, start = parse_header(data, source)
+def _load_entries(data, source: str, header=None):
+    """(tensors, metadata, stored dtypes); `header`: parse_header's result when already had."""
+    entries, metadata, start = header or parse_header(data, source)
     mv = memoryview(data)[start:]
     tensors = {name: _decode(mv, dt, shape, b, e) for name, (dt, shape, b, e) in entries.items()}
     return tensors, metadata, {name: e[0] for name, e in entries.items()}
 
 
-def _read(path) -> bytes:
-    """The file's bytes, read only after its header checked out against the file's size (a
-    sparse 8 GB file behind a small header was read whole before any check)."""
+def read_rest(f, head: bytes, size: int) -> bytearray:
+    """The whole `size`-byte file: `head` (its first bytes, already read from `f`) and the rest
+    read into one buffer (head + f.read() held the body twice)."""
+    buf = bytearray(size)
+    buf[:len(head)] = head
+    got = len(head) + f.readinto(memoryview(buf)[len(head):])
+    return buf if got == size else buf[:got]          # shorter when the file shrank meanwhile
+
+
+def _read(path, body: bool = True):
+    """(the file's bytes, its parsed header), read only after the header checked out against
+    the file's size (a sparse 8 GB file behind a small header was read whole before any check).
+    body=False: (the header's bytes, the parsed header), the tensors' bytes left unread."""
     p = Path(path)
     if not p.is_file():
         raise FileNotFoundError(f"safetensors file {p} does not exist or is not a file")
@@ -245,19 +256,25 @@ def _read(path) -> bytes:
             (n,) = struct.unpack("<Q", head)
             if n <= MAX_HEADER_BYTES and 8 + n <= size:
                 head += f.read(n)
-        parse_header(head, str(p), size=size)         # raises for a bad header, or offsets != the size
-        return head + f.read()
+        header = parse_header(head, str(p), size=size)   # raises for a bad header, or offsets != the size
+        if not body:
+            return head, header
+        data = read_rest(f, head, size)
+    return data, (header if len(data) == size else None)   # None: parse again, which names the shortfall
 
 
 def load(path) -> tuple[dict[str, np.ndarray], dict[str, str]]:
     """Read a safetensors file: (tensors by name, `__metadata__` as str -> str)."""
-    return load_bytes(_read(path), str(path))
+    data, header = _read(path)
+    tensors, metadata, _ = _load_entries(data, str(path), header)
+    return tensors, metadata
 
 
 def load_with_dtypes(path) -> tuple[dict[str, np.ndarray], dict[str, str], dict[str, str]]:
     """(tensors, metadata, {name: stored safetensors dtype}): BF16 arrays come back as
     float32, so the stored dtype is what says how precise the values are."""
-    return _load_entries(_read(path), str(path))
+    data, header = _read(path)
+    return _load_entries(data, str(path), header)
 
 
 def load_file(path) -> dict[str, np.ndarray]:
@@ -272,7 +289,7 @@ def load_metadata(path) -> dict[str, str]:
 
 def read_header(path) -> dict[str, tuple[str, tuple[int, ...]]]:
     """Tensor name -> (safetensors dtype, shape), checking the whole header."""
-    entries, _, _ = parse_header(_read(path), str(path))
+    entries, _, _ = _read(path, body=False)[1]
     return {k: (dt, shape) for k, (dt, shape, _, _) in entries.items()}
 
 

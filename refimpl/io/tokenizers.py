@@ -29,6 +29,8 @@ import re
 import struct
 from pathlib import Path
 
+from refimpl.io.safetensors import read_rest
+
 _BYTE_PIECE = re.compile(rb"<0x([0-9A-Fa-f]{2})>")
 
 
@@ -90,7 +92,7 @@ class Llama2cTokenizer:
                 raise ValueError(f"tokenizer {p}: holds more than {vocab_size} tokens ({size} bytes; {vocab_size} "
                                  f"tokens of at most {max_len} bytes take {most}) but the model's vocab_size is "
                                  f"{vocab_size}")
-            data += f.read()
+            data = read_rest(f, data, size)
         vocab, scores, off = [], [], 4
         while off < len(data):
             if off + 8 > len(data):
